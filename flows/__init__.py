@@ -1,0 +1,1 @@
+"""Prefect flows over the mdpipe stages, and the ``mdpipe`` command line."""

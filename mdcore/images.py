@@ -1,0 +1,73 @@
+"""Decoding the manifest's images into one uint8 tensor, plus the index maps models need."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from mdcore.manifest import class_names
+
+
+@dataclass
+class ImageSet:
+    """Images (N,3,H,W uint8), labels and domain indices of a manifest slice, all in memory."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    domains: torch.Tensor
+    domain_names: list[str]
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, mask) -> "ImageSet":
+        mask = torch.as_tensor(np.asarray(mask), dtype=torch.bool)
+        return ImageSet(self.images[mask], self.labels[mask], self.domains[mask], self.domain_names, self.class_names)
+
+
+def _decode(path: Path, size: int) -> np.ndarray:
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def load_images(
+    frame: pd.DataFrame,
+    roots: dict[str, Path],
+    size: int,
+    domain_names: list[str] | None = None,
+    classes: list[str] | None = None,
+    threads: int = 4,
+) -> ImageSet:
+    """Decode every row of ``frame``; ``roots`` maps a row's ``source`` (real/synthetic) to its folder.
+
+    ``domain_names``/``classes`` fix the index order (a model's order); rows of a domain the model does
+    not know get domain index -1 (the unknown-domain path).
+    """
+    domain_names = list(domain_names) if domain_names is not None else sorted(frame["domain"].unique())
+    classes = list(classes) if classes is not None else class_names(frame)
+    paths = [roots[s] / p for s, p in zip(frame["source"], frame["path"])]
+    with ThreadPoolExecutor(threads) as pool:
+        arrays = list(pool.map(lambda p: _decode(p, size), paths))
+    images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    class_index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(frame["label"]) - set(class_index))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among the model's classes {classes}")
+    domain_index = {d: i for i, d in enumerate(domain_names)}
+    labels = torch.tensor([class_index[c] for c in frame["label"]], dtype=torch.long)
+    domains = torch.tensor([domain_index.get(d, -1) for d in frame["domain"]], dtype=torch.long)
+    return ImageSet(images, labels, domains, domain_names, classes)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float in [-1, 1] (a fixed normalization: statistics per domain are the model's job)."""
+    return images.float().div_(127.5).sub_(1.0)

@@ -1,0 +1,151 @@
+"""The manifest: one row per image (path, domain, label, split, hash, size, mode, source).
+
+Every later stage reads only this table. Its content hash is the dataset version.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from mdcore.io import sha256_bytes
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+COLUMNS = ["path", "domain", "label", "split", "sha256", "width", "height", "mode", "source", "generator"]
+SPLITS = ("train", "val", "test", "holdout")
+
+
+class DataLayoutError(ValueError):
+    """The image tree does not follow ROOT/<domain>/<class>/<image>, or escapes its root."""
+
+
+def scan_tree(root: str | Path) -> list[tuple[str, str, str]]:
+    """List ``(relative path, domain, class)`` for every image under ``root/<domain>/<class>/``.
+
+    Symlinks and anything that resolves outside ``root`` are refused: a manifest must describe
+    files that live in the tree it names.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataLayoutError(f"data root {root} is not a folder")
+    real_root = root.resolve()
+    rows = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        for name in dirnames + filenames:
+            p = here / name
+            if p.is_symlink():
+                raise DataLayoutError(f"{p}: symlinks are refused (the path could escape the data root {root})")
+            if not p.resolve().is_relative_to(real_root):
+                raise DataLayoutError(f"{p}: resolves outside the data root {root}")
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = here.relative_to(root)
+        depth = len(rel.parts)
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            p = here / name
+            if depth != 2:
+                if p.suffix.lower() in IMAGE_EXTENSIONS:
+                    raise DataLayoutError(
+                        f"{p}: images must sit at ROOT/<domain>/<class>/<image>, found at depth {depth}"
+                    )
+                continue
+            if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            rows.append(((rel / name).as_posix(), rel.parts[0], rel.parts[1]))
+    if not rows:
+        raise DataLayoutError(f"no images found under {root} (expected ROOT/<domain>/<class>/*.png|jpg)")
+    return rows
+
+
+def describe_image(path: Path) -> tuple[str, int, int, str]:
+    """Content hash, width, height and colour mode of one image (read once); mode ``unreadable`` if it
+    does not decode."""
+    data = path.read_bytes()
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode fully: a truncated file fails here, not in training
+            width, height = img.size
+            mode = img.mode
+    except Exception:  # recorded, and refused by the validate stage with the file's name
+        return sha256_bytes(data), 0, 0, "unreadable"
+    return sha256_bytes(data), width, height, mode
+
+
+def assign_splits(
+    frame: pd.DataFrame, val_fraction: float, test_fraction: float, holdout_domains: list[str], seed: int
+) -> pd.Series:
+    """Per-domain splits stratified by class; held-out domains go entirely to ``holdout``."""
+    split = pd.Series("train", index=frame.index, dtype=object)
+    for (domain, label), group in frame.groupby(["domain", "label"], sort=True):
+        idx = group.sort_values("path").index.to_numpy()
+        if domain in holdout_domains:
+            split[idx] = "holdout"
+            continue
+        key = int.from_bytes(hashlib.sha256(f"{seed}/{domain}/{label}".encode()).digest()[:8], "little")
+        idx = np.random.default_rng(key).permutation(idx)
+        n = len(idx)
+        n_test = int(round(n * test_fraction))
+        n_val = int(round(n * val_fraction))
+        if n >= 3:  # every split of every seen (domain, class) gets at least one image when it can
+            n_test, n_val = max(n_test, 1), max(n_val, 1)
+        split[idx[:n_test]] = "test"
+        split[idx[n_test : n_test + n_val]] = "val"
+    return split
+
+
+def build_manifest(
+    root: str | Path,
+    *,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+    holdout_domains: list[str] | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    root = Path(root)
+    holdout_domains = list(holdout_domains or [])
+    rows = scan_tree(root)
+    domains = sorted({d for _, d, _ in rows})
+    unknown = [d for d in holdout_domains if d not in domains]
+    if unknown:
+        raise DataLayoutError(f"holdout_domains {unknown} not found under {root}; domains there: {domains}")
+    if len(set(domains) - set(holdout_domains)) == 0:
+        raise DataLayoutError("holdout_domains holds out every domain: nothing is left to train on")
+    frame = pd.DataFrame(rows, columns=["path", "domain", "label"])
+    described = [describe_image(root / p) for p in frame["path"]]
+    frame["sha256"], frame["width"], frame["height"], frame["mode"] = zip(*described)
+    frame["split"] = assign_splits(frame, val_fraction, test_fraction, holdout_domains, seed)
+    frame["source"] = "real"
+    frame["generator"] = ""
+    return frame[COLUMNS].sort_values("path").reset_index(drop=True)
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    frame = pd.read_csv(path, dtype={"label": str, "domain": str, "generator": str}, keep_default_na=False)
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks columns {missing}")
+    return frame
+
+
+def manifest_csv(frame: pd.DataFrame) -> str:
+    return frame[COLUMNS].to_csv(index=False, lineterminator="\n")
+
+
+def dataset_version(frame: pd.DataFrame) -> str:
+    """Content hash of the manifest: same images, labels and splits -> same version."""
+    return sha256_bytes(manifest_csv(frame).encode())[:16]
+
+
+def class_names(frame: pd.DataFrame) -> list[str]:
+    return sorted(frame["label"].unique(), key=lambda s: (len(s), s) if s.isdigit() else (1 << 30, s))
+
+
+def summary(frame: pd.DataFrame) -> dict:
+    counts = frame.groupby(["domain", "split"]).size().unstack(fill_value=0)
+    return {d: {k: int(v) for k, v in row.items()} for d, row in counts.iterrows()}

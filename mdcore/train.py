@@ -1,0 +1,120 @@
+"""Training and prediction loops, shared by every stage (and by Ray workers, which import them)."""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from mdcore.augment import ssl_view, train_view
+from mdcore.images import ImageSet, to_float
+from mdcore.losses import classification_loss, nt_xent
+
+
+def shard_batches(
+    n: int, global_batch: int, *, rank: int = 0, world: int = 1, epoch: int = 0, seed: int = 0
+) -> Iterator[torch.Tensor]:
+    """Index batches of this worker's shard: one seeded permutation per epoch shared by all workers,
+    split into disjoint shards, ``global_batch // world`` images per worker and step."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    per_worker = max(1, global_batch // world)
+    steps = n // (per_worker * world)
+    for step in range(steps):
+        start = step * per_worker * world + rank * per_worker
+        yield perm[start : start + per_worker]
+
+
+def finetune_epoch(
+    model: nn.Module,
+    data: ImageSet,
+    optimizer: torch.optim.Optimizer,
+    *,
+    global_batch: int,
+    epoch: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    label_smoothing: float = 0.0,
+    on_step: Callable[[], None] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    model.train()
+    g = torch.Generator().manual_seed(seed * 7919 + epoch * 31 + rank)
+    total_loss, correct, seen = 0.0, 0, 0
+    for idx in shard_batches(len(data), global_batch, rank=rank, world=world, epoch=epoch, seed=seed):
+        x = train_view(to_float(data.images[idx]), g).to(device)
+        y, d = data.labels[idx].to(device), data.domains[idx].to(device)
+        logits = model(x, d)
+        loss = classification_loss(logits, y, label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if on_step is not None:
+            on_step()
+        total_loss += float(loss) * len(idx)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(idx)
+    return {"loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "images": seen}
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, images: torch.Tensor, domains: torch.Tensor | None, batch_size: int = 256, device="cpu"
+) -> torch.Tensor:
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_float(images[start : start + batch_size]).to(device)
+        d = None if domains is None else domains[start : start + batch_size].to(device)
+        out.append(model(x, d).argmax(1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def accuracy_by_domain(
+    model: nn.Module, data: ImageSet, names: list[str], batch_size: int = 256, use_domain: bool = True
+) -> dict[str, float]:
+    """Accuracy per domain name (``names`` gives each row's domain, whether the model knows it or not)."""
+    preds = predict(model, data.images, data.domains if use_domain else None, batch_size)
+    correct = (preds == data.labels).numpy()
+    result: dict[str, list] = {}
+    for name, ok in zip(names, correct):
+        result.setdefault(name, []).append(bool(ok))
+    return {name: sum(v) / len(v) for name, v in sorted(result.items())}
+
+
+class ContrastiveNet(nn.Module):
+    """Backbone + MLP projector for SimCLR; only the backbone is kept after pretraining."""
+
+    def __init__(self, backbone: nn.Module, proj_dim: int = 128):
+        super().__init__()
+        self.backbone = backbone
+        dim = backbone.num_features
+        self.projector = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
+
+
+def contrastive_epoch(
+    net: ContrastiveNet,
+    images: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    temperature: float,
+) -> dict[str, float]:
+    net.train()
+    g = torch.Generator().manual_seed(seed * 104_729 + epoch)
+    total, steps = 0.0, 0
+    for idx in shard_batches(len(images), batch_size, epoch=epoch, seed=seed):
+        x = to_float(images[idx])
+        loss = nt_xent(net(ssl_view(x, g)), net(ssl_view(x, g)), temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss)
+        steps += 1
+    return {"ssl_loss": total / max(steps, 1)}

@@ -1,0 +1,29 @@
+"""Reading the training manifest into memory, the same way in every stage and every Ray worker."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from mdcore.images import ImageSet, load_images
+from mdcore.manifest import class_names, read_manifest
+
+
+def image_roots(raw: str | Path, synthetic: str | Path) -> dict[str, Path]:
+    return {"real": Path(raw), "synthetic": Path(synthetic)}
+
+
+def seen_domains(frame: pd.DataFrame) -> list[str]:
+    """Domains with training rows (held-out domains have none)."""
+    return sorted(frame.loc[frame["split"] == "train", "domain"].unique())
+
+
+def load_split(
+    manifest: str | Path, roots: dict[str, Path], size: int, splits: tuple[str, ...], *,
+    synthetic: bool = True, domains: list[str] | None = None, classes: list[str] | None = None,
+) -> tuple[ImageSet, pd.DataFrame]:
+    frame = read_manifest(manifest)
+    domains = domains if domains is not None else seen_domains(frame)
+    classes = classes if classes is not None else class_names(frame)
+    rows = frame[frame["split"].isin(splits) & (synthetic | (frame["source"] == "real"))]
+    return load_images(rows, roots, size, domains, classes), rows

@@ -1,0 +1,203 @@
+"""finetune: train the multi-domain model with Ray Train (``TorchTrainer``, DDP over N workers).
+
+Local Ray by default; with ``RAY_ADDRESS`` set, the job joins that cluster. Every epoch rank 0 reports
+a checkpoint (safetensors: model, optimizer, epoch); a restarted worker group resumes from it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from prefect import task
+
+from mdcore.io import atomic_dir
+from mdcore.model import CONFIG, WEIGHTS
+from tasks.params import FinetuneParams
+from tasks.paths import Paths
+from tasks.stage import StageResult, execute
+
+log = logging.getLogger("mdpipe.finetune")
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    from mdcore.checkpoint import load_training_state, save_training_state
+    from mdcore.images import to_float
+    from mdcore.model import ModelConfig, MultiDomainModel, save_model
+    from mdcore.train import accuracy_by_domain, finetune_epoch
+    from tasks.data import load_split
+
+    p = FinetuneParams.model_validate(cfg["params"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(p.cpus_per_worker)))
+    torch.manual_seed(p.seed)
+    roots = {k: Path(v) for k, v in cfg["roots"].items()}
+    train, _ = load_split(cfg["train_manifest"], roots, cfg["image_size"], ("train",), synthetic=p.use_synthetic)
+    val, val_rows = load_split(cfg["train_manifest"], roots, cfg["image_size"], ("val",), synthetic=False,
+                               domains=train.domain_names, classes=train.class_names)
+    config = ModelConfig(backbone=cfg["backbone"], domains=train.domain_names, classes=train.class_names,
+                         image_size=cfg["image_size"], adapters=p.adapters, adapter_dim=p.adapter_dim)
+    model = MultiDomainModel(config)
+    if cfg.get("backbone_weights"):
+        model.load_backbone(load_file(cfg["backbone_weights"]))
+    optimizer = create_optimizer_v2(model, "adamw", lr=p.lr, weight_decay=p.weight_decay, layer_decay=p.layer_decay)
+    scheduler = CosineLRScheduler(optimizer, t_initial=p.epochs, warmup_t=1 if p.epochs > 2 else 0,
+                                  warmup_lr_init=p.lr * 0.1, lr_min=p.lr * 0.01)
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            start_epoch = load_training_state(folder, model, optimizer) + 1
+            history = json.loads((Path(folder) / "history.json").read_text())
+        print(f"[finetune] rank {rank}: resumed after epoch {start_epoch}")
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=True)
+    device = ray.train.torch.get_device()
+    for epoch in range(start_epoch, p.epochs):
+        t0 = time.perf_counter()
+        scheduler.step(epoch)
+        stats = finetune_epoch(ddp_model, train, optimizer, global_batch=p.batch_size, epoch=epoch, seed=p.seed,
+                               rank=rank, world=world, label_smoothing=p.label_smoothing, device=device)
+        totals = torch.tensor([stats["loss"] * stats["images"], stats["train_acc"] * stats["images"], stats["images"]],
+                              dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(totals)
+        elapsed = time.perf_counter() - t0
+        if epoch == p.epochs - 1:
+            model.fit_prototypes(to_float(train.images), train.domains)
+        val_acc = accuracy_by_domain(model, val, [train.domain_names[d] for d in val.domains], 256) if len(val) else {}
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": float(totals[0] / totals[2]),
+            "train_acc": float(totals[1] / totals[2]),
+            "val_acc": sum(val_acc.values()) / max(len(val_acc), 1),
+            "lr": optimizer.param_groups[-1]["lr"],
+            "images_per_s": float(totals[2]) / elapsed,
+            **{f"val_acc/{d}": a for d, a in val_acc.items()},
+        }
+        if rank == 0:
+            history.append(metrics)
+            print(f"[finetune] epoch {epoch + 1}/{p.epochs} loss {metrics['train_loss']:.4f} "
+                  f"train_acc {metrics['train_acc']:.3f} val_acc {metrics['val_acc']:.3f} "
+                  f"({metrics['images_per_s']:.0f} img/s)", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_training_state(tmp, model, optimizer, epoch, metrics)
+                save_model(model, Path(tmp) / "model", extra={"epoch": epoch + 1})
+                (Path(tmp) / "history.json").write_text(json.dumps(history))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        if cfg.get("fail_at_epoch") == epoch + 1 and rank == world - 1 and not checkpoint:
+            raise RuntimeError(f"injected worker failure after epoch {epoch + 1} (test hook)")
+
+
+def ray_storage() -> str:
+    """Ray Train's storage lives outside the git/DVC workspace (a cluster needs it on shared storage)."""
+    return os.environ.get("MDPIPE_RAY_STORAGE", str(Path.home() / ".cache" / "mdpipe" / "ray_results"))
+
+
+def init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+
+
+def fit(params: FinetuneParams, paths: Paths, fail_at_epoch: int | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    pre_config = json.loads((paths.pretrained / "config.json").read_text())
+    use_pretrained = params.init_from_pretrain and pre_config.get("pretrained", False)
+    init_ray()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "params": params.model_dump(),
+            "train_manifest": str(paths.train_manifest),
+            "roots": {"real": str(paths.raw), "synthetic": str(paths.synthetic)},
+            "backbone": pre_config["backbone"],
+            "image_size": pre_config["image_size"],
+            "backbone_weights": str(paths.pretrained / "backbone.safetensors") if use_pretrained else None,
+            "fail_at_epoch": fail_at_epoch,
+        },
+        scaling_config=ScalingConfig(num_workers=params.num_workers, use_gpu=params.use_gpu,
+                                     resources_per_worker={"CPU": params.cpus_per_worker}),
+        run_config=RunConfig(
+            name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            storage_path=ray_storage(),
+            failure_config=FailureConfig(max_failures=params.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()
+
+
+def write_live(history: list[dict], folder: Path) -> None:
+    """Per-epoch curves through dvclive (``dvc plots show`` draws them); no DVC experiment is saved."""
+    from dvclive import Live
+
+    with Live(dir=str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        for row in history:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    live.log_metric(key, value, plot=True)
+            live.next_step()
+
+
+def run(params: FinetuneParams, paths: Paths, fail_at_epoch: int | None = None) -> StageResult:
+    t0 = time.perf_counter()
+    result = fit(params, paths, fail_at_epoch)
+    if result.checkpoint is None:
+        raise RuntimeError(f"finetune: Ray Train returned no checkpoint (error: {result.error})")
+    with result.checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        history = json.loads((folder / "history.json").read_text())
+        with atomic_dir(paths.finetuned) as tmp:
+            for name in (WEIGHTS, CONFIG):
+                shutil.copyfile(folder / "model" / name, tmp / name)
+            (tmp / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    for row in history:
+        log.info("finetune epoch %d: %s", row["epoch"],
+                 ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k in ("train_loss", "train_acc", "val_acc")))
+    with atomic_dir(paths.finetune_live) as tmp:
+        write_live(history, tmp)
+    last = history[-1]
+    metrics = {
+        "epochs": len(history),
+        "num_workers": params.num_workers,
+        "train_loss": last["train_loss"],
+        "train_acc": last["train_acc"],
+        "val_acc": last["val_acc"],
+        "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
+        "fit_wall_s": round(time.perf_counter() - t0, 2),
+        "ray_storage": result.path,
+    }
+    return StageResult({"model": str(paths.finetuned), "live": str(paths.finetune_live)}, metrics)
+
+
+@task(name="finetune")
+def finetune_task(root: str = ".") -> dict:
+    """Prefect task: the finetune stage (a Ray Train job)."""
+    return execute("finetune", root)

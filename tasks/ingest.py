@@ -1,0 +1,69 @@
+"""ingest: materialize the image tree (built-in digits, or a copy of the user's tree) and its manifest."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from prefect import task
+
+from mdcore.builtin import BuiltinSpec, materialize
+from mdcore.io import atomic_dir, atomic_write_text
+from mdcore.manifest import DataLayoutError, build_manifest, dataset_version, manifest_csv, scan_tree, summary
+from tasks.params import IngestParams
+from tasks.paths import Paths
+from tasks.stage import StageResult, execute
+
+log = logging.getLogger("mdpipe.ingest")
+
+
+def copy_tree(source: Path, dest: Path) -> int:
+    """Copy the images of ``source`` (checked: no symlinks, nothing outside it) into ``dest``."""
+    rows = scan_tree(source)
+    for rel, _, _ in rows:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / rel, target)
+    return len(rows)
+
+
+def run(params: IngestParams, paths: Paths) -> StageResult:
+    with atomic_dir(paths.raw) as tmp:
+        if params.data_root:
+            source = Path(params.data_root).expanduser()
+            if not source.is_absolute():
+                source = (paths.root / source)
+            if source.resolve() == paths.raw.resolve():
+                raise DataLayoutError(f"ingest.data_root {source} is the pipeline's own copy {paths.raw}")
+            n = copy_tree(source, tmp)
+            log.info("copied %d images from %s", n, source)
+            origin = str(source.resolve())
+        else:
+            counts = materialize(tmp, seed=params.seed, spec=BuiltinSpec(limit=params.builtin_limit))
+            log.info("built-in digits: %s", counts)
+            origin = "builtin:sklearn-digits"
+        frame = build_manifest(
+            tmp,
+            val_fraction=params.val_fraction,
+            test_fraction=params.test_fraction,
+            holdout_domains=params.holdout_domains,
+            seed=params.seed,
+        )
+    atomic_write_text(paths.manifest, manifest_csv(frame))
+    domains = sorted(frame["domain"].unique())
+    metrics = {
+        "source": origin,
+        "images": len(frame),
+        "domains": domains,
+        "classes": sorted(frame["label"].unique()),
+        "holdout_domains": params.holdout_domains,
+        "per_domain": summary(frame),
+        "dataset_version": dataset_version(frame),
+    }
+    return StageResult({"raw": str(paths.raw), "manifest": str(paths.manifest)}, metrics)
+
+
+@task(name="ingest")
+def ingest_task(root: str = ".") -> dict:
+    """Prefect task: the ingest stage."""
+    return execute("ingest", root)

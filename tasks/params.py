@@ -1,0 +1,190 @@
+"""One typed schema per stage: it validates ``params/NAME.yaml``, takes CLI overrides
+(``-S finetune.epochs=3``), and is the form of the Prefect UI's run page (the flow's parameters).
+
+An override is written back into ``params/NAME.yaml`` so DVC sees exactly what ran.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class StageParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class IngestParams(StageParams):
+    data_root: str | None = Field(None, description="ROOT/<domain>/<class>/<image> tree; empty = built-in digits")
+    holdout_domains: list[str] = Field(["lowlight"], description="Domains kept out of training and model selection")
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="Per-domain, class-stratified validation share")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="Per-domain, class-stratified test share")
+    seed: int = Field(0, description="Seed of the splits and of the built-in dataset")
+    builtin_limit: int | None = Field(None, ge=40, description="Use only this many built-in digits (small runs)")
+
+
+class ValidateParams(StageParams):
+    min_side: int = Field(8, ge=1, description="Smallest accepted image width and height (pixels)")
+    allowed_modes: list[str] = Field(["RGB", "L"], description="Accepted PIL colour modes")
+    min_images_per_class: int = Field(3, ge=1, description="Minimum images per (domain, class)")
+    known_domains: list[str] | None = Field(None, description="Expected domains; empty = any")
+    known_classes: list[str] | None = Field(None, description="Expected classes; empty = any")
+    severity: dict[str, Literal["critical", "warning"]] = Field(
+        {"colour_mode": "warning", "min_width": "warning", "min_height": "warning"},
+        description="Severity per expectation name (default critical): warning = quarantine rows",
+    )
+
+
+class SynthesizeParams(StageParams):
+    enabled: bool = Field(True, description="Generate synthetic training images for scarce domains")
+    scarce_ratio: float = Field(0.5, gt=0, le=1, description="A domain is scarce below this share of the largest")
+    target_per_class: int = Field(40, ge=0, description="Training images per (scarce domain, class) to reach")
+    method: Literal["fourier"] = Field("fourier", description="Generator")
+    beta: float = Field(0.15, gt=0, le=0.5, description="Fourier: low-frequency window swapped (share of side)")
+    seed: int = 0
+
+
+class PretrainParams(StageParams):
+    enabled: bool = Field(True, description="Self-supervised pretraining; off = finetune from random init")
+    backbone: str = Field("resnet18", description="Any timm model name (random init; nothing is downloaded)")
+    image_size: int = Field(32, ge=8)
+    epochs: int = Field(4, ge=0)
+    batch_size: int = Field(128, ge=4)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    temperature: float = Field(0.2, gt=0)
+    include_holdout_unlabelled: bool = Field(False, description="Domain adaptation: also see held-out images")
+    threads: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class FinetuneParams(StageParams):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker (also its torch threads)")
+    use_gpu: bool = Field(False, description="One GPU per worker")
+    max_failures: int = Field(1, ge=0, description="Worker-group restarts from the last checkpoint")
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(128, ge=2, description="Global batch (split across workers)")
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    layer_decay: float | None = Field(0.8, gt=0, le=1, description="timm layer-wise lr decay; empty = off")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    adapters: bool = Field(True, description="Per-domain residual adapters")
+    adapter_dim: int = Field(64, ge=1)
+    use_synthetic: bool = Field(True, description="Train on synthetic rows too")
+    init_from_pretrain: bool = Field(True, description="Start from the pretrain stage's backbone")
+    seed: int = 0
+
+
+class EvaluateParams(StageParams):
+    batch_size: int = Field(256, ge=1)
+
+
+class CompressParams(StageParams):
+    prune_amount: float = Field(0.5, ge=0, lt=1, description="Global magnitude pruning share of conv/linear weights")
+    quantize: Literal["int8", "none"] = Field("int8", description="Weight quantization")
+    batch_size: int = Field(256, ge=1)
+
+
+SCHEMAS: dict[str, type[StageParams]] = {
+    "ingest": IngestParams,
+    "validate": ValidateParams,
+    "synthesize": SynthesizeParams,
+    "pretrain": PretrainParams,
+    "finetune": FinetuneParams,
+    "evaluate": EvaluateParams,
+    "compress": CompressParams,
+}
+
+
+class ParamsError(ValueError):
+    """A params file or override is wrong; the message names the file and the field."""
+
+
+def _explain(error: ValidationError, where: str) -> str:
+    lines = [f"{where}: invalid parameters"]
+    for e in error.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(file)"
+        lines.append(f"  - {field}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate_params(stage: str, data: dict, where: str) -> StageParams:
+    if stage not in SCHEMAS:
+        raise ParamsError(f"unknown stage {stage!r}; stages: {list(SCHEMAS)}")
+    try:
+        return SCHEMAS[stage].model_validate(data or {})
+    except ValidationError as e:
+        raise ParamsError(_explain(e, where)) from None
+
+
+def load_params(stage: str, params_dir: str | Path) -> StageParams:
+    file = Path(params_dir) / f"{stage}.yaml"
+    if not file.is_file():
+        raise ParamsError(f"{file}: missing params file of stage {stage!r}")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{file}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{file}: expected a mapping of parameters, got {type(data).__name__}")
+    return validate_params(stage, data, str(file))
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    """``["finetune.epochs=3", ...]`` -> ``{"finetune": {"epochs": 3}}`` (values parsed as YAML)."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        stage, dot, field = key.strip().partition(".")
+        if not sep or not dot or not field:
+            raise ParamsError(f"override {item!r}: expected STAGE.FIELD=VALUE, e.g. finetune.epochs=3")
+        if stage not in SCHEMAS:
+            raise ParamsError(f"override {item!r}: unknown stage {stage!r}; stages: {list(SCHEMAS)}")
+        out.setdefault(stage, {})[field] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def write_params(stage: str, params: StageParams, params_dir: str | Path) -> bool:
+    """Write ``params`` into ``params/STAGE.yaml``, keeping its comments; returns whether anything changed."""
+    from ruamel.yaml import YAML
+
+    from mdcore.io import atomic_write_text
+
+    file = Path(params_dir) / f"{stage}.yaml"
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(file.read_text()) if file.is_file() else None
+    if doc is None:
+        from ruamel.yaml.comments import CommentedMap
+
+        doc = CommentedMap()
+    new = params.model_dump(mode="json")
+    changed = False
+    for key, value in new.items():
+        if key not in doc or doc[key] != value:
+            doc[key] = value
+            changed = True
+    for key in [k for k in doc if k not in new]:
+        del doc[key]
+        changed = True
+    if changed:
+        import io
+
+        buf = io.StringIO()
+        rt.dump(doc, buf)
+        atomic_write_text(file, buf.getvalue())
+    return changed
+
+
+def apply_overrides(params_dir: str | Path, overrides: dict[str, dict]) -> dict[str, StageParams]:
+    """Validate every override against its stage's schema, then write it where DVC sees it."""
+    updated = {}
+    for stage, fields in overrides.items():
+        current = load_params(stage, params_dir).model_dump()
+        merged = validate_params(stage, current | fields, f"override of params/{stage}.yaml")
+        write_params(stage, merged, params_dir)
+        updated[stage] = merged
+    return updated
