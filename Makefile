@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test install bench ablation clean
+.PHONY: demo test install bench repro clean
 
 install: $(STAMP)
 
@@ -26,8 +26,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-bench: $(STAMP)
-	$(BIN)/python -m bench.run_all
-
 clean:
-	rm -rf data models reports dvc.lock
+	rm -rf data models reports registry
+
+repro: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro

@@ -63,6 +63,15 @@ def scan_tree(root: str | Path) -> list[tuple[str, str, str]]:
     return rows
 
 
+def resolve_in(root: str | Path, rel: str) -> Path:
+    """``root / rel``, refusing a manifest path that is absolute or climbs out of ``root`` (``..``)."""
+    root = Path(root)
+    path = (root / rel)
+    if Path(rel).is_absolute() or ".." in Path(rel).parts or not path.resolve().is_relative_to(root.resolve()):
+        raise DataLayoutError(f"manifest path {rel!r} escapes its root {root}")
+    return path
+
+
 def describe_image(path: Path) -> tuple[str, int, int, str]:
     """Content hash, width, height and colour mode of one image (read once); mode ``unreadable`` if it
     does not decode."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mdcore.images import standardize
 from mdcore.io import atomic_dir
 
 WEIGHTS = "model.safetensors"
@@ -34,6 +35,7 @@ class ModelConfig:
     adapters: bool = True
     adapter_dim: int = 64
     routing_temperature: float = 0.1
+    input_norm: str = "image"  # "image": standardize each image by its own statistics; "none"
     backbone_kwargs: dict = field(default_factory=dict)
 
     @classmethod
@@ -70,6 +72,8 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
 class MultiDomainModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.input_norm not in ("image", "none"):
+            raise ValueError(f"model config input_norm={config.input_norm!r}: expected 'image' or 'none'")
         self.config = config
         self.backbone = create_backbone(config.backbone, **config.backbone_kwargs)
         dim = self.backbone.num_features
@@ -88,6 +92,8 @@ class MultiDomainModel(nn.Module):
         return self.backbone.num_features
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.config.input_norm == "image":
+            images = standardize(images)
         return self.backbone(images)
 
     def domain_weights(self, feats: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mdcore.augment import ssl_view, train_view
-from mdcore.images import ImageSet, to_float
+from mdcore.images import ImageSet, standardize, to_float
 from mdcore.losses import classification_loss, nt_xent
 
 
@@ -52,7 +52,7 @@ def finetune_epoch(
         optimizer.step()
         if on_step is not None:
             on_step()
-        total_loss += float(loss) * len(idx)
+        total_loss += float(loss.detach()) * len(idx)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(idx)
     return {"loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "images": seen}
@@ -86,13 +86,16 @@ def accuracy_by_domain(
 class ContrastiveNet(nn.Module):
     """Backbone + MLP projector for SimCLR; only the backbone is kept after pretraining."""
 
-    def __init__(self, backbone: nn.Module, proj_dim: int = 128):
+    def __init__(self, backbone: nn.Module, proj_dim: int = 128, input_norm: str = "image"):
         super().__init__()
         self.backbone = backbone
+        self.input_norm = input_norm
         dim = backbone.num_features
         self.projector = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_norm == "image":  # the same input path as MultiDomainModel.features
+            x = standardize(x)
         return self.projector(self.backbone(x))
 
 
@@ -115,6 +118,6 @@ def contrastive_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss)
+        total += float(loss.detach())
         steps += 1
     return {"ssl_loss": total / max(steps, 1)}

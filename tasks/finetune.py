@@ -85,7 +85,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             "val_acc": sum(val_acc.values()) / max(len(val_acc), 1),
             "lr": optimizer.param_groups[-1]["lr"],
             "images_per_s": float(totals[2]) / elapsed,
-            **{f"val_acc/{d}": a for d, a in val_acc.items()},
+            **{f"val_domain_acc/{d}": a for d, a in val_acc.items()},
         }
         if rank == 0:
             history.append(metrics)

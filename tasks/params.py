@@ -28,7 +28,7 @@ class IngestParams(StageParams):
 class ValidateParams(StageParams):
     min_side: int = Field(8, ge=1, description="Smallest accepted image width and height (pixels)")
     allowed_modes: list[str] = Field(["RGB", "L"], description="Accepted PIL colour modes")
-    min_images_per_class: int = Field(3, ge=1, description="Minimum images per (domain, class)")
+    min_images_per_class: int = Field(3, ge=0, description="Minimum images per (domain, class); 0 = no check")
     known_domains: list[str] | None = Field(None, description="Expected domains; empty = any")
     known_classes: list[str] | None = Field(None, description="Expected classes; empty = any")
     severity: dict[str, Literal["critical", "warning"]] = Field(
@@ -48,9 +48,9 @@ class SynthesizeParams(StageParams):
 
 class PretrainParams(StageParams):
     enabled: bool = Field(True, description="Self-supervised pretraining; off = finetune from random init")
-    backbone: str = Field("resnet18", description="Any timm model name (random init; nothing is downloaded)")
+    backbone: str = Field("resnet10t", description="Any timm model name (random init; nothing is downloaded)")
     image_size: int = Field(32, ge=8)
-    epochs: int = Field(4, ge=0)
+    epochs: int = Field(5, ge=0)
     batch_size: int = Field(128, ge=4)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -65,7 +65,7 @@ class FinetuneParams(StageParams):
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker (also its torch threads)")
     use_gpu: bool = Field(False, description="One GPU per worker")
     max_failures: int = Field(1, ge=0, description="Worker-group restarts from the last checkpoint")
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(15, ge=1)
     batch_size: int = Field(128, ge=2, description="Global batch (split across workers)")
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)

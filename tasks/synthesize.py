@@ -10,7 +10,7 @@ from PIL import Image
 from prefect import task
 
 from mdcore.io import atomic_dir, atomic_write_text, sha256_file
-from mdcore.manifest import COLUMNS, class_names, manifest_csv, read_manifest
+from mdcore.manifest import COLUMNS, class_names, manifest_csv, read_manifest, resolve_in
 from mdcore.synth import find_scarce_domains, fourier_style_transfer, plan_targets
 from tasks.params import SynthesizeParams
 from tasks.paths import Paths
@@ -44,8 +44,8 @@ def generate(frame: pd.DataFrame, params: SynthesizeParams, paths: Paths, out_di
         for i in range(need):
             content = content_pool.iloc[int(rng.integers(len(content_pool)))]
             style = style_pool.iloc[int(rng.integers(len(style_pool)))]
-            style_img = _rgb(paths.raw / style["path"])
-            content_img = _rgb(paths.raw / content["path"], size=(style_img.shape[1], style_img.shape[0]))
+            style_img = _rgb(resolve_in(paths.raw, style["path"]))
+            content_img = _rgb(resolve_in(paths.raw, content["path"]), size=(style_img.shape[1], style_img.shape[0]))
             image = Image.fromarray(fourier_style_transfer(content_img, style_img, params.beta), mode="RGB")
             rel = f"{domain}/{label}/syn_{i:05d}.png"
             (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny built-in datasets and throwaway workspaces (git + DVC + params)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+for key, value in {
+    "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false", "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TQDM_DISABLE": "1",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+}.items():
+    os.environ.setdefault(key, value)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def builtin_tree(tmp_path_factory) -> Path:
+    """The full built-in dataset (1,797 digits, 4 domains), made once per session."""
+    from mdcore.builtin import materialize
+
+    root = tmp_path_factory.mktemp("builtin") / "tree"
+    materialize(root, seed=0)
+    return root
+
+
+def make_workspace(dest: Path, **param_overrides: dict) -> Path:
+    """A project workspace like a fresh clone: dvc.yaml, paths.yaml, params/, mdcore/, tasks/, git + DVC."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "paths.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, dest / name)
+    for folder in ("params", "mdcore", "tasks"):
+        shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (dest / ".gitignore").write_text("/data/\n/models/\n/reports/\n/registry/\n__pycache__/\n")
+    run = lambda *cmd: subprocess.run(cmd, cwd=dest, check=True, capture_output=True)  # noqa: E731
+    run("git", "init", "-q")
+    run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init")
+    from dvc.repo import Repo
+
+    Repo.init(str(dest))
+    if param_overrides:
+        from tasks.params import apply_overrides
+
+        apply_overrides(dest / "params", param_overrides)
+    return dest
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Path:
+    return make_workspace(tmp_path / "ws", ingest={"builtin_limit": 500}, validate={"min_images_per_class": 0})

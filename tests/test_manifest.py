@@ -1,0 +1,82 @@
+import os
+import shutil
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mdcore.manifest import COLUMNS, DataLayoutError, build_manifest, dataset_version, resolve_in, scan_tree
+
+
+def make_tree(root, domains=("a", "b", "c"), classes=("x", "y"), per_class=10):
+    for d in domains:
+        for c in classes:
+            for i in range(per_class):
+                (root / d / c).mkdir(parents=True, exist_ok=True)
+                color = (hash((d, c, i)) % 255, i * 20 % 255, 7)
+                Image.new("RGB", (16, 16), color).save(root / d / c / f"{i}.png")
+    return root
+
+
+def test_manifest_columns_splits_and_holdout(tmp_path):
+    root = make_tree(tmp_path / "t")
+    frame = build_manifest(root, val_fraction=0.2, test_fraction=0.2, holdout_domains=["c"], seed=0)
+    assert list(frame.columns) == COLUMNS
+    assert len(frame) == 60
+    assert set(frame.loc[frame.domain == "c", "split"]) == {"holdout"}
+    assert "c" not in set(frame.loc[frame.split.isin(["train", "val", "test"]), "domain"])
+    counts = frame[frame.domain != "c"].groupby(["domain", "label", "split"]).size().unstack()
+    assert (counts["test"] == 2).all() and (counts["val"] == 2).all() and (counts["train"] == 6).all()
+    assert (frame["source"] == "real").all()
+    assert frame["sha256"].str.len().eq(64).all()
+
+
+def test_splits_and_version_are_deterministic(tmp_path):
+    root = make_tree(tmp_path / "t")
+    one = build_manifest(root, seed=3)
+    two = build_manifest(root, seed=3)
+    other = build_manifest(root, seed=4)
+    pd.testing.assert_frame_equal(one, two)
+    assert dataset_version(one) == dataset_version(two) != dataset_version(other)
+
+
+def test_symlinked_file_is_refused(tmp_path):
+    root = make_tree(tmp_path / "t")
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    os.symlink(outside, root / "a" / "x" / "link.png")
+    with pytest.raises(DataLayoutError, match="link.png"):
+        scan_tree(root)
+
+
+def test_symlinked_folder_escaping_root_is_refused(tmp_path):
+    root = make_tree(tmp_path / "t")
+    make_tree(tmp_path / "elsewhere", domains=("z",))
+    os.symlink(tmp_path / "elsewhere" / "z", root / "z")
+    with pytest.raises(DataLayoutError, match="symlink"):
+        scan_tree(root)
+
+
+def test_manifest_path_with_dotdot_is_refused(tmp_path):
+    with pytest.raises(DataLayoutError, match="escapes"):
+        resolve_in(tmp_path, "../outside/x.png")
+    with pytest.raises(DataLayoutError, match="escapes"):
+        resolve_in(tmp_path, "/etc/passwd")
+    assert resolve_in(tmp_path, "a/x/1.png") == tmp_path / "a/x/1.png"
+
+
+def test_misplaced_image_and_unknown_holdout_are_clear_errors(tmp_path):
+    root = make_tree(tmp_path / "t")
+    with pytest.raises(DataLayoutError, match="holdout_domains.*nope"):
+        build_manifest(root, holdout_domains=["nope"])
+    shutil.copy(root / "a" / "x" / "0.png", root / "a" / "stray.png")
+    with pytest.raises(DataLayoutError, match="stray.png"):
+        scan_tree(root)
+
+
+def test_undecodable_image_is_recorded_not_crashing(tmp_path):
+    root = make_tree(tmp_path / "t")
+    (root / "a" / "x" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    frame = build_manifest(root)
+    row = frame[frame.path == "a/x/0.png"].iloc[0]
+    assert row["mode"] == "unreadable" and row["width"] == 0

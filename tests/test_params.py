@@ -1,0 +1,58 @@
+import pytest
+
+from tasks.params import SCHEMAS, ParamsError, apply_overrides, load_params, parse_overrides
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("stage", list(SCHEMAS))
+def test_shipped_params_files_are_valid(stage):
+    params = load_params(stage, REPO / "params")
+    assert isinstance(params, SCHEMAS[stage])
+
+
+def test_every_stage_has_a_params_file_and_dvc_stage():
+    import yaml
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == list(SCHEMAS)
+    for name, stage in stages.items():
+        assert stage["cmd"] == f"mdpipe stage {name}"
+        assert {"params/" + name + ".yaml": None} in stage["params"]
+        assert f"tasks/{name}.py" in stage["deps"]
+        assert stage["outs"] and stage["metrics"]
+
+
+def test_unknown_key_names_file_and_field(tmp_path):
+    (tmp_path / "finetune.yaml").write_text("epochs: 3\nepochz: 4\n")
+    with pytest.raises(ParamsError) as err:
+        load_params("finetune", tmp_path)
+    assert "finetune.yaml" in str(err.value) and "epochz" in str(err.value)
+
+
+def test_wrong_value_names_field(tmp_path):
+    (tmp_path / "finetune.yaml").write_text("num_workers: 0\n")
+    with pytest.raises(ParamsError, match="num_workers"):
+        load_params("finetune", tmp_path)
+    (tmp_path / "compress.yaml").write_text("quantize: int4\n")
+    with pytest.raises(ParamsError, match="quantize"):
+        load_params("compress", tmp_path)
+
+
+def test_overrides_are_parsed_validated_and_written_keeping_comments(tmp_path):
+    (tmp_path / "finetune.yaml").write_text("# keep me\nepochs: 3  # how long\nlr: 0.001\n")
+    overrides = parse_overrides(["finetune.epochs=7", "finetune.use_gpu=true"])
+    assert overrides == {"finetune": {"epochs": 7, "use_gpu": True}}
+    apply_overrides(tmp_path, overrides)
+    text = (tmp_path / "finetune.yaml").read_text()
+    assert "# keep me" in text and "# how long" in text
+    params = load_params("finetune", tmp_path)
+    assert params.epochs == 7 and params.use_gpu is True and params.lr == 0.001
+    with pytest.raises(ParamsError, match="epochs"):
+        apply_overrides(tmp_path, parse_overrides(["finetune.epochs=-1"]))
+    assert load_params("finetune", tmp_path).epochs == 7  # a rejected override changes nothing
+
+
+@pytest.mark.parametrize("bad", ["finetune", "finetune.epochs", "nosuchstage.x=1"])
+def test_malformed_overrides(bad):
+    with pytest.raises(ParamsError):
+        parse_overrides([bad])

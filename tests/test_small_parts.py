@@ -1,0 +1,75 @@
+"""Synthesis, checkpoints, atomic writes, augmentations and losses."""
+import numpy as np
+import pytest
+import torch
+
+from mdcore.augment import ssl_view, train_view
+from mdcore.checkpoint import load_training_state, save_training_state
+from mdcore.io import atomic_dir
+from mdcore.losses import nt_xent
+from mdcore.synth import find_scarce_domains, fourier_style_transfer, plan_targets
+from mdcore.train import shard_batches
+
+
+def test_fourier_transfer_keeps_content_and_takes_style():
+    rng = np.random.default_rng(0)
+    content = np.zeros((32, 32, 3), np.uint8) + 230
+    content[8:24, 14:18] = 20  # a dark stroke on white
+    style = (rng.random((32, 32, 3)) * 40 + np.array([20, 60, 30])).astype(np.uint8)  # dark green, noisy
+    out = fourier_style_transfer(content, style, beta=0.1)
+    assert out.shape == content.shape and out.dtype == np.uint8
+    assert abs(out.mean() - style.mean()) < abs(content.mean() - style.mean()) / 3  # overall tone of the style
+    stroke, paper = out[8:24, 14:18].mean(), out[:6].mean()
+    assert stroke < paper - 10  # the stroke is still there
+
+
+def test_scarce_domains_and_targets():
+    assert find_scarce_domains({"a": 100, "b": 90, "c": 10}, 0.5) == ["c"]
+    plan = plan_targets({("c", "0"): 3, ("c", "1"): 50}, ["c"], 40, ["0", "1", "2"])
+    assert plan == {("c", "0"): 37, ("c", "2"): 40}
+
+
+def test_checkpoint_restores_model_optimizer_and_epoch(tmp_path):
+    net = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    net(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    save_training_state(tmp_path, net, opt, epoch=4)
+    net2 = torch.nn.Linear(4, 2)
+    opt2 = torch.optim.AdamW(net2.parameters(), lr=0.1)
+    assert load_training_state(tmp_path, net2, opt2) == 4
+    assert torch.equal(net.weight, net2.weight)
+    s1, s2 = opt.state_dict()["state"][0], opt2.state_dict()["state"][0]
+    assert torch.equal(s1["exp_avg"], s2["exp_avg"]) and float(s1["step"]) == float(s2["step"])
+
+
+def test_atomic_dir_keeps_the_old_folder_on_failure(tmp_path):
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "good.txt").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "good.txt").write_text("half")
+            raise RuntimeError("boom")
+    assert (target / "good.txt").read_text() == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_shards_are_disjoint_and_cover_each_step():
+    shards = [list(shard_batches(100, 20, rank=r, world=2, epoch=1, seed=0)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 5
+    seen = torch.cat([b for s in shards for b in s])
+    assert len(seen) == len(set(seen.tolist())) == 100
+
+
+def test_augmentations_keep_shape_and_vary_per_image():
+    x = torch.zeros(4, 3, 32, 32).uniform_(-1, 1)[:1].repeat(4, 1, 1, 1)
+    for view in (ssl_view, train_view):
+        out = view(x, torch.Generator().manual_seed(0))
+        assert out.shape == x.shape
+        assert not torch.allclose(out[0], out[1])
+
+
+def test_nt_xent_prefers_matching_views():
+    z = torch.randn(8, 16)
+    assert nt_xent(z, z + 0.01 * torch.randn_like(z)) < nt_xent(z, torch.randn(8, 16))
