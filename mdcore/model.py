@@ -116,11 +116,13 @@ class MultiDomainModel(nn.Module):
         outs = torch.stack([adapter(feats) for adapter in self.adapters], dim=1)  # N, D, F
         return (weights[..., None] * outs).sum(dim=1)
 
-    def forward(self, images: torch.Tensor, domains: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, domains: torch.Tensor | None = None, return_aux: bool = False):
+        """Logits; with ``return_aux`` also a dict of extra (already weighted) training loss terms."""
         if domains is None:
             domains = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
         feats = self.features(images)
-        return self.head(self.adapt(feats, domains))
+        logits = self.head(self.adapt(feats, domains))
+        return (logits, {}) if return_aux else logits
 
     @torch.no_grad()
     def fit_prototypes(self, images: torch.Tensor, domains: torch.Tensor, batch_size: int = 256) -> None:

@@ -1,7 +1,7 @@
 """Training and prediction loops, shared by every stage (and by Ray workers, which import them)."""
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -29,24 +29,31 @@ def finetune_epoch(
     model: nn.Module,
     data: ImageSet,
     optimizer: torch.optim.Optimizer,
+    batches: Iterable[torch.Tensor],
     *,
-    global_batch: int,
     epoch: int,
     seed: int,
     rank: int = 0,
-    world: int = 1,
     label_smoothing: float = 0.0,
     on_step: Callable[[], None] | None = None,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
+    """One pass over ``batches`` (index tensors into ``data``: this worker's shard).
+
+    The model is called as ``model(x, domains, return_aux=True)`` when it supports it, so extra loss
+    terms (load balancing, alignment, ...) are computed inside forward, where DDP sees them.
+    """
     model.train()
     g = torch.Generator().manual_seed(seed * 7919 + epoch * 31 + rank)
     total_loss, correct, seen = 0.0, 0, 0
-    for idx in shard_batches(len(data), global_batch, rank=rank, world=world, epoch=epoch, seed=seed):
+    for idx in batches:
         x = train_view(to_float(data.images[idx]), g).to(device)
         y, d = data.labels[idx].to(device), data.domains[idx].to(device)
-        logits = model(x, d)
+        out = model(x, d, return_aux=True)
+        logits, aux = out if isinstance(out, tuple) else (out, {})
         loss = classification_loss(logits, y, label_smoothing)
+        for term in aux.values():
+            loss = loss + term
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

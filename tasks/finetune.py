@@ -36,7 +36,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     from mdcore.checkpoint import load_training_state, save_training_state
     from mdcore.images import to_float
     from mdcore.model import ModelConfig, MultiDomainModel, save_model
-    from mdcore.train import accuracy_by_domain, finetune_epoch
+    from mdcore.train import accuracy_by_domain, finetune_epoch, shard_batches
     from tasks.data import load_split
 
     p = FinetuneParams.model_validate(cfg["params"])
@@ -68,8 +68,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     for epoch in range(start_epoch, p.epochs):
         t0 = time.perf_counter()
         scheduler.step(epoch)
-        stats = finetune_epoch(ddp_model, train, optimizer, global_batch=p.batch_size, epoch=epoch, seed=p.seed,
-                               rank=rank, world=world, label_smoothing=p.label_smoothing, device=device)
+        batches = shard_batches(len(train), p.batch_size, rank=rank, world=world, epoch=epoch, seed=p.seed)
+        stats = finetune_epoch(ddp_model, train, optimizer, batches, epoch=epoch, seed=p.seed, rank=rank,
+                               label_smoothing=p.label_smoothing, device=device)
         totals = torch.tensor([stats["loss"] * stats["images"], stats["train_acc"] * stats["images"], stats["images"]],
                               dtype=torch.float64)
         if world > 1:
