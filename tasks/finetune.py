@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -25,19 +26,19 @@ log = logging.getLogger("mdpipe.finetune")
 
 
 def train_loop_per_worker(cfg: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker: load data, build the model, resume if a checkpoint exists,
+    train with DDP on a domain-balanced shard, report metrics and (rank 0) a checkpoint every epoch."""
     import ray.train
     import torch
-    import torch.distributed as dist
-    from safetensors.torch import load_file
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
 
-    from mdcore.checkpoint import load_training_state, save_training_state
+    from mdcore.accel import FastForward
+    from mdcore.checkpoint import load_training_state
     from mdcore.images import to_float
-    from mdcore.model import ModelConfig, MultiDomainModel, save_model
-    from mdcore.train import accuracy_by_domain, finetune_epoch, shard_batches
+    from mdcore.sampler import domain_balanced_batches
+    from mdcore.train import accuracy_by_domain, finetune_epoch
     from tasks.data import load_split
+    from tasks.model_setup import (build_model, build_optimizer, epoch_kwargs, needs_find_unused_parameters,
+                                   on_epoch_start)
 
     p = FinetuneParams.model_validate(cfg["params"])
     ctx = ray.train.get_context()
@@ -46,62 +47,135 @@ def train_loop_per_worker(cfg: dict) -> None:
     torch.manual_seed(p.seed)
     roots = {k: Path(v) for k, v in cfg["roots"].items()}
     train, _ = load_split(cfg["train_manifest"], roots, cfg["image_size"], ("train",), synthetic=p.use_synthetic)
-    val, val_rows = load_split(cfg["train_manifest"], roots, cfg["image_size"], ("val",), synthetic=False,
-                               domains=train.domain_names, classes=train.class_names)
-    config = ModelConfig(backbone=cfg["backbone"], domains=train.domain_names, classes=train.class_names,
-                         image_size=cfg["image_size"], adapters=p.adapters, adapter_dim=p.adapter_dim)
-    model = MultiDomainModel(config)
-    if cfg.get("backbone_weights"):
-        model.load_backbone(load_file(cfg["backbone_weights"]))
-    optimizer = create_optimizer_v2(model, "adamw", lr=p.lr, weight_decay=p.weight_decay, layer_decay=p.layer_decay)
-    scheduler = CosineLRScheduler(optimizer, t_initial=p.epochs, warmup_t=1 if p.epochs > 2 else 0,
-                                  warmup_lr_init=p.lr * 0.1, lr_min=p.lr * 0.01)
-    start_epoch, history = 0, []
+    val, _ = load_split(cfg["train_manifest"], roots, cfg["image_size"], ("val",), synthetic=False,
+                        domains=train.domain_names, classes=train.class_names)
+    model = build_model(p, train, cfg["backbone"], cfg["image_size"], cfg.get("backbone_weights"))
+    optimizer, scheduler = build_optimizer(p, model)
+    start_epoch, history, attempt = 0, [], 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             start_epoch = load_training_state(folder, model, optimizer) + 1
             history = json.loads((Path(folder) / "history.json").read_text())
-        print(f"[finetune] rank {rank}: resumed after epoch {start_epoch}")
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=True)
+        attempt = history[-1].get("attempt", 0) + 1 if history else 1
+        print(f"[finetune] rank {rank}: resumed from the checkpoint of epoch {start_epoch} (attempt {attempt})")
     device = ray.train.torch.get_device()
+    fast = FastForward(model, p.precision, p.channels_last, device_type=device.type)
+    if p.compile:
+        fast = torch.compile(fast)
+    ddp_model = ray.train.torch.prepare_model(
+        fast, move_to_device=True,
+        parallel_strategy_kwargs={"find_unused_parameters": needs_find_unused_parameters(p)})
+    mix = p.domain_mix if isinstance(p.domain_mix, str) else _domain_weights(p.domain_mix, train.domain_names)
+    extra = epoch_kwargs(p, train)
     for epoch in range(start_epoch, p.epochs):
+        if cfg.get("kill_at_epoch") == epoch and attempt == 0 and rank == world - 1:
+            _barrier(world)  # let rank 0 finish its checkpoint first
+            print(f"[finetune] rank {rank}: injected failure (SIGKILL) before epoch {epoch + 1}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif cfg.get("kill_at_epoch") == epoch and attempt == 0:
+            _barrier(world)
         t0 = time.perf_counter()
         scheduler.step(epoch)
-        batches = shard_batches(len(train), p.batch_size, rank=rank, world=world, epoch=epoch, seed=p.seed)
+        on_epoch_start(p, model, optimizer, epoch)
+        batches = domain_balanced_batches(train.domains, p.batch_size, rank=rank, world=world, epoch=epoch,
+                                          seed=p.seed, mix=mix)
         stats = finetune_epoch(ddp_model, train, optimizer, batches, epoch=epoch, seed=p.seed, rank=rank,
-                               label_smoothing=p.label_smoothing, device=device)
-        totals = torch.tensor([stats["loss"] * stats["images"], stats["train_acc"] * stats["images"], stats["images"]],
-                              dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(totals)
+                               label_smoothing=p.label_smoothing, device=device, **extra)
+        totals = _all_reduce_sum([stats["loss"] * stats["images"], stats["train_acc"] * stats["images"],
+                                  stats["images"]], world)
         elapsed = time.perf_counter() - t0
-        if epoch == p.epochs - 1:
+        _average_buffers(model, world)  # per-domain normalization statistics: one value on every worker
+        last = epoch == p.epochs - 1
+        if last:
             model.fit_prototypes(to_float(train.images), train.domains)
         val_acc = accuracy_by_domain(model, val, [train.domain_names[d] for d in val.domains], 256) if len(val) else {}
         metrics = {
             "epoch": epoch + 1,
-            "train_loss": float(totals[0] / totals[2]),
-            "train_acc": float(totals[1] / totals[2]),
+            "attempt": attempt,
+            "train_loss": totals[0] / totals[2],
+            "train_acc": totals[1] / totals[2],
             "val_acc": sum(val_acc.values()) / max(len(val_acc), 1),
             "lr": optimizer.param_groups[-1]["lr"],
-            "images_per_s": float(totals[2]) / elapsed,
+            "images_per_s": totals[2] / elapsed,
             **{f"val_domain_acc/{d}": a for d, a in val_acc.items()},
         }
-        if rank == 0:
-            history.append(metrics)
-            print(f"[finetune] epoch {epoch + 1}/{p.epochs} loss {metrics['train_loss']:.4f} "
-                  f"train_acc {metrics['train_acc']:.3f} val_acc {metrics['val_acc']:.3f} "
-                  f"({metrics['images_per_s']:.0f} img/s)", flush=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                save_training_state(tmp, model, optimizer, epoch, metrics)
-                save_model(model, Path(tmp) / "model", extra={"epoch": epoch + 1})
-                (Path(tmp) / "history.json").write_text(json.dumps(history))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics, checkpoint=None)
-        if cfg.get("fail_at_epoch") == epoch + 1 and rank == world - 1 and not checkpoint:
-            raise RuntimeError(f"injected worker failure after epoch {epoch + 1} (test hook)")
+        if last:
+            metrics["weights_max_diff_across_workers"] = _weights_max_diff(model, world)
+        _report(rank, metrics, history, model, optimizer, epoch, p.epochs)
+
+
+def _domain_weights(mix: dict[str, float], domains: list[str]) -> dict[int, float]:
+    unknown = sorted(set(mix) - set(domains))
+    if unknown:
+        raise ValueError(f"finetune.domain_mix names {unknown}, not training domains {domains}")
+    return {domains.index(d): w for d, w in mix.items()}
+
+
+def _barrier(world: int) -> None:
+    import torch.distributed as dist
+
+    if world > 1:
+        dist.barrier()
+
+
+def _all_reduce_sum(values: list[float], world: int) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _average_buffers(model, world: int) -> None:
+    """Mean of every floating buffer (batch-norm running statistics, per-domain ones included) over workers."""
+    import torch
+    import torch.distributed as dist
+
+    if world == 1:
+        return
+    with torch.no_grad():
+        for buf in model.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf)
+                buf.div_(world)
+
+
+def _weights_max_diff(model, world: int) -> float:
+    """Largest difference between any worker's parameters and rank 0's (0.0 when DDP kept them in sync)."""
+    import torch
+    import torch.distributed as dist
+
+    if world == 1:
+        return 0.0
+    flat = torch.cat([p.detach().flatten().double() for p in model.parameters()])
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    diff = (flat - reference).abs().max().reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
+
+
+def _report(rank, metrics, history, model, optimizer, epoch, epochs) -> None:
+    import ray.train
+
+    from mdcore.checkpoint import save_training_state
+    from mdcore.model import save_model
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    history.append(metrics)
+    print(f"[finetune] epoch {epoch + 1}/{epochs} loss {metrics['train_loss']:.4f} "
+          f"train_acc {metrics['train_acc']:.3f} val_acc {metrics['val_acc']:.3f} "
+          f"({metrics['images_per_s']:.0f} img/s)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_training_state(tmp, model, optimizer, epoch, metrics)
+        save_model(model, Path(tmp) / "model", extra={"epoch": epoch + 1})
+        (Path(tmp) / "history.json").write_text(json.dumps(history))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def ray_storage() -> str:
@@ -125,7 +199,7 @@ def init_ray() -> None:
         ray.init(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
 
 
-def fit(params: FinetuneParams, paths: Paths, fail_at_epoch: int | None = None):
+def fit(params: FinetuneParams, paths: Paths, kill_at_epoch: int | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -141,7 +215,7 @@ def fit(params: FinetuneParams, paths: Paths, fail_at_epoch: int | None = None):
             "backbone": pre_config["backbone"],
             "image_size": pre_config["image_size"],
             "backbone_weights": str(paths.pretrained / "backbone.safetensors") if use_pretrained else None,
-            "fail_at_epoch": fail_at_epoch,
+            "kill_at_epoch": kill_at_epoch,
         },
         scaling_config=ScalingConfig(num_workers=params.num_workers, use_gpu=params.use_gpu,
                                      resources_per_worker={"CPU": params.cpus_per_worker}),
@@ -167,9 +241,10 @@ def write_live(history: list[dict], folder: Path) -> None:
             live.next_step()
 
 
-def run(params: FinetuneParams, paths: Paths, fail_at_epoch: int | None = None) -> StageResult:
+def run(params: FinetuneParams, paths: Paths, kill_at_epoch: int | None = None) -> StageResult:
+    """``kill_at_epoch`` (tests only) SIGKILLs the last worker before that epoch, once."""
     t0 = time.perf_counter()
-    result = fit(params, paths, fail_at_epoch)
+    result = fit(params, paths, kill_at_epoch)
     if result.checkpoint is None:
         raise RuntimeError(f"finetune: Ray Train returned no checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as folder:
@@ -193,6 +268,10 @@ def run(params: FinetuneParams, paths: Paths, fail_at_epoch: int | None = None) 
         "val_acc": last["val_acc"],
         "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
         "fit_wall_s": round(time.perf_counter() - t0, 2),
+        "restarts": max(r.get("attempt", 0) for r in history),
+        "weights_max_diff_across_workers": last.get("weights_max_diff_across_workers"),
+        "domain_mix": params.domain_mix,
+        "precision": params.precision,
         "ray_storage": result.path,
     }
     return StageResult({"model": str(paths.finetuned), "live": str(paths.finetune_live)}, metrics)

@@ -65,6 +65,11 @@ class FinetuneParams(StageParams):
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker (also its torch threads)")
     use_gpu: bool = Field(False, description="One GPU per worker")
     max_failures: int = Field(1, ge=0, description="Worker-group restarts from the last checkpoint")
+    domain_mix: Literal["natural", "uniform"] | dict[str, float] = Field(
+        "uniform", description="Per-domain share of every global batch: natural, uniform, or {domain: weight}")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Autocast dtype (bf16 on CPU or GPU)")
+    channels_last: bool = Field(False, description="channels-last memory format for model and inputs")
+    compile: bool = Field(False, description="torch.compile the model (slow first epoch)")
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(128, ge=2, description="Global batch (split across workers)")
     lr: float = Field(2e-3, gt=0)

@@ -1,0 +1,43 @@
+"""Speed options that wrap a model without changing it: autocast (bf16) and channels-last inputs."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FastForward(nn.Module):
+    """Runs ``module`` under autocast and/or with channels-last inputs; outputs come back as float32.
+
+    Kept as a thin wrapper so the saved weights stay those of ``module`` (no prefixes, no dtype change).
+    """
+
+    def __init__(self, module: nn.Module, precision: str = "fp32", channels_last: bool = False,
+                 device_type: str = "cpu"):
+        super().__init__()
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision {precision!r}: expected 'fp32' or 'bf16'")
+        self.module = module
+        self.dtype = torch.bfloat16 if precision == "bf16" else None
+        self.channels_last = channels_last
+        self.device_type = device_type
+        if channels_last:
+            module.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor, *args, **kwargs):
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.dtype is None:
+            return self.module(images, *args, **kwargs)
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            out = self.module(images, *args, **kwargs)
+        return _to_float(out)
+
+
+def _to_float(out):
+    if isinstance(out, torch.Tensor):
+        return out.float()
+    if isinstance(out, tuple):
+        return tuple(_to_float(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _to_float(v) for k, v in out.items()}
+    return out
