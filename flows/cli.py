@@ -3,6 +3,8 @@
     mdpipe run [--data PATH] [--holdout DOMAIN ...] [-S finetune.epochs=3 ...] [--force]
     mdpipe stage NAME [-S KEY=VALUE ...]
     mdpipe params [STAGE]
+    mdpipe retrain [--tolerance 0.01] [--force]
+    mdpipe serve [--cron "0 3 * * *"]
 """
 from __future__ import annotations
 
@@ -90,6 +92,41 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_retrain(args) -> int:
+    from flows.retrain import retrain
+    from tasks.paths import load_paths
+
+    result = retrain(root=str(load_paths(args.root).root), tolerance=args.tolerance, force=args.force)
+    if not result["retrained"]:
+        print(f"data unchanged (fingerprint {result['fingerprint']}): nothing retrained")
+    else:
+        decision = result["promotion"]
+        verdict = "promoted to champion" if decision["promote"] else "NOT promoted; the champion stays"
+        print(f"new model {verdict}: {decision['reason']}")
+        for domain, delta in decision["deltas"].items():
+            print(f"  {domain:<16} {delta:+.3f}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Serve the pipeline (run on demand from the UI) and the retraining loop (on a cron schedule)."""
+    from prefect import serve
+
+    from flows.pipeline import PipelineParams, pipeline
+    from flows.retrain import retrain
+    from tasks.paths import load_paths
+
+    root = str(load_paths(args.root).root)
+    defaults = PipelineParams.from_files(Path(root) / "params").model_dump(mode="json", by_alias=True)
+    serve(
+        pipeline.to_deployment(name="mdpipe", parameters={"params": defaults, "root": root},
+                               description="The whole DAG; the run form edits every stage's parameters"),
+        retrain.to_deployment(name="mdpipe-retrain", cron=args.cron, parameters={"root": root},
+                              description="Retrain when the data changed; promote only if no domain gets worse"),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=".", help="workspace root (holds paths.yaml, params/, dvc.yaml)")
@@ -107,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name", help="ingest, validate, synthesize, pretrain, finetune, evaluate or compress")
     stage.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
     stage.set_defaults(func=cmd_stage)
+
+    again = sub.add_parser("retrain", help="continuous learning: retrain if the data changed, promote if no domain is worse")
+    again.add_argument("--tolerance", type=float, default=0.0, help="accuracy drop allowed per domain")
+    again.add_argument("--force", action="store_true", help="retrain even if the data did not change")
+    again.set_defaults(func=cmd_retrain)
+
+    serve = sub.add_parser("serve", help="serve the Prefect deployments (needs PREFECT_API_URL or a local server)")
+    serve.add_argument("--cron", default="0 3 * * *", help="schedule of the retraining deployment")
+    serve.set_defaults(func=cmd_serve)
 
     show = sub.add_parser("params", help="print the validated parameters")
     show.add_argument("stage", nargs="?")

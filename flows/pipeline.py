@@ -56,8 +56,10 @@ class PipelineParams(BaseModel):
 def code_version(root: Path) -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                 capture_output=True, text=True).stdout.splitlines()
+        # dvc.lock and params/*.yaml are written by runs themselves; only code changes make it dirty
+        dirty = [line for line in changed if not line[3:].startswith(("dvc.lock", "params/"))]
         return rev.stdout.strip() + ("+dirty" if dirty else "")
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown"

@@ -192,11 +192,19 @@ def init_ray() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     address = os.environ.get("RAY_ADDRESS")
+    runtime_env = {"worker_process_setup_hook": "tasks.finetune.quiet_ray_logs"}
     if address:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
+                 runtime_env=runtime_env)
+
+
+def quiet_ray_logs() -> None:
+    """Runs in every Ray worker process: without the dashboard (not needed locally) the placement-group
+    cleaner cannot reach the State API and logs a warning every second; nothing is wrong."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def fit(params: FinetuneParams, paths: Paths, kill_at_epoch: int | None = None):

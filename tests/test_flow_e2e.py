@@ -45,6 +45,16 @@ def test_mdpipe_run_on_a_user_tree_then_dvc_is_in_sync(tmp_path):
 
     with Repo(str(ws)) as repo:
         assert repo.status() == {}  # dvc status: nothing to do, dvc repro is a no-op
+    # champion/challenger: the first model becomes champion; the same model again is not worse anywhere
+    from flows.retrain import champion_dir, promote
+
+    first = promote.fn(root=str(ws))
+    assert first["promote"] and first["reason"] == "no champion yet"
+    assert (champion_dir(ws) / "model.safetensors").is_file()
+    second = promote.fn(root=str(ws))
+    assert second["promote"] and all(abs(d) < 1e-9 for d in second["deltas"].values())
+    assert len(list((ws / "registry/decisions").glob("*.json"))) >= 1
+
     # one changed value in params/finetune.yaml: `dvc repro` reruns finetune and what depends on it
     apply_overrides(ws / "params", {"finetune": {"lr": 0.001}})
     with Repo(str(ws)) as repo:

@@ -1,0 +1,113 @@
+"""Fine-tuning throughput: our Ray Train loop against a plain single-process PyTorch loop on the same
+model, batch, sampler and data, plus Ray's start-up/tear-down overhead and the 1 vs 2 worker layouts.
+
+    python -m bench.bench_finetune [--epochs 3] [--root .]
+
+Needs the pipeline's data (run `mdpipe run` or `dvc repro synthesize pretrain` first). Prints a
+markdown table and writes bench/results/finetune.json. Epoch 1 is warm-up and not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def plain_loop(paths, params, threads: int) -> float:
+    """images/s of finetune_epoch in this process with ``threads`` torch threads (no Ray, no DDP)."""
+    import torch
+
+    from mdcore.sampler import domain_balanced_batches
+    from mdcore.train import finetune_epoch
+    from tasks.data import image_roots, load_split
+    from tasks.model_setup import build_model, build_optimizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(params.seed)
+    pre = json.loads((paths.pretrained / "config.json").read_text())
+    train, _ = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), pre["image_size"], ("train",))
+    model = build_model(params, train, pre["backbone"], pre["image_size"])
+    optimizer, _ = build_optimizer(params, model)
+    rates = []
+    for epoch in range(params.epochs):
+        batches = domain_balanced_batches(train.domains, params.batch_size, epoch=epoch, seed=params.seed,
+                                          mix=params.domain_mix)
+        t0 = time.perf_counter()
+        stats = finetune_epoch(model, train, optimizer, batches, epoch=epoch, seed=params.seed,
+                               label_smoothing=params.label_smoothing)
+        rates.append(stats["images"] / (time.perf_counter() - t0))
+    return sum(rates[1:]) / max(len(rates) - 1, 1)
+
+
+def ray_layout(paths, params) -> dict:
+    """One real finetune stage run; images/s from the workers' own timing, and the wall time around it."""
+    from tasks import finetune
+
+    t0 = time.perf_counter()
+    result = finetune.fit(params, paths)
+    wall = time.perf_counter() - t0
+    with result.checkpoint.as_directory() as folder:
+        history = json.loads((Path(folder) / "history.json").read_text())
+    rates = [row["images_per_s"] for row in history]
+    steady = sum(rates[1:]) / max(len(rates) - 1, 1)
+    return {"images_per_s": steady, "fit_wall_s": wall, "epochs": len(rates)}
+
+
+def ray_startup() -> dict:
+    import ray
+
+    t0 = time.perf_counter()
+    ray.init(include_dashboard=False, logging_level="WARNING")
+    up = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ray.shutdown()
+    return {"ray_init_s": up, "ray_shutdown_s": time.perf_counter() - t0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=".")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+
+    from tasks.params import load_params
+    from tasks.paths import load_paths
+
+    paths = load_paths(args.root)
+    base = load_params("finetune", paths.root / "params").model_copy(
+        update={"epochs": args.epochs, "batch_size": args.batch_size, "max_failures": 0})
+    results = {"startup": ray_startup()}
+    results["plain_2_threads"] = plain_loop(paths, base, threads=2)
+    results["plain_1_thread"] = plain_loop(paths, base, threads=1)
+    import ray
+
+    from tasks.finetune import init_ray
+
+    init_ray()
+    for name, workers, cpus in (("ray_1x2", 1, 2), ("ray_2x1", 2, 1)):
+        results[name] = ray_layout(paths, base.model_copy(update={"num_workers": workers, "cpus_per_worker": cpus}))
+    ray.shutdown()
+    plain = results["plain_2_threads"]
+    lines = ["| loop | images/s | vs plain (2 threads) | fit wall s |", "|---|---|---|---|",
+             f"| plain PyTorch, 2 threads | {plain:.0f} | 1.00 | |",
+             f"| plain PyTorch, 1 thread | {results['plain_1_thread']:.0f} | {results['plain_1_thread'] / plain:.2f} | |"]
+    for name, label in (("ray_1x2", "Ray Train, 1 worker x 2 CPUs"), ("ray_2x1", "Ray Train, 2 workers x 1 CPU")):
+        r = results[name]
+        lines.append(f"| {label} | {r['images_per_s']:.0f} | {r['images_per_s'] / plain:.2f} | {r['fit_wall_s']:.1f} |")
+    s = results["startup"]
+    lines.append(f"\nray.init {s['ray_init_s']:.1f} s, ray.shutdown {s['ray_shutdown_s']:.1f} s; "
+                 f"{args.epochs} epochs, global batch {args.batch_size}, first epoch not counted.")
+    print("\n".join(lines))
+    out = Path(__file__).parent / "results" / "finetune.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Continuous learning: rerun the pipeline when the data changed, and promote the new model to
+champion only if no domain gets worse than the current champion on the same evaluation data.
+
+The champion lives in ``registry/champion/`` (outside the DVC graph, written atomically): the last good
+model users rely on is never a plain stage output, so a failed or worse run cannot replace it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+from flows.pipeline import pipeline
+from mdcore.io import atomic_dir, atomic_write_json
+from mdcore.model import load_model
+from mdcore.promotion import decide
+from tasks.evaluate import per_domain_accuracy
+from tasks.params import load_params
+from tasks.paths import load_paths
+
+
+def champion_dir(root: Path) -> Path:
+    return root / "registry" / "champion"
+
+
+def data_fingerprint(root: Path) -> str:
+    """Cheap identity of the input data: the ingest params plus, for a user tree, each image's path,
+    size and modification time (content hashes are the manifest's job)."""
+    import hashlib
+
+    params = load_params("ingest", root / "params")
+    h = hashlib.sha256(params.model_dump_json().encode())
+    if params.data_root:
+        for p in sorted(Path(params.data_root).rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.relative_to(params.data_root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@task(name="promote-if-no-domain-worse")
+def promote(root: str = ".", tolerance: float = 0.0, batch_size: int = 256) -> dict:
+    """Score champion and candidate on the current evaluation data; copy the candidate over the champion
+    only if no domain is worse by more than ``tolerance``. Every decision is recorded."""
+    paths = load_paths(root)
+    candidate = per_domain_accuracy(load_model(paths.finetuned), paths, batch_size)
+    cand_acc = dict(zip(candidate["domain"], candidate["accuracy"]))
+    champ_path = champion_dir(paths.root)
+    champ_acc = None
+    if (champ_path / "model.safetensors").is_file():
+        champion = per_domain_accuracy(load_model(champ_path), paths, batch_size)
+        champ_acc = dict(zip(champion["domain"], champion["accuracy"]))
+    decision = decide(champ_acc, cand_acc, tolerance)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    record = {"time": stamp, "candidate": cand_acc, "champion": champ_acc, **asdict(decision)}
+    if decision.promote:
+        with atomic_dir(champ_path) as tmp:
+            for f in paths.finetuned.iterdir():
+                if f.is_file():
+                    shutil.copyfile(f, tmp / f.name)
+            (tmp / "champion.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(paths.root / "registry" / "decisions" / f"{stamp}.json", record)
+    return record
+
+
+@flow(name="mdpipe-retrain", log_prints=True)
+def retrain(root: str = ".", tolerance: float = 0.0, force: bool = False) -> dict:
+    """Retrain when the data changed (or ``force``), then promote only if no domain gets worse."""
+    logger = get_run_logger()
+    paths = load_paths(root)
+    state_file = paths.root / "registry" / "last_data.json"
+    fingerprint = data_fingerprint(paths.root)
+    last = json.loads(state_file.read_text())["fingerprint"] if state_file.is_file() else None
+    if fingerprint == last and not force and (champion_dir(paths.root) / "model.safetensors").is_file():
+        logger.info("data unchanged since the last retraining (%s): nothing to do", fingerprint)
+        return {"retrained": False, "fingerprint": fingerprint}
+    report = pipeline(root=str(paths.root))
+    decision = promote(root=str(paths.root), tolerance=tolerance)
+    logger.info("promotion: %s (%s)", "promoted" if decision["promote"] else "kept the champion", decision["reason"])
+    atomic_write_json(state_file, {"fingerprint": fingerprint, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return {"retrained": True, "fingerprint": fingerprint, "promotion": decision,
+            "dataset_version": report.get("dataset_version")}
