@@ -56,7 +56,7 @@ def domain_balanced_batches(
     dom = domains.cpu().numpy()
     counts = {int(d): int((dom == d).sum()) for d in np.unique(dom)}
     quota = domain_quota(counts, global_batch, mix)
-    steps = steps if steps is not None else len(dom) // global_batch
+    steps = steps if steps is not None else max(1, len(dom) // global_batch)  # a tiny dataset still trains
     rng = np.random.default_rng([seed, epoch, 7])
     pools = {d: np.flatnonzero(dom == d) for d in quota}
     streams = {d: _cycle(pools[d], rng) for d in quota}

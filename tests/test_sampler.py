@@ -47,3 +47,8 @@ def test_same_seed_same_batches_and_epochs_differ():
 def test_global_batch_must_split_evenly():
     with pytest.raises(ValueError, match="divisible"):
         next(domain_balanced_batches(torch.zeros(10, dtype=torch.long), 5, world=2))
+
+
+def test_a_dataset_smaller_than_one_batch_still_gets_a_step():
+    batches = list(domain_balanced_batches(torch.tensor([0, 0, 1]), 8, rank=0, world=2))
+    assert len(batches) == 1 and len(batches[0]) == 4
