@@ -5,6 +5,7 @@
     mdpipe params [STAGE]
     mdpipe retrain [--tolerance 0.01] [--force]
     mdpipe serve [--cron "0 3 * * *"]
+    mdpipe experiment synthetic|ablation [--seeds 0 1 2] [-S finetune.epochs=8]
 """
 from __future__ import annotations
 
@@ -108,6 +109,30 @@ def cmd_retrain(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    """Experiments outside the demo's budget: each trains several models and writes reports/experiments/."""
+    from tasks.paths import load_paths
+
+    import yaml
+
+    root = str(load_paths(args.root).root)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key.removeprefix("finetune.")] = yaml.safe_load(value)
+    if args.name == "synthetic":
+        from flows.experiments import compare_synthetic_flow
+
+        summary = compare_synthetic_flow(root=root, seeds=args.seeds, overrides=overrides or None)
+        print((load_paths(root).experiments / "synthetic.md").read_text())
+        return 0 if summary else 1
+    from flows.ablation import ablation_flow
+
+    ablation_flow(root=root, seeds=args.seeds, overrides=overrides or None)
+    print((load_paths(root).experiments / "ablation.md").read_text())
+    return 0
+
+
 def cmd_serve(args) -> int:
     """Serve the pipeline (run on demand from the UI) and the retraining loop (on a cron schedule)."""
     from prefect import serve
@@ -149,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--tolerance", type=float, default=0.0, help="accuracy drop allowed per domain")
     again.add_argument("--force", action="store_true", help="retrain even if the data did not change")
     again.set_defaults(func=cmd_retrain)
+
+    exp = sub.add_parser("experiment", help="with/without synthetic data, or the component ablation (several trainings)")
+    exp.add_argument("name", choices=["synthetic", "ablation"])
+    exp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="claims rest on at least 3 seeds")
+    exp.add_argument("-S", "--set", action="append", default=[], metavar="finetune.KEY=VALUE",
+                     help="finetune parameters for every training of the experiment (e.g. finetune.epochs=8)")
+    exp.set_defaults(func=cmd_experiment)
 
     serve = sub.add_parser("serve", help="serve the Prefect deployments (needs PREFECT_API_URL or a local server)")
     serve.add_argument("--cron", default="0 3 * * *", help="schedule of the retraining deployment")

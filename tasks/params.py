@@ -41,9 +41,40 @@ class SynthesizeParams(StageParams):
     enabled: bool = Field(True, description="Generate synthetic training images for scarce domains")
     scarce_ratio: float = Field(0.5, gt=0, le=1, description="A domain is scarce below this share of the largest")
     target_per_class: int = Field(40, ge=0, description="Training images per (scarce domain, class) to reach")
-    method: Literal["fourier"] = Field("fourier", description="Generator")
-    beta: float = Field(0.15, gt=0, le=0.5, description="Fourier: low-frequency window swapped (share of side)")
+    methods: list[Literal["fourier", "stats", "augment"]] | dict[Literal["fourier", "stats", "augment"], float] = Field(
+        {"fourier": 0.5, "augment": 0.5},
+        description="Generators and their share of each (domain, class) gap: a list (equal shares) or "
+                    "{method: share}; fourier = amplitude-swap style transfer, stats = per-channel mean/std "
+                    "matching, augment = augmentation policy fitted on the domain")
+    beta: float = Field(0.05, gt=0, le=0.5, description="Fourier: low-frequency window swapped (share of side)")
+    fourier_spectrum: bool = Field(
+        True, description="Fourier: also match the target domain's radial amplitude spectrum (blur, noise floor)")
+    augment_content: Literal["other", "same", "both"] = Field(
+        "other", description="Augment: content from other seen domains, the scarce domain itself, or both")
+    policy_jitter: float = Field(0.3, ge=0, description="Augment: noise around a sampled real image's statistics (x std)")
+    max_rotation: float = Field(30.0, ge=0, le=45, description="Augment: cap on sampled rotations (degrees)")
+    min_realism: float = Field(
+        0.5, ge=0, le=1, description="Reject a batch when less of it is assigned to its target domain by the domain judge")
+    min_agreement_ratio: float = Field(
+        0.7, ge=0, le=1.5, description="Reject a batch whose label agreement is below this x the label judge's "
+                                       "accuracy on real images of the target domain")
     seed: int = 0
+
+    @field_validator("methods")
+    @classmethod
+    def _shares(cls, v):
+        shares = {m: 1.0 for m in v} if isinstance(v, list) else v
+        if not shares:
+            raise ValueError("name at least one method")
+        if any(w < 0 for w in shares.values()) or sum(shares.values()) <= 0:
+            raise ValueError("method shares must be >= 0 with a positive total")
+        return v
+
+    def method_shares(self) -> dict[str, float]:
+        """{method: share} with shares summing to 1 (methods with share 0 left out)."""
+        shares = {m: 1.0 for m in self.methods} if isinstance(self.methods, list) else dict(self.methods)
+        total = sum(shares.values())
+        return {m: w / total for m, w in shares.items() if w > 0}
 
 
 class PretrainParams(StageParams):
@@ -56,6 +87,11 @@ class PretrainParams(StageParams):
     weight_decay: float = Field(1e-4, ge=0)
     temperature: float = Field(0.2, gt=0)
     include_holdout_unlabelled: bool = Field(False, description="Domain adaptation: also see held-out images")
+    fourier_mix_prob: float = Field(
+        0.5, ge=0, le=1, description="Domain-aware view: share of images whose Fourier amplitude is mixed with an "
+                                     "image of another domain (0 = off)")
+    fourier_mix_strength: float = Field(0.8, ge=0, le=1, description="Largest amplitude-mixing weight (uniform draw)")
+    linear_probe: bool = Field(True, description="Report per-domain linear-probe accuracy before and after pretraining")
     threads: int = Field(2, ge=1)
     seed: int = 0
 
@@ -78,6 +114,40 @@ class FinetuneParams(StageParams):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     adapters: bool = Field(True, description="Per-domain residual adapters")
     adapter_dim: int = Field(64, ge=1)
+    # per-domain components (see mdcore.model.ModelConfig)
+    stage_adapters: list[int] = Field(
+        [], description="Per-domain 1x1-conv adapters inside the backbone, at these timm feature_info indices "
+                        "(e.g. [-3, -2]); empty = off")
+    stage_adapter_dim: int = Field(16, ge=1, description="Hidden width of the stage adapters")
+    domain_bn: bool = Field(False, description="Per-domain batch-norm statistics and affine (batch-norm backbones)")
+    head: Literal["linear", "moe"] = Field("linear", description="Classifier: linear, or mixture of experts "
+                                                                 "gated by features + domain embedding")
+    moe_experts: int = Field(4, ge=1, description="Experts of the moe head")
+    moe_balance_weight: float = Field(0.01, ge=0, description="Weight of the moe load-balancing loss")
+    supcon_weight: float = Field(0.0, ge=0, description="Supervised contrastive loss across domains, through "
+                                                        "per-domain projection heads; 0 = off")
+    supcon_temperature: float = Field(0.1, gt=0)
+    proj_dim: int = Field(64, ge=1, description="Output size of the per-domain projection heads")
+    align: Literal["none", "coral", "mmd"] = Field("none", description="Feature alignment penalty between domains")
+    align_weight: float = Field(0.0, ge=0, description="Weight of the alignment penalty")
+    # transfer-learning controls
+    adapters_only: bool = Field(False, description="Freeze the whole shared backbone; train per-domain parts + head")
+    freeze_stages: int = Field(0, ge=0, description="Freeze this many timm coarse groups from the input "
+                                                    "(1 = stem, 2 = stem + first stage, ...)")
+    gradual_unfreeze_every: int = Field(0, ge=0, description="Gradual unfreezing: start with the backbone frozen, "
+                                                             "unfreeze one group from the top every N epochs; 0 = off")
+    lr_cycles: int = Field(1, ge=1, description="Cosine schedule cycles (warm restarts when > 1)")
+    lr_cycle_mul: float = Field(1.0, gt=0, description="Each cycle is this many times longer than the last")
+    lr_cycle_decay: float = Field(1.0, gt=0, le=1, description="Peak lr of each new cycle x this")
+    domain_weighting: Literal["uniform", "inverse_frequency", "groupdro"] = Field(
+        "uniform", description="Per-domain loss weights: uniform, inverse training frequency, or GroupDRO")
+    groupdro_eta: float = Field(0.1, gt=0, description="GroupDRO step size of the domain weights")
+    curriculum: Literal["none", "easy_first"] = Field(
+        "none", description="Domain curriculum: easy_first favours low-loss domains, fading to even weights")
+    curriculum_epochs: int = Field(5, ge=1, description="Epochs over which the curriculum fades out")
+    early_stopping_patience: int = Field(0, ge=0, description="Stop after this many epochs without a better "
+                                                              "training-domain val accuracy; 0 = off")
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest val accuracy gain that counts")
     use_synthetic: bool = Field(True, description="Train on synthetic rows too")
     init_from_pretrain: bool = Field(True, description="Start from the pretrain stage's backbone")
     seed: int = 0

@@ -27,7 +27,7 @@ def test_builtin_ingest_validate_synthesize(workspace):
     synthetic = train[train.source == "synthetic"]
     assert len(synthetic) == s["synthetic_images"]
     assert set(synthetic["split"]) == {"train"} and set(synthetic["domain"]) == {"phone"}
-    assert synthetic["generator"].str.startswith("fourier(").all()
+    assert synthetic["generator"].str.match(r"(fourier|stats|augment)\(").all()
     assert all((paths.synthetic / p).is_file() for p in synthetic["path"])
     assert (paths.metrics / "synthesize.json").is_file()
 
