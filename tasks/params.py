@@ -25,16 +25,63 @@ class IngestParams(StageParams):
     builtin_limit: int | None = Field(None, ge=40, description="Use only this many built-in digits (small runs)")
 
 
+# The validate stage's expectations, by the name that params/validate.yaml's ``severity`` uses.
+VALIDATE_EXPECTATIONS = (
+    "not_null_path", "not_null_domain", "not_null_label", "not_null_split", "not_null_sha256",
+    "known_splits", "unique_path", "known_domains", "known_classes",
+    "non_empty_file", "decodable", "extension_matches_content", "hash_matches_manifest",
+    "colour_mode", "expected_channels", "min_width", "min_height", "max_side", "aspect_ratio",
+    "unique_content", "disjoint_splits", "min_images_per_class", "pixel_drift_mean", "pixel_drift_std",
+)
+VALIDATE_SEVERITY = {
+    "non_empty_file": "warning", "decodable": "warning", "extension_matches_content": "warning",
+    "colour_mode": "warning", "expected_channels": "warning", "min_width": "warning", "min_height": "warning",
+    "max_side": "warning", "aspect_ratio": "warning",
+}
+
+
 class ValidateParams(StageParams):
     min_side: int = Field(8, ge=1, description="Smallest accepted image width and height (pixels)")
+    max_side: int | None = Field(None, ge=1, description="Largest accepted image width and height (pixels); empty = any")
+    max_aspect_ratio: float = Field(4.0, ge=1, description="Largest accepted long side / short side of an image")
     allowed_modes: list[str] = Field(["RGB", "L"], description="Accepted PIL colour modes")
+    allowed_channels: list[int] = Field([1, 3], description="Accepted numbers of channels (bands) per image")
     min_images_per_class: int = Field(3, ge=0, description="Minimum images per (domain, class); 0 = no check")
-    known_domains: list[str] | None = Field(None, description="Expected domains; empty = any")
-    known_classes: list[str] | None = Field(None, description="Expected classes; empty = any")
+    known_domains: list[str] | None = Field(
+        None, description="Expected domains; empty = those of the last accepted profile (any on a first run)")
+    known_classes: list[str] | None = Field(
+        None, description="Expected classes; empty = those of the last accepted profile (any on a first run)")
+    drift_check: bool = Field(True, description="Compare per-domain pixel statistics with the last accepted profile")
+    drift_tolerance: float = Field(
+        1.0, ge=0, description="Largest accepted shift of a domain's average per-image pixel mean/std, in units "
+                               "of its spread across images in the accepted profile")
+    drift_min_shift: float = Field(
+        0.02, ge=0, le=1, description="A shift below this (pixel values in 0..1) is always accepted")
+    profile: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Name of the accepted data profile in registry/data_profiles/; empty = one per data source "
+                    "(the built-in dataset, or each ingest.data_root), so a new dataset starts a new profile")
+    update_profile: bool = Field(True, description="Record the data as the new accepted profile when validation passes")
+    workers: int = Field(0, ge=0, description="Processes that read and decode the images; 0 = every core")
     severity: dict[str, Literal["critical", "warning"]] = Field(
-        {"colour_mode": "warning", "min_width": "warning", "min_height": "warning"},
+        dict(VALIDATE_SEVERITY),
         description="Severity per expectation name (default critical): warning = quarantine rows",
     )
+
+    @field_validator("severity")
+    @classmethod
+    def _known_expectations(cls, v):
+        unknown = sorted(set(v) - set(VALIDATE_EXPECTATIONS))
+        if unknown:
+            raise ValueError(f"unknown expectation(s) {unknown}; expectations: {list(VALIDATE_EXPECTATIONS)}")
+        return v
+
+    @field_validator("allowed_channels")
+    @classmethod
+    def _channels(cls, v):
+        if not v or any(c < 1 or c > 4 for c in v):
+            raise ValueError("give at least one number of channels, each 1 to 4")
+        return v
 
 
 class SynthesizeParams(StageParams):
@@ -119,7 +166,7 @@ class FinetuneParams(StageParams):
         [], description="Per-domain 1x1-conv adapters inside the backbone, at these timm feature_info indices "
                         "(e.g. [-3, -2]); empty = off")
     stage_adapter_dim: int = Field(16, ge=1, description="Hidden width of the stage adapters")
-    domain_bn: bool = Field(False, description="Per-domain batch-norm statistics and affine (batch-norm backbones)")
+    domain_bn: bool = Field(True, description="Per-domain batch-norm statistics and affine (batch-norm backbones)")
     head: Literal["linear", "moe"] = Field("linear", description="Classifier: linear, or mixture of experts "
                                                                  "gated by features + domain embedding")
     moe_experts: int = Field(4, ge=1, description="Experts of the moe head")
