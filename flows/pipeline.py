@@ -90,7 +90,7 @@ def pipeline(params: PipelineParams | None = None, root: str = ".", force: bool 
     report["dataset_version"] = report["stages"]["validate"]["metrics"].get("dataset_version")
     report["code_version"] = code_version(paths.root)
     report["params"] = params.model_dump(mode="json", by_alias=True)
-    run_file = paths.root / "registry" / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    run_file = paths.registry / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     atomic_write_json(run_file, report)
     report["run_record"] = str(run_file.relative_to(paths.root))
     create_markdown_artifact(key="mdpipe-summary", markdown=markdown_summary(report),

@@ -23,8 +23,8 @@ from tasks.params import load_params
 from tasks.paths import load_paths
 
 
-def champion_dir(root: Path) -> Path:
-    return root / "registry" / "champion"
+def champion_dir(root: str | Path) -> Path:
+    return load_paths(root).registry / "champion"
 
 
 def data_fingerprint(root: Path) -> str:
@@ -63,7 +63,7 @@ def promote(root: str = ".", tolerance: float = 0.0, batch_size: int = 256) -> d
                 if f.is_file():
                     shutil.copyfile(f, tmp / f.name)
             (tmp / "champion.json").write_text(json.dumps(record, indent=2) + "\n")
-    atomic_write_json(paths.root / "registry" / "decisions" / f"{stamp}.json", record)
+    atomic_write_json(paths.registry / "decisions" / f"{stamp}.json", record)
     return record
 
 
@@ -72,7 +72,7 @@ def retrain(root: str = ".", tolerance: float = 0.0, force: bool = False) -> dic
     """Retrain when the data changed (or ``force``), then promote only if no domain gets worse."""
     logger = get_run_logger()
     paths = load_paths(root)
-    state_file = paths.root / "registry" / "last_data.json"
+    state_file = paths.registry / "last_data.json"
     fingerprint = data_fingerprint(paths.root)
     last = json.loads(state_file.read_text())["fingerprint"] if state_file.is_file() else None
     if fingerprint == last and not force and (champion_dir(paths.root) / "model.safetensors").is_file():

@@ -46,7 +46,7 @@ class ProfileRegistry:
     """``registry/data_profiles/NAME/``: ``vNNNN.json`` per accepted version and ``current.json``."""
 
     def __init__(self, paths: Paths, name: str):
-        self.folder = paths.root / paths.entries.get("registry", "registry") / "data_profiles" / name
+        self.folder = paths.registry / "data_profiles" / name
         self.name = name
 
     def current(self) -> dict | None:
