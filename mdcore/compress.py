@@ -37,11 +37,12 @@ def prune_global(model: nn.Module, amount: float) -> float:
 
 
 def quantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Symmetric per-output-channel int8 for every weight matrix/kernel; small tensors stay float32."""
+    """Symmetric per-output-channel int8 for every weight matrix/kernel; everything else stays float32."""
     out = {}
     for name, t in state.items():
         t = t.detach().cpu()
-        if t.is_floating_point() and t.ndim >= 2:
+        # weights only: buffers such as per-domain batch-norm statistics or prototypes stay float32
+        if t.is_floating_point() and t.ndim >= 2 and name.endswith("weight"):
             flat = t.reshape(t.shape[0], -1)
             scale = flat.abs().amax(dim=1).clamp(min=1e-12) / 127.0
             q = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8).reshape(t.shape)

@@ -17,7 +17,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mdcore.adapters import BottleneckAdapter, StageAdapterBank
+from mdcore.domain_norm import Routed, convert_to_domain_bn, require_batchnorm
 from mdcore.images import standardize
+from mdcore.losses import domain_alignment, load_balancing_loss, supcon_loss
+from mdcore.moe import MoEHead
 from mdcore.io import atomic_dir
 
 WEIGHTS = "model.safetensors"
@@ -37,6 +41,21 @@ class ModelConfig:
     routing_temperature: float = 0.1
     input_norm: str = "image"  # "image": standardize each image by its own statistics; "none"
     backbone_kwargs: dict = field(default_factory=dict)
+    # per-domain components inside the backbone (all off by default, so older configs load unchanged)
+    stage_adapters: list[int] = field(default_factory=list)  # feature_info indices hosting conv adapters
+    stage_adapter_dim: int = 16
+    domain_bn: bool = False  # per-domain batch-norm statistics and affine
+    # head: "linear", or "moe" (experts gated by features + domain embedding)
+    head: str = "linear"
+    moe_experts: int = 4
+    domain_embed_dim: int = 16
+    proj_dim: int = 0  # > 0: per-domain projection heads for the supervised contrastive loss
+    # weights of the auxiliary training losses computed in forward (0 = off); not needed for inference
+    moe_balance_weight: float = 0.0
+    supcon_weight: float = 0.0
+    supcon_temperature: float = 0.1
+    align: str = "none"  # "none", "coral" or "mmd" between the domains' features
+    align_weight: float = 0.0
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
@@ -47,21 +66,6 @@ class ModelConfig:
         return cls(**data)
 
 
-class BottleneckAdapter(nn.Module):
-    """Residual bottleneck adapter (Houlsby et al., 2019); starts as the identity."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.down = nn.Linear(dim, hidden)
-        self.up = nn.Linear(hidden, dim)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(F.gelu(self.down(self.norm(x))))
-
-
 def create_backbone(name: str, **kwargs) -> nn.Module:
     """Any timm model, random init (nothing is downloaded), as a pooled feature extractor."""
     if name not in timm.list_models() and not timm.is_model(name):
@@ -70,31 +74,84 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
 
 
 class MultiDomainModel(nn.Module):
+    """Shared timm backbone + the per-domain parts ``config`` selects (see ``ModelConfig``).
+
+    Per-domain parts inside the backbone (stage adapters, domain batch-norm) read a per-image routing
+    matrix (N, D) that ``forward`` sets before the backbone runs: one-hot for known domains; for unknown
+    ones, the softmax of the similarity between the image's *routing features* (the backbone with every
+    domain mixed equally) and each domain's prototype.
+    """
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.input_norm not in ("image", "none"):
-            raise ValueError(f"model config input_norm={config.input_norm!r}: expected 'image' or 'none'")
+        _check_config(config)
         self.config = config
         self.backbone = create_backbone(config.backbone, **config.backbone_kwargs)
         dim = self.backbone.num_features
-        n_domains = len(config.domains)
+        n_domains, n_classes = len(config.domains), len(config.classes)
+        if config.domain_bn:
+            require_batchnorm(self.backbone, config.backbone)
+            convert_to_domain_bn(self.backbone, n_domains, config.backbone)
+        self.stage_adapters = None
+        if config.stage_adapters:
+            info = _feature_info(self.backbone, config.backbone)
+            banks = {}
+            for index in config.stage_adapters:
+                if not -len(info) <= index < len(info):
+                    raise ValueError(f"stage_adapters index {index} out of range: backbone {config.backbone!r} has "
+                                     f"{len(info)} feature stages {[s['module'] for s in info]}")
+                key = str(index % len(info))
+                if key in banks:
+                    raise ValueError(f"stage_adapters {config.stage_adapters} name stage {info[index]['module']!r} twice")
+                banks[key] = StageAdapterBank(info[index]["num_chs"], config.stage_adapter_dim, n_domains)
+                self.backbone.get_submodule(info[index]["module"]).register_forward_hook(banks[key].hook)
+            self.stage_adapters = nn.ModuleDict(banks)
         self.adapters = (
             nn.ModuleList(BottleneckAdapter(dim, config.adapter_dim) for _ in range(n_domains))
             if config.adapters
             else None
         )
-        self.head = nn.Linear(dim, len(config.classes))
-        # mean normalized backbone feature of each domain, for routing images of unknown domain
+        if config.head == "moe":
+            self.head = MoEHead(dim, n_classes, n_domains, config.moe_experts, config.domain_embed_dim)
+        else:
+            self.head = nn.Linear(dim, n_classes)
+        self.projections = (
+            nn.ModuleList(nn.Sequential(nn.Linear(dim, 128), nn.ReLU(), nn.Linear(128, config.proj_dim))
+                          for _ in range(n_domains))
+            if config.proj_dim > 0
+            else None
+        )
+        # mean normalized routing feature of each domain, for routing images of unknown domain
         self.register_buffer("prototypes", torch.zeros(n_domains, dim))
+        self._routed = [m for m in self.modules() if isinstance(m, Routed)]
 
     @property
     def num_features(self) -> int:
         return self.backbone.num_features
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    @property
+    def routes_inside_backbone(self) -> bool:
+        return bool(self._routed)
+
+    def _backbone(self, images: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         if self.config.input_norm == "image":
             images = standardize(images)
-        return self.backbone(images)
+        if not self._routed:
+            return self.backbone(images)
+        if weights is None:  # routing features: every domain's parts mixed equally
+            n_domains = len(self.config.domains)
+            weights = images.new_full((images.shape[0], n_domains), 1.0 / n_domains)
+        for m in self._routed:
+            m.set_route(weights)
+        try:
+            return self.backbone(images)
+        finally:
+            for m in self._routed:
+                m.set_route(None)
+
+    def features(self, images: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled backbone features; with no ``weights`` the routing features (domains mixed equally)."""
+        return self._backbone(images, weights)
 
     def domain_weights(self, feats: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
         """(N, D) mixing weights: one-hot for known domains, prototype similarity for unknown ones."""
@@ -102,27 +159,66 @@ class MultiDomainModel(nn.Module):
         known = domains >= 0
         weights = F.one_hot(domains.clamp(min=0), n_domains).to(feats.dtype)
         if not bool(known.all()):
-            sims = F.normalize(feats.detach(), dim=1) @ F.normalize(self.prototypes, dim=1).T
-            soft = torch.softmax(sims / self.config.routing_temperature, dim=1)
+            sims = F.normalize(feats.detach().float(), dim=1) @ F.normalize(self.prototypes, dim=1).T
+            soft = torch.softmax(sims / self.config.routing_temperature, dim=1).to(feats.dtype)
             weights = torch.where(known[:, None], weights, soft)
         return weights
 
-    def adapt(self, feats: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
+    def adapt(self, feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.adapters is None:
             return feats
-        weights = self.domain_weights(feats, domains)
         # every adapter sees every image (cheap on pooled features) so each gets a gradient each step,
         # which keeps DDP's reducer happy without find_unused_parameters
         outs = torch.stack([adapter(feats) for adapter in self.adapters], dim=1)  # N, D, F
-        return (weights[..., None] * outs).sum(dim=1)
+        return (weights[..., None].to(outs.dtype) * outs).sum(dim=1)
 
-    def forward(self, images: torch.Tensor, domains: torch.Tensor | None = None, return_aux: bool = False):
-        """Logits; with ``return_aux`` also a dict of extra (already weighted) training loss terms."""
+    def route_and_embed(self, images: torch.Tensor, domains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(adapted features, routing weights) of a batch."""
+        if not self._routed:
+            feats = self._backbone(images, None)
+            weights = self.domain_weights(feats, domains)
+        else:
+            known = domains >= 0
+            if bool(known.all()):
+                weights = F.one_hot(domains, len(self.config.domains)).to(images.dtype)
+            else:  # a first pass with every domain mixed equally gives the routing features
+                weights = self.domain_weights(self._backbone(images, None), domains)
+            feats = self._backbone(images, weights)
+        return self.adapt(feats, weights), weights
+
+    def forward(self, images: torch.Tensor, domains: torch.Tensor | None = None, return_aux: bool = False,
+                labels: torch.Tensor | None = None):
+        """Logits; with ``return_aux`` also a dict of extra (already weighted) training loss terms.
+
+        ``labels`` (training only) enable the label-dependent terms (supervised contrastive).
+        """
         if domains is None:
             domains = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
-        feats = self.features(images)
-        logits = self.head(self.adapt(feats, domains))
-        return (logits, {}) if return_aux else logits
+        z, weights = self.route_and_embed(images, domains)
+        gate = None
+        if isinstance(self.head, MoEHead):
+            logits, gate = self.head(z, weights, return_gate=True)
+        else:
+            logits = self.head(z)
+        if not return_aux:
+            return logits
+        return logits, self.aux_losses(z, weights, domains, labels, gate)
+
+    def aux_losses(self, z, weights, domains, labels, gate=None) -> dict[str, torch.Tensor]:
+        """Extra training loss terms, already weighted by the config (each one a scalar tensor)."""
+        cfg, aux = self.config, {}
+        if gate is not None and cfg.moe_balance_weight > 0:
+            aux["moe_balance"] = cfg.moe_balance_weight * load_balancing_loss(gate)
+        if self.projections is not None and labels is not None:
+            proj = torch.stack([p(z) for p in self.projections], dim=1)  # N, D, P: all heads in the graph
+            proj = (weights[..., None].to(proj.dtype) * proj).sum(dim=1)
+            if cfg.supcon_weight > 0:
+                aux["supcon"] = cfg.supcon_weight * supcon_loss(proj, labels, domains, cfg.supcon_temperature)
+            else:
+                aux["supcon"] = proj.sum() * 0.0
+        if cfg.align != "none" and cfg.align_weight > 0:
+            aux["align"] = cfg.align_weight * domain_alignment(z, domains, cfg.align)
+        return aux
 
     @torch.no_grad()
     def fit_prototypes(self, images: torch.Tensor, domains: torch.Tensor, batch_size: int = 256) -> None:
@@ -132,7 +228,7 @@ class MultiDomainModel(nn.Module):
         sums = torch.zeros_like(self.prototypes)
         counts = torch.zeros(len(self.config.domains), device=sums.device)
         for start in range(0, len(images), batch_size):
-            feats = F.normalize(self.features(images[start : start + batch_size].to(sums.device)), dim=1)
+            feats = F.normalize(self.features(images[start : start + batch_size].to(sums.device)).float(), dim=1)
             d = domains[start : start + batch_size].to(sums.device)
             sums.index_add_(0, d, feats)
             counts.index_add_(0, d, torch.ones_like(d, dtype=counts.dtype))
@@ -153,6 +249,24 @@ class MultiDomainModel(nn.Module):
         missing, unexpected = self.backbone.load_state_dict(state, strict=False)
         if unexpected or [m for m in missing if not m.startswith(("fc.", "head", "classifier"))]:
             raise ValueError(f"backbone weights do not fit {self.config.backbone}: missing {missing}, unexpected {unexpected}")
+
+
+def _check_config(config: ModelConfig) -> None:
+    if config.input_norm not in ("image", "none"):
+        raise ValueError(f"model config input_norm={config.input_norm!r}: expected 'image' or 'none'")
+    if config.head not in ("linear", "moe"):
+        raise ValueError(f"model config head={config.head!r}: expected 'linear' or 'moe'")
+    if config.align not in ("none", "coral", "mmd"):
+        raise ValueError(f"model config align={config.align!r}: expected 'none', 'coral' or 'mmd'")
+    if config.supcon_weight > 0 and config.proj_dim <= 0:
+        raise ValueError("model config supcon_weight > 0 needs proj_dim > 0 (the per-domain projection heads)")
+
+
+def _feature_info(backbone: nn.Module, name: str) -> list[dict]:
+    info = getattr(backbone, "feature_info", None)
+    if not info:
+        raise ValueError(f"stage adapters need timm feature_info, which backbone {name!r} does not provide")
+    return [dict(s) for s in info]
 
 
 def _prefix(pattern: str) -> str:

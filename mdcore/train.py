@@ -1,14 +1,17 @@
 """Training and prediction loops, shared by every stage (and by Ray workers, which import them)."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from mdcore.augment import ssl_view, train_view
+from mdcore.augment import fourier_domain_mix, ssl_view, train_view
 from mdcore.images import ImageSet, standardize, to_float
-from mdcore.losses import classification_loss, nt_xent
+from mdcore.losses import classification_loss, distillation_loss, nt_xent
+
+if TYPE_CHECKING:
+    from mdcore.transfer import DomainWeighting
 
 
 def shard_batches(
@@ -37,23 +40,44 @@ def finetune_epoch(
     label_smoothing: float = 0.0,
     on_step: Callable[[], None] | None = None,
     device: torch.device | str = "cpu",
+    domain_weighting: "DomainWeighting | None" = None,
+    teacher: nn.Module | None = None,
+    kd_weight: float = 0.0,
+    kd_temperature: float = 4.0,
 ) -> dict[str, float]:
     """One pass over ``batches`` (index tensors into ``data``: this worker's shard).
 
-    The model is called as ``model(x, domains, return_aux=True)`` when it supports it, so extra loss
-    terms (load balancing, alignment, ...) are computed inside forward, where DDP sees them.
+    The model is called as ``model(x, domains, return_aux=True, labels=y)``, so extra loss terms (load
+    balancing, alignment, supervised contrastive, ...) are computed inside forward, where DDP sees them.
+    ``domain_weighting`` (mdcore.transfer.DomainWeighting) weights each image's classification loss by its
+    domain (inverse frequency, GroupDRO, curriculum) and is updated after every step. ``teacher`` adds
+    ``kd_weight`` x the distillation loss towards the teacher's logits (temperature ``kd_temperature``).
     """
     model.train()
     g = torch.Generator().manual_seed(seed * 7919 + epoch * 31 + rank)
     total_loss, correct, seen = 0.0, 0, 0
+    aux_totals: dict[str, float] = {}
+    if teacher is not None:
+        teacher.eval()
     for idx in batches:
         x = train_view(to_float(data.images[idx]), g).to(device)
         y, d = data.labels[idx].to(device), data.domains[idx].to(device)
-        out = model(x, d, return_aux=True)
+        out = model(x, d, return_aux=True, labels=y)
         logits, aux = out if isinstance(out, tuple) else (out, {})
-        loss = classification_loss(logits, y, label_smoothing)
-        for term in aux.values():
+        if domain_weighting is None:
+            loss = classification_loss(logits, y, label_smoothing)
+        else:
+            per_sample = classification_loss(logits, y, label_smoothing, reduction="none")
+            w = domain_weighting.sample_weights(d, epoch).to(per_sample.dtype)
+            loss = (w * per_sample).sum() / w.sum().clamp(min=1e-12)
+            domain_weighting.update(per_sample, d)
+        if teacher is not None and kd_weight > 0:
+            with torch.no_grad():
+                t_logits = teacher(x, d)
+            aux = dict(aux, kd=kd_weight * distillation_loss(logits, t_logits, kd_temperature))
+        for name, term in aux.items():
             loss = loss + term
+            aux_totals[name] = aux_totals.get(name, 0.0) + float(term.detach()) * len(idx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -62,7 +86,9 @@ def finetune_epoch(
         total_loss += float(loss.detach()) * len(idx)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(idx)
-    return {"loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "images": seen}
+    stats = {"loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "images": seen}
+    stats.update({f"aux/{k}": v / max(seen, 1) for k, v in aux_totals.items()})
+    return stats
 
 
 @torch.no_grad()
@@ -115,13 +141,26 @@ def contrastive_epoch(
     epoch: int,
     seed: int,
     temperature: float,
+    domains: torch.Tensor | None = None,
+    fourier_mix_prob: float = 0.0,
+    fourier_mix_strength: float = 1.0,
 ) -> dict[str, float]:
+    """One SimCLR epoch. With ``domains`` and ``fourier_mix_prob`` > 0 each view first gets, with that
+    probability per image, the Fourier amplitude spectrum of an image of *another* domain mixed in
+    (a domain-aware view: the positives differ by domain style, not only by generic jitter)."""
     net.train()
     g = torch.Generator().manual_seed(seed * 104_729 + epoch)
     total, steps = 0.0, 0
     for idx in shard_batches(len(images), batch_size, epoch=epoch, seed=seed):
         x = to_float(images[idx])
-        loss = nt_xent(net(ssl_view(x, g)), net(ssl_view(x, g)), temperature)
+
+        def view():
+            v = x
+            if domains is not None and fourier_mix_prob > 0:
+                v = fourier_domain_mix(v, domains[idx], g, p=fourier_mix_prob, strength=fourier_mix_strength)
+            return ssl_view(v, g)
+
+        loss = nt_xent(net(view()), net(view()), temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

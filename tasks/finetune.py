@@ -37,8 +37,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     from mdcore.sampler import domain_balanced_batches
     from mdcore.train import accuracy_by_domain, finetune_epoch
     from tasks.data import load_split
-    from tasks.model_setup import (build_model, build_optimizer, epoch_kwargs, needs_find_unused_parameters,
-                                   on_epoch_start)
+    from tasks.model_setup import (build_model, build_optimizer, early_stopping, epoch_kwargs,
+                                   needs_find_unused_parameters, on_epoch_start)
 
     p = FinetuneParams.model_validate(cfg["params"])
     ctx = ray.train.get_context()
@@ -67,7 +67,10 @@ def train_loop_per_worker(cfg: dict) -> None:
         fast, move_to_device=True,
         parallel_strategy_kwargs={"find_unused_parameters": needs_find_unused_parameters(p)})
     mix = p.domain_mix if isinstance(p.domain_mix, str) else _domain_weights(p.domain_mix, train.domain_names)
-    extra = epoch_kwargs(p, train)
+    extra = epoch_kwargs(p, train)  # once: it carries state across epochs (GroupDRO weights)
+    stopper = early_stopping(p)
+    for row in history:  # after a resume, replay the epochs already done
+        stopper.step(row["val_acc"], row["epoch"] - 1)
     for epoch in range(start_epoch, p.epochs):
         if cfg.get("kill_at_epoch") == epoch and attempt == 0 and rank == world - 1:
             _barrier(world)  # let rank 0 finish its checkpoint first
@@ -77,7 +80,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             _barrier(world)
         t0 = time.perf_counter()
         scheduler.step(epoch)
-        on_epoch_start(p, model, optimizer, epoch)
+        frozen = on_epoch_start(p, model, optimizer, epoch) or {}
         batches = domain_balanced_batches(train.domains, p.batch_size, rank=rank, world=world, epoch=epoch,
                                           seed=p.seed, mix=mix)
         stats = finetune_epoch(ddp_model, train, optimizer, batches, epoch=epoch, seed=p.seed, rank=rank,
@@ -86,10 +89,11 @@ def train_loop_per_worker(cfg: dict) -> None:
                                   stats["images"]], world)
         elapsed = time.perf_counter() - t0
         _average_buffers(model, world)  # per-domain normalization statistics: one value on every worker
-        last = epoch == p.epochs - 1
+        val_acc = accuracy_by_domain(model, val, [train.domain_names[d] for d in val.domains], 256) if len(val) else {}
+        stop = stopper.step(sum(val_acc.values()) / max(len(val_acc), 1), epoch)  # same decision on every rank
+        last = epoch == p.epochs - 1 or stop
         if last:
             model.fit_prototypes(to_float(train.images), train.domains)
-        val_acc = accuracy_by_domain(model, val, [train.domain_names[d] for d in val.domains], 256) if len(val) else {}
         metrics = {
             "epoch": epoch + 1,
             "attempt": attempt,
@@ -99,10 +103,15 @@ def train_loop_per_worker(cfg: dict) -> None:
             "lr": optimizer.param_groups[-1]["lr"],
             "images_per_s": totals[2] / elapsed,
             **{f"val_domain_acc/{d}": a for d, a in val_acc.items()},
+            **{k: v for k, v in stats.items() if k.startswith("aux/")},
+            **{f"frozen/{k}": v for k, v in frozen.items() if isinstance(v, (int, float))},
+            "early_stopped": stop,
         }
         if last:
             metrics["weights_max_diff_across_workers"] = _weights_max_diff(model, world)
         _report(rank, metrics, history, model, optimizer, epoch, p.epochs)
+        if stop:
+            break
 
 
 def _domain_weights(mix: dict[str, float], domains: list[str]) -> dict[int, float]:

@@ -1,5 +1,11 @@
 """pretrain: domain-adaptive self-supervised (SimCLR) pretraining of the shared timm backbone on the
-training images of all seen domains (labels unused)."""
+training images of all seen domains (labels unused; held-out images only with include_holdout_unlabelled).
+
+One of the view transforms is domain-aware: Fourier amplitude mixing with an image of another domain
+(``fourier_mix_prob``). With ``linear_probe`` on, the stage reports the per-domain accuracy of a logistic
+regression on the frozen features, before and after pretraining (``probe.json``/``probe.md`` beside the
+weights, and in the metrics); labels are used only by that report, never by the pretraining.
+"""
 from __future__ import annotations
 
 import json
@@ -11,6 +17,7 @@ from safetensors.torch import save_file
 
 from mdcore.io import atomic_dir
 from mdcore.model import create_backbone
+from mdcore.probe import probe_backbone, probe_markdown
 from mdcore.train import ContrastiveNet, contrastive_epoch
 from tasks.data import image_roots, load_split
 from tasks.params import PretrainParams
@@ -25,26 +32,64 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
     torch.manual_seed(params.seed)
     torch.set_num_threads(params.threads)
     splits = ("train", "holdout") if params.include_holdout_unlabelled else ("train",)
-    data, _ = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), params.image_size, splits)
+    roots = image_roots(paths.raw, paths.synthetic)
+    data, rows = load_split(paths.train_manifest, roots, params.image_size, splits)
     backbone = create_backbone(params.backbone)
+    probe_data = _probe_data(paths, params, data, rows) if params.linear_probe else None
+    probe_before = _probe(backbone, probe_data, params.seed) if probe_data else None
     history = []
     if params.enabled and params.epochs > 0:
         net = ContrastiveNet(backbone)
         optimizer = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
         for epoch in range(params.epochs):
             stats = contrastive_epoch(net, data.images, optimizer, batch_size=params.batch_size, epoch=epoch,
-                                      seed=params.seed, temperature=params.temperature)
+                                      seed=params.seed, temperature=params.temperature, domains=data.domains,
+                                      fourier_mix_prob=params.fourier_mix_prob,
+                                      fourier_mix_strength=params.fourier_mix_strength)
             history.append(stats)
             log.info("pretrain epoch %d/%d: ssl_loss %.4f", epoch + 1, params.epochs, stats["ssl_loss"])
+    probe_after = _probe(backbone, probe_data, params.seed) if probe_data else None
     with atomic_dir(paths.pretrained) as tmp:
         state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
         save_file(state, str(tmp / BACKBONE_WEIGHTS))
         (tmp / "config.json").write_text(json.dumps({
             "backbone": params.backbone, "image_size": params.image_size, "pretrained": params.enabled,
             "images": len(data), "history": history}, indent=2) + "\n")
+        if probe_data:
+            probe = {"before": probe_before, "after": probe_after, "kinds": probe_data["kinds"]}
+            (tmp / "probe.json").write_text(json.dumps(probe, indent=2) + "\n")
+            (tmp / "probe.md").write_text(probe_markdown(probe_before, probe_after, probe_data["kinds"]))
     metrics = {"images": len(data), "epochs": params.epochs if params.enabled else 0,
                "final_ssl_loss": history[-1]["ssl_loss"] if history else None, "backbone": params.backbone}
+    if probe_data:
+        metrics["linear_probe"] = {
+            "mean_before": probe_before["mean"], "mean_after": probe_after["mean"],
+            "per_domain": {d: {"kind": probe_data["kinds"][d], "before": probe_before["per_domain"][d],
+                               "after": probe_after["per_domain"][d]} for d in probe_after["per_domain"]},
+        }
+        for d, row in metrics["linear_probe"]["per_domain"].items():
+            log.info("linear probe %-10s (%s): %.3f -> %.3f", d, row["kind"], row["before"], row["after"])
     return StageResult({"pretrained": str(paths.pretrained)}, metrics)
+
+
+def _probe_data(paths: Paths, params: PretrainParams, data, rows) -> dict | None:
+    """Labelled train rows (seen domains) and the test rows of seen domains + all held-out rows."""
+    train_mask = torch.from_numpy((rows["split"] == "train").to_numpy(copy=True))
+    test, test_rows = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), params.image_size,
+                                 ("test", "holdout"), synthetic=False, domains=data.domain_names,
+                                 classes=data.class_names)
+    if not len(test) or not bool(train_mask.any()):
+        return None
+    names = list(test_rows["domain"])
+    kinds = {d: "seen" if d in data.domain_names else "held-out" for d in names}
+    return {"train_images": data.images[train_mask], "train_labels": data.labels[train_mask],
+            "test_images": test.images, "test_labels": test.labels, "test_domains": names, "kinds": kinds}
+
+
+def _probe(backbone, probe_data: dict, seed: int) -> dict:
+    return probe_backbone(backbone, probe_data["train_images"], probe_data["train_labels"],
+                          probe_data["test_images"], probe_data["test_labels"], probe_data["test_domains"],
+                          seed=seed)
 
 
 @task(name="pretrain")

@@ -1,0 +1,266 @@
+"""Component ablation: plain ERM (no per-domain parts) vs each per-domain component alone vs the full
+model, at the same seeds and budget, on the workspace's data.
+
+Each (variant, seed) trains in this process (no Ray: one worker, ``torch`` threads = ``threads``) with
+the finetune stage's own builders (``tasks.model_setup``) and loop (``mdcore.train.finetune_epoch``),
+then is scored per domain on the test split of seen domains and on every image of held-out domains, with
+the domain id and without it (unknown-domain routing). Writes ``reports/experiments/ablation.md`` and
+``.json`` (mean ± std over seeds). Needs the stages up to ``pretrain`` (``mdpipe run`` or
+``dvc repro pretrain``); the workspace's outputs are read, never written.
+
+- plain function: ``run_ablation(root, seeds=(0, 1, 2), epochs=None, variants=None, overrides=None)``
+- Prefect flow: ``ablation_flow(root, seeds=[0, 1, 2], ...)`` (each variant x seed is a task run)
+- shell: ``python -m flows.ablation --epochs 6 --seeds 0 1 2`` or ``mdpipe experiment ablation``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+log = logging.getLogger("mdpipe.ablation")
+
+# every per-domain part and training control off: the ERM baseline every variant starts from
+ERM = dict(adapters=False, stage_adapters=[], domain_bn=False, head="linear", supcon_weight=0.0, align="none",
+           align_weight=0.0, domain_weighting="uniform", curriculum="none", adapters_only=False, freeze_stages=0,
+           gradual_unfreeze_every=0)
+COMPONENTS: dict[str, dict] = {
+    "adapters": dict(adapters=True),
+    "stage_adapters": dict(stage_adapters=[-3, -2]),
+    "domain_bn": dict(domain_bn=True),
+    "moe_head": dict(head="moe"),
+    "supcon": dict(supcon_weight=0.1),
+    "coral": dict(align="coral", align_weight=0.1),
+    "groupdro": dict(domain_weighting="groupdro"),
+}
+VARIANTS: dict[str, dict] = {"erm": {}, **COMPONENTS,
+                             "full": {k: v for c in COMPONENTS.values() for k, v in c.items()}}
+
+
+def list_variants() -> list[str]:
+    return list(VARIANTS)
+
+
+def variant_params(name: str, base: dict) -> dict:
+    """FinetuneParams fields of variant ``name``: ``base`` with every component off, then the variant's."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown ablation variant {name!r}; known: {list_variants()}")
+    return base | ERM | VARIANTS[name]
+
+
+def load_inputs(root: str | Path) -> dict:
+    """Training images (train split), evaluation images (test of seen + all held-out) and the backbone."""
+    from tasks.data import image_roots, load_split
+    from tasks.paths import load_paths
+
+    paths = load_paths(root)
+    config_file = paths.pretrained / "config.json"
+    missing = [str(p) for p in (paths.train_manifest, config_file) if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"the ablation needs {', '.join(missing)}: run the pipeline up to pretrain first "
+                                "(mdpipe run, or dvc repro pretrain)")
+    pre = json.loads(config_file.read_text())
+    roots = image_roots(paths.raw, paths.synthetic)
+    return {"paths": paths, "pre": pre, "roots": roots,
+            "weights": str(paths.pretrained / "backbone.safetensors") if pre.get("pretrained") else None}
+
+
+_DATA: dict = {}
+
+
+def run_variant(root: str, name: str, params: dict, threads: int = 2) -> dict:
+    """Train variant ``name`` with ``params`` (FinetuneParams fields) in process; per-domain accuracy."""
+    import torch
+
+    from mdcore.images import to_float
+    from mdcore.sampler import domain_balanced_batches
+    from mdcore.train import accuracy_by_domain, finetune_epoch
+    from tasks.data import load_split
+    from tasks.model_setup import build_model, build_optimizer, epoch_kwargs, on_epoch_start
+    from tasks.params import FinetuneParams
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(threads)
+    p = FinetuneParams.model_validate(params)
+    inputs = load_inputs(root)
+    size, paths = inputs["pre"]["image_size"], inputs["paths"]
+    key = (str(paths.train_manifest), size, p.use_synthetic)
+    if key not in _DATA:  # decoded once per process, shared by every variant and seed
+        train, _ = load_split(paths.train_manifest, inputs["roots"], size, ("train",), synthetic=p.use_synthetic)
+        _DATA.clear()
+        _DATA[key] = (train, *load_split(paths.train_manifest, inputs["roots"], size, ("test", "holdout"),
+                                         synthetic=False, domains=train.domain_names, classes=train.class_names))
+    train, test, rows = _DATA[key]
+    torch.manual_seed(p.seed)
+    model = build_model(p, train, inputs["pre"]["backbone"], size,
+                        inputs["weights"] if p.init_from_pretrain else None)
+    optimizer, scheduler = build_optimizer(p, model)
+    extra = epoch_kwargs(p, train)
+    mix = p.domain_mix if isinstance(p.domain_mix, str) else {
+        train.domain_names.index(d): w for d, w in p.domain_mix.items()}
+    history = []
+    for epoch in range(p.epochs):
+        scheduler.step(epoch)
+        on_epoch_start(p, model, optimizer, epoch)
+        batches = domain_balanced_batches(train.domains, p.batch_size, epoch=epoch, seed=p.seed, mix=mix)
+        history.append(finetune_epoch(model, train, optimizer, batches, epoch=epoch, seed=p.seed,
+                                      label_smoothing=p.label_smoothing, **extra))
+    train_s = time.perf_counter() - t0
+    model.fit_prototypes(to_float(train.images), train.domains)
+    names = list(rows["domain"])
+    with_id = accuracy_by_domain(model, test, names, 256, use_domain=True)
+    without_id = accuracy_by_domain(model, test, names, 256, use_domain=False)
+    counts = rows.groupby("domain").size()
+    out = {d: {"kind": "seen" if d in train.domain_names else "held-out", "images": int(counts[d]),
+               "acc": with_id[d], "acc_unknown_domain": without_id[d]} for d in with_id}
+    out["_run"] = {"variant": name, "seed": p.seed, "epochs": p.epochs, "train_s": round(train_s, 1),
+                   "s_per_epoch": round(train_s / max(p.epochs, 1), 2), "final_train_loss": history[-1]["loss"],
+                   "parameters": sum(t.numel() for t in model.parameters())}
+    log.info("ablation %s seed %d: %s", name, p.seed,
+             ", ".join(f"{d} {v['acc']:.3f}/{v['acc_unknown_domain']:.3f}" for d, v in out.items() if d[0] != "_"))
+    return out
+
+
+def _ms(values) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "values": a.tolist()}
+
+
+def aggregate(results: dict[str, dict[int, dict]]) -> dict:
+    """``results[variant][seed][domain]`` -> per variant: per domain and summary (mean seen, worst seen,
+    mean held-out; with and without the domain id) as mean/std over seeds."""
+    table = {}
+    for variant, by_seed in results.items():
+        seeds = sorted(by_seed)
+        domains = sorted(d for d in by_seed[seeds[0]] if not d.startswith("_"))
+        kinds = {d: by_seed[seeds[0]][d]["kind"] for d in domains}
+        row = {"domains": {}, "summary": {}}
+        for d in domains:
+            row["domains"][d] = {"kind": kinds[d], "acc": _ms([by_seed[s][d]["acc"] for s in seeds]),
+                                 "acc_unknown_domain": _ms([by_seed[s][d]["acc_unknown_domain"] for s in seeds])}
+        for key in ("acc", "acc_unknown_domain"):
+            seen = [[by_seed[s][d][key] for d in domains if kinds[d] == "seen"] for s in seeds]
+            held = [[by_seed[s][d][key] for d in domains if kinds[d] == "held-out"] for s in seeds]
+            row["summary"][f"mean_seen_{key}"] = _ms([np.mean(v) for v in seen])
+            row["summary"][f"worst_seen_{key}"] = _ms([np.min(v) for v in seen])
+            if held[0]:
+                row["summary"][f"mean_heldout_{key}"] = _ms([np.mean(v) for v in held])
+        row["s_per_epoch"] = _ms([by_seed[s]["_run"]["s_per_epoch"] for s in seeds])
+        row["parameters"] = by_seed[seeds[0]]["_run"]["parameters"]
+        table[variant] = row
+    return table
+
+
+def _f(ms: dict | None) -> str:
+    return "-" if ms is None else f"{ms['mean']:.3f} ± {ms['std']:.3f}"
+
+
+def write_report(folder: Path, summary: dict) -> None:
+    from mdcore.io import atomic_write_json, atomic_write_text
+
+    atomic_write_json(folder / "ablation.json", summary)
+    agg, seeds = summary["aggregate"], summary["seeds"]
+    lines = [
+        "# Ablation: per-domain components", "",
+        f"Each variant = plain ERM (shared backbone + linear head, no per-domain parts) plus one component; "
+        f"`full` = all of them. Same seeds {seeds}, {summary['epochs']} epochs each, trained in process "
+        f"(1 worker, {summary['threads']} threads), otherwise `params/finetune.yaml`. Accuracy on the test "
+        "split of seen domains and on every image of held-out domains; *routed* = without the domain id "
+        "(unknown-domain routing). Mean ± std over seeds. s/epoch is wall time on this machine, other load "
+        "included: compare per-step costs with a quiet machine (bench/) before trusting it.", "",
+        "| variant | mean seen | worst seen | mean held-out | mean seen (routed) | held-out (routed) | s/epoch | params |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for variant, row in agg.items():
+        s = row["summary"]
+        lines.append(f"| {variant} | {_f(s['mean_seen_acc'])} | {_f(s['worst_seen_acc'])} | "
+                     f"{_f(s.get('mean_heldout_acc'))} | {_f(s['mean_seen_acc_unknown_domain'])} | "
+                     f"{_f(s.get('mean_heldout_acc_unknown_domain'))} | {row['s_per_epoch']['mean']:.1f} | "
+                     f"{row['parameters'] / 1e6:.2f}M |")
+    domains = list(next(iter(agg.values()))["domains"])
+    lines += ["", "Per domain (with the domain id; held-out domains are always routed):", "",
+              "| variant | " + " | ".join(f"{d} ({next(iter(agg.values()))['domains'][d]['kind']})" for d in domains) + " |",
+              "|---|" + "---:|" * len(domains)]
+    for variant, row in agg.items():
+        lines.append(f"| {variant} | " + " | ".join(_f(row["domains"][d]["acc"]) for d in domains) + " |")
+    lines += ["", "Variants: " + "; ".join(f"`{k}` = `{json.dumps(v, sort_keys=True)}`" for k, v in VARIANTS.items()
+                                            if v),
+              f"Wall time: {summary['wall_s']:.0f} s."]
+    if len(seeds) < 3:
+        lines += ["", "Fewer than 3 seeds: not evidence that one variant beats another."]
+    atomic_write_text(folder / "ablation.md", "\n".join(lines) + "\n")
+
+
+def run_ablation(root: str | Path = ".", seeds=(0, 1, 2), epochs: int | None = None,
+                 variants: list[str] | tuple[str, ...] | None = None, overrides: dict | None = None,
+                 threads: int = 2, runner: Callable[..., dict] | None = None) -> dict:
+    """Train and score every variant at every seed; write ``reports/experiments/ablation.{md,json}``.
+
+    ``epochs`` (default: ``params/finetune.yaml``) and ``overrides`` (FinetuneParams fields) apply to every
+    variant; ``variants`` defaults to all of ``list_variants()``. ``runner(root, name, params, threads)``
+    replaces :func:`run_variant` (a Prefect task, or tests). Returns the summary written to the JSON.
+    """
+    from tasks.params import load_params, validate_params
+    from tasks.paths import load_paths
+
+    t0 = time.perf_counter()
+    paths = load_paths(root)
+    variants = list(variants or list_variants())
+    for v in variants:
+        variant_params(v, {})  # unknown names fail before any training
+    base = load_params("finetune", paths.root / "params").model_dump() | dict(overrides or {})
+    if epochs is not None:
+        base["epochs"] = int(epochs)
+    validate_params("finetune", base, "ablation overrides")
+    runner = runner or run_variant
+    results: dict[str, dict[int, dict]] = {v: {} for v in variants}
+    runs = []
+    for seed in seeds:
+        for v in variants:
+            out = runner(str(paths.root), v, variant_params(v, base) | {"seed": int(seed)}, threads)
+            runs.append(out.pop("_run", {}) | {"variant": v, "seed": int(seed)})
+            out["_run"] = runs[-1]
+            results[v][int(seed)] = out
+    summary = {"seeds": [int(s) for s in seeds], "epochs": base["epochs"], "threads": threads,
+               "variants": {v: VARIANTS[v] for v in variants},
+               "finetune_params": {k: v for k, v in base.items() if k != "seed"},
+               "aggregate": aggregate(results), "runs": runs, "wall_s": round(time.perf_counter() - t0, 1)}
+    write_report(paths.experiments, summary)
+    return summary
+
+
+@flow(name="experiment-ablation", log_prints=True)
+def ablation_flow(root: str = ".", seeds: list[int] = [0, 1, 2],  # noqa: B006 (Prefect form default)
+                  epochs: int | None = None, variants: list[str] | None = None,
+                  overrides: dict | None = None) -> dict:
+    """Prefect flow: :func:`run_ablation`, each (variant, seed) a task run."""
+    arm = task(name="ablation-variant", cache_policy=NO_CACHE)(run_variant)
+    return run_ablation(root, tuple(seeds), epochs, variants, overrides, runner=arm)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=".")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None, help="default: params/finetune.yaml")
+    parser.add_argument("--variants", nargs="+", default=None, choices=list_variants())
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    summary = run_ablation(args.root, tuple(args.seeds), args.epochs, args.variants, threads=args.threads)
+    from tasks.paths import load_paths
+
+    print((load_paths(args.root).experiments / "ablation.md").read_text())
+    print(f"wall time {summary['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""Transfer-learning controls: freezing and gradual unfreezing of backbone stages, per-domain loss
+weighting (uniform, inverse frequency, GroupDRO), a domain curriculum, and early stopping.
+
+Freezing only flips ``requires_grad`` (the optimizer is built over every parameter first; AdamW skips
+parameters without a gradient). Under DDP, wrap the model *before* freezing and pass
+``find_unused_parameters=True``: DDP only synchronizes parameters that required grad when it was wrapped,
+so a stage unfrozen later is still kept in sync.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.models import group_parameters
+from torch import nn
+
+from mdcore.domain_norm import DomainBatchNorm2d
+
+
+def backbone_groups(backbone: nn.Module) -> list[list[str]]:
+    """Parameter names of the backbone's timm coarse groups, from the input: [stem, stage 1, ...]."""
+    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+    return [groups[k] for k in sorted(groups)]
+
+
+def per_domain_parameter_names(backbone: nn.Module) -> set[str]:
+    """Backbone parameters that belong to per-domain parts (domain batch-norm): never frozen."""
+    names = set()
+    for mod_name, module in backbone.named_modules():
+        if isinstance(module, DomainBatchNorm2d):
+            names |= {f"{mod_name}.{n}" for n, _ in module.named_parameters()}
+    return names
+
+
+def frozen_group_count(epoch: int, n_groups: int, freeze_stages: int = 0, adapters_only: bool = False,
+                       unfreeze_every: int = 0) -> int:
+    """How many backbone groups (from the input) are frozen at ``epoch``.
+
+    ``adapters_only`` freezes the whole backbone. ``unfreeze_every`` > 0 (gradual unfreezing, Howard &
+    Ruder, 2018) starts with the whole backbone frozen and unfreezes one group every that many epochs,
+    from the top, never below ``freeze_stages`` (which stay frozen for good).
+    """
+    if adapters_only:
+        return n_groups
+    base = min(max(freeze_stages, 0), n_groups)
+    if unfreeze_every > 0:
+        return max(base, n_groups - epoch // unfreeze_every)
+    return base
+
+
+def apply_freezing(model: nn.Module, n_frozen: int) -> dict[str, int]:
+    """Freeze the first ``n_frozen`` backbone groups of ``model`` (a MultiDomainModel), unfreeze the rest.
+    Per-domain parts inside the backbone stay trainable. Returns counts of frozen/trainable tensors."""
+    backbone = model.backbone
+    keep = per_domain_parameter_names(backbone)
+    groups = backbone_groups(backbone)
+    frozen_names = {n for g in groups[:n_frozen] for n in g} - keep
+    for name, param in backbone.named_parameters():
+        param.requires_grad_(name not in frozen_names)
+    return {"frozen_tensors": len(frozen_names), "groups_frozen": min(n_frozen, len(groups)),
+            "groups": len(groups)}
+
+
+class DomainWeighting:
+    """Per-sample loss weights from each image's domain.
+
+    ``mode``: ``uniform`` (plain mean), ``inverse_frequency`` (weight ∝ 1 / the domain's share of the
+    training set), ``groupdro`` (Sagawa et al., 2020: exponentiated-gradient weights q_d ∝ q_d·exp(eta·loss_d)
+    that up-weight the worst domain). ``curriculum="easy_first"`` multiplies in weights that favour the
+    domains with the lowest running loss and fade to 1 over ``curriculum_epochs`` epochs.
+    The loss is sum_n w_n l_n / sum_n w_n. Per-domain losses are all-reduced over DDP workers (when
+    ``torch.distributed`` is initialized) so every worker holds the same state.
+    """
+
+    MODES = ("uniform", "inverse_frequency", "groupdro")
+    CURRICULA = ("none", "easy_first")
+
+    def __init__(self, n_domains: int, mode: str = "uniform", counts: torch.Tensor | None = None,
+                 eta: float = 0.1, curriculum: str = "none", curriculum_epochs: int = 5, ema: float = 0.9):
+        if mode not in self.MODES:
+            raise ValueError(f"domain weighting {mode!r}: expected one of {self.MODES}")
+        if curriculum not in self.CURRICULA:
+            raise ValueError(f"domain curriculum {curriculum!r}: expected one of {self.CURRICULA}")
+        self.n_domains, self.mode, self.eta, self.curriculum = n_domains, mode, eta, curriculum
+        self.curriculum_epochs, self.ema = max(curriculum_epochs, 1), ema
+        counts = torch.ones(n_domains) if counts is None else counts.float().clamp(min=1)
+        self.inverse_frequency = (counts.sum() / counts) / (counts.sum() / counts).mean()
+        self.q = torch.full((n_domains,), 1.0 / n_domains)  # GroupDRO weights
+        self.running_loss = torch.full((n_domains,), float("nan"))  # EMA per domain (difficulty)
+
+    def domain_weights(self, epoch: int) -> torch.Tensor:
+        """(D,) weight of each domain this epoch (before the per-batch GroupDRO normalization)."""
+        if self.mode == "inverse_frequency":
+            w = self.inverse_frequency.clone()
+        elif self.mode == "groupdro":
+            w = self.q * self.n_domains
+        else:
+            w = torch.ones(self.n_domains)
+        if self.curriculum == "easy_first" and not torch.isnan(self.running_loss).all():
+            loss = torch.nan_to_num(self.running_loss, nan=float(self.running_loss.nanmean()))
+            easy = (1 / loss.clamp(min=1e-3)) / (1 / loss.clamp(min=1e-3)).mean()
+            a = min(1.0, epoch / self.curriculum_epochs)
+            w = w * ((1 - a) * easy + a)
+        return w
+
+    def sample_weights(self, domains: torch.Tensor, epoch: int) -> torch.Tensor:
+        w = self.domain_weights(epoch).to(domains.device)
+        if self.mode == "groupdro":  # q_d spread over the batch's images of d: sum_d q_d * mean loss_d
+            counts = torch.bincount(domains, minlength=self.n_domains).clamp(min=1).float()
+            w = w / counts
+        return w[domains]
+
+    @torch.no_grad()
+    def update(self, per_sample_loss: torch.Tensor, domains: torch.Tensor) -> None:
+        sums = torch.zeros(self.n_domains, dtype=torch.float64).index_add_(0, domains.cpu(),
+                                                                          per_sample_loss.detach().double().cpu())
+        counts = torch.bincount(domains.cpu(), minlength=self.n_domains).double()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            both = torch.cat([sums, counts])
+            torch.distributed.all_reduce(both)
+            sums, counts = both[: self.n_domains], both[self.n_domains:]
+        present = counts > 0
+        mean = (sums / counts.clamp(min=1)).float()
+        if self.mode == "groupdro":
+            self.q[present] *= torch.exp(self.eta * mean[present])
+            self.q /= self.q.sum()
+        first = torch.isnan(self.running_loss) & present
+        self.running_loss[first] = mean[first]
+        later = present & ~first
+        self.running_loss[later] = self.ema * self.running_loss[later] + (1 - self.ema) * mean[later]
+
+    def state(self) -> dict[str, list[float]]:
+        return {"q": self.q.tolist(), "running_loss": self.running_loss.tolist()}
+
+
+class EarlyStopping:
+    """Stop when the monitored value (e.g. training-domain validation accuracy) has not improved by more
+    than ``min_delta`` for ``patience`` epochs. ``patience`` 0 = never stop. ``mode``: "max" or "min"."""
+
+    def __init__(self, patience: int = 0, min_delta: float = 0.0, mode: str = "max"):
+        if mode not in ("max", "min"):
+            raise ValueError(f"early stopping mode {mode!r}: expected 'max' or 'min'")
+        self.patience, self.min_delta, self.sign = patience, min_delta, 1.0 if mode == "max" else -1.0
+        self.best, self.best_epoch, self.bad_epochs = -math.inf, -1, 0
+
+    def step(self, value: float, epoch: int) -> bool:
+        """Record this epoch's value; True when training should stop now."""
+        score = self.sign * value
+        if score > self.best + self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
+        else:
+            self.bad_epochs += 1
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    @property
+    def best_value(self) -> float:
+        return self.sign * self.best

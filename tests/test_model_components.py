@@ -1,0 +1,139 @@
+"""Per-domain components of MultiDomainModel: shapes, per-image routing, unknown-domain path, refusal
+of domain batch-norm on a backbone without batch-norm, save/load of a full config, DDP-friendliness."""
+import copy
+
+import pytest
+import torch
+
+from mdcore.domain_norm import DomainBatchNorm2d
+from mdcore.model import ModelConfig, MultiDomainModel, load_model, save_model
+
+CLASSES = [str(i) for i in range(5)]
+COMPONENTS = {
+    "stage_adapters": dict(stage_adapters=[-3, -2], stage_adapter_dim=4),
+    "domain_bn": dict(domain_bn=True),
+    "moe": dict(head="moe", moe_experts=3, moe_balance_weight=0.01),
+    "supcon": dict(proj_dim=8, supcon_weight=0.5),
+    "coral": dict(align="coral", align_weight=0.5),
+    "mmd": dict(align="mmd", align_weight=0.5),
+}
+FULL = {k: v for c in COMPONENTS.values() for k, v in c.items() if k not in ("align", "align_weight")} | dict(
+    align="coral", align_weight=0.5)
+
+
+def tiny(**kw) -> MultiDomainModel:
+    torch.manual_seed(0)
+    return MultiDomainModel(ModelConfig("test_resnet", ["a", "b", "c"], CLASSES, adapter_dim=8, **kw))
+
+
+def batch(n=12):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.tensor([0, 1, 2] * (n // 3)), torch.randint(0, 5, (n,), generator=g)
+
+
+def perturb(model):
+    """Non-trivial per-domain weights (zero-init adapters and identical BN copies are the identity)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 1 and p.shape[0] == 3 and not name.startswith("head"):
+                p.add_(torch.randn_like(p) * 0.3)
+        for m in model.modules():
+            if isinstance(m, DomainBatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize("name", [*COMPONENTS, "full"])
+def test_every_component_forward_shapes_aux_and_gradients(name):
+    model = tiny(**(FULL if name == "full" else COMPONENTS[name])).train()
+    x, d, y = batch()
+    logits, aux = model(x, d, return_aux=True, labels=y)
+    assert logits.shape == (12, 5)
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in aux.values())
+    (logits.logsumexp(1).mean() + sum(aux.values())).backward()
+    # every parameter gets a gradient each step (DDP without find_unused_parameters)
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    model.eval()
+    for domains in (torch.full((12,), -1), None, torch.tensor([0, -1, 2] * 4)):
+        out = model(x, domains)
+        assert out.shape == (12, 5) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["stage_adapters", "domain_bn", "moe"])
+def test_component_is_selected_per_image(name):
+    model = tiny(adapters=False, **COMPONENTS[name]).eval()
+    perturb(model)
+    x = batch()[0][:1].repeat(3, 1, 1, 1)
+    out = model(x, torch.tensor([0, 1, 2]))
+    assert not torch.allclose(out[0], out[1], atol=1e-4) and not torch.allclose(out[1], out[2], atol=1e-4)
+    # an image's output does not depend on the rest of the batch (eval)
+    assert torch.allclose(model(x[:1], torch.tensor([1])), out[1:2], atol=1e-4)
+
+
+def test_domain_bn_trains_each_domain_on_its_own_statistics():
+    model = tiny(adapters=False, domain_bn=True).train()
+    bn = next(m for m in model.modules() if isinstance(m, DomainBatchNorm2d))
+    x, d, _ = batch()
+    x[d == 2] += 5.0  # domain c is shifted
+    before = bn.running_mean.clone()
+    model(x, d)
+    moved = (bn.running_mean - before).abs().sum(1)
+    assert moved.gt(0).all()
+    model(x[d != 1], d[d != 1])  # domain b absent: its statistics stay as they were
+    after = bn.running_mean.clone()
+    model(x[d == 0], d[d == 0])
+    assert torch.equal(bn.running_mean[1], after[1]) and torch.equal(bn.running_mean[2], after[2])
+
+
+def test_unknown_domain_routes_inside_the_backbone_by_prototypes():
+    model = tiny(adapters=False, **COMPONENTS["domain_bn"], **COMPONENTS["stage_adapters"]).eval()
+    perturb(model)
+    x, d, _ = batch()
+    model.fit_prototypes(x, d)
+    feats = model.features(x)  # routing features: every domain mixed equally
+    weights = model.domain_weights(feats, torch.full((12,), -1))
+    assert torch.allclose(weights.sum(1), torch.ones(12), atol=1e-5)
+    # whatever the prototypes decide is what the backbone's per-domain parts use: force a decision
+    chosen = torch.tensor([2, 0, 1] * 4)
+    model.domain_weights = lambda f, dom: torch.nn.functional.one_hot(chosen, 3).float()
+    assert torch.allclose(model(x, torch.full((12,), -1)), model(x, chosen), atol=1e-5)
+
+
+def test_domain_bn_is_refused_on_a_backbone_without_batchnorm():
+    with pytest.raises(ValueError, match=r"domain batch-norm.*'test_vit'"):
+        MultiDomainModel(ModelConfig("test_vit", ["a", "b"], CLASSES, domain_bn=True))
+
+
+def test_bad_component_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="head"):
+        tiny(head="bogus")
+    with pytest.raises(ValueError, match="stage_adapters index 9"):
+        tiny(stage_adapters=[9])
+    with pytest.raises(ValueError, match="twice"):
+        tiny(stage_adapters=[-2, 3])
+    with pytest.raises(ValueError, match="proj_dim"):
+        tiny(supcon_weight=0.1)
+
+
+def test_save_load_roundtrip_of_full_config_and_deepcopy(tmp_path):
+    model = tiny(**FULL).eval()
+    perturb(model)
+    x, d, _ = batch()
+    model.fit_prototypes(x, d)
+    save_model(model, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    assert again.config == model.config
+    for domains in (d, None):
+        assert torch.allclose(model(x, domains), again(x, domains), atol=1e-5)
+    twin = copy.deepcopy(model)  # the stage-adapter hooks must follow the copy, not the original
+    with torch.no_grad():
+        for bank in model.stage_adapters.values():
+            bank.up.add_(1.0)
+    assert torch.allclose(twin(x, d), again(x, d), atol=1e-5)
+
+
+def test_pretrained_plain_backbone_loads_into_domain_bn():
+    plain = tiny()
+    model = tiny(domain_bn=True)
+    model.load_backbone(plain.backbone.state_dict())
+    bn = next(m for m in model.backbone.modules() if isinstance(m, DomainBatchNorm2d))
+    assert bn.weight.shape[0] == 3

@@ -1,0 +1,78 @@
+"""Pretrain: the domain-aware Fourier view, SimCLR with it, the linear probe, and the stage on a tiny
+manifest (resnet10t at 32x32, a few dozen images, one epoch)."""
+import json
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from mdcore.augment import fourier_domain_mix
+from mdcore.model import create_backbone
+from mdcore.probe import linear_probe
+from mdcore.train import ContrastiveNet, contrastive_epoch
+from tasks import pretrain
+from tasks.params import PretrainParams
+from tasks.paths import Paths
+
+
+def test_fourier_mix_keeps_phase_and_only_mixes_across_domains():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 16, 16, generator=g) * 2 - 1
+    same = fourier_domain_mix(x, torch.zeros(6, dtype=torch.long), g, p=1.0)
+    assert torch.equal(same, x)  # one domain: nobody to mix with
+    mixed = fourier_domain_mix(x, torch.tensor([0, 0, 0, 1, 1, 1]), g, p=1.0, strength=1.0)
+    assert mixed.shape == x.shape and not torch.allclose(mixed, x)
+    phase_in, phase_out = torch.fft.fft2(x).angle(), torch.fft.fft2(mixed).angle()
+    assert torch.allclose(torch.cos(phase_in - phase_out).mean(), torch.tensor(1.0), atol=1e-3)
+    assert torch.equal(fourier_domain_mix(x, torch.tensor([0, 0, 0, 1, 1, 1]), g, p=0.0), x)
+
+
+def test_contrastive_epoch_with_domain_mixing():
+    net = ContrastiveNet(create_backbone("test_resnet"), proj_dim=8)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    stats = contrastive_epoch(net, images, opt, batch_size=8, epoch=0, seed=0, temperature=0.2,
+                              domains=torch.tensor([0, 1] * 8), fourier_mix_prob=0.5)
+    assert np.isfinite(stats["ssl_loss"])
+
+
+def test_linear_probe_per_domain():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 90)
+    x = np.eye(3)[y] * 3 + rng.normal(0, 0.3, (90, 3))
+    out = linear_probe(x[:60], y[:60], x[60:], y[60:], ["a", "b", "c"] * 10)
+    assert set(out["per_domain"]) == {"a", "b", "c"} and out["mean"] > 0.9
+
+
+def tiny_workspace(tmp_path) -> Paths:
+    rng = np.random.default_rng(0)
+    rows = []
+    for domain, split_of in (("d1", None), ("d2", None), ("held", "holdout")):
+        for i in range(18):
+            label = str(i % 3)
+            path = f"{domain}/{label}/{i}.png"
+            (tmp_path / "raw" / domain / label).mkdir(parents=True, exist_ok=True)
+            pixels = (rng.random((32, 32, 3)) * 60 + int(label) * 80).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "raw" / path)
+            split = split_of or ("train" if i < 12 else "test")
+            rows.append(dict(path=path, domain=domain, label=label, split=split, sha256=f"{domain}{i}", width=32,
+                             height=32, mode="RGB", source="real", generator=""))
+    pd.DataFrame(rows).to_csv(tmp_path / "train_manifest.csv", index=False)
+    return Paths(tmp_path, {"raw": "raw", "synthetic": "synthetic", "train_manifest": "train_manifest.csv",
+                            "pretrained": "pretrained"})
+
+
+def test_pretrain_stage_reports_the_linear_probe_before_and_after(tmp_path):
+    paths = tiny_workspace(tmp_path)
+    params = PretrainParams(backbone="test_resnet", epochs=1, batch_size=12, threads=1)
+    result = pretrain.run(params, paths)
+    probe = result.metrics["linear_probe"]
+    assert set(probe["per_domain"]) == {"d1", "d2", "held"}
+    assert probe["per_domain"]["held"]["kind"] == "held-out"
+    assert result.metrics["images"] == 24  # held-out images stay out unless include_holdout_unlabelled
+    saved = json.loads((paths.pretrained / "probe.json").read_text())
+    assert saved["before"]["per_domain"].keys() == saved["after"]["per_domain"].keys()
+    assert "| held | held-out |" in (paths.pretrained / "probe.md").read_text()
+    more = pretrain.run(params.model_copy(update={"include_holdout_unlabelled": True, "linear_probe": False}), paths)
+    assert more.metrics["images"] == 42 and "linear_probe" not in more.metrics
