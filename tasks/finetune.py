@@ -223,6 +223,7 @@ def fit(params: FinetuneParams, paths: Paths, kill_at_epoch: int | None = None):
     pre_config = json.loads((paths.pretrained / "config.json").read_text())
     use_pretrained = params.init_from_pretrain and pre_config.get("pretrained", False)
     init_ray()
+    check_resources(params)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -244,6 +245,23 @@ def fit(params: FinetuneParams, paths: Paths, kill_at_epoch: int | None = None):
         ),
     )
     return trainer.fit()
+
+
+def check_resources(params: FinetuneParams) -> None:
+    """Refuse a scaling config the local Ray instance can never satisfy (Ray would wait forever)."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return  # a cluster may autoscale: let Ray wait for the resources
+    total = ray.cluster_resources()
+    need_cpu = params.num_workers * params.cpus_per_worker
+    if need_cpu > total.get("CPU", 0):
+        raise ValueError(f"finetune.num_workers x finetune.cpus_per_worker = {params.num_workers} x "
+                         f"{params.cpus_per_worker} CPUs, but this machine's Ray has {total.get('CPU', 0):g}: "
+                         "lower them in params/finetune.yaml, or set RAY_ADDRESS to use a cluster")
+    if params.use_gpu and params.num_workers > total.get("GPU", 0):
+        raise ValueError(f"finetune.use_gpu with {params.num_workers} workers needs as many GPUs; "
+                         f"this machine's Ray has {total.get('GPU', 0):g}")
 
 
 def write_live(history: list[dict], folder: Path) -> None:

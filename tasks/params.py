@@ -144,8 +144,8 @@ class PretrainParams(StageParams):
 
 
 class FinetuneParams(StageParams):
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (1 x 2 CPUs is fastest on 2 cores)")
-    cpus_per_worker: float = Field(2, gt=0, description="CPUs reserved per worker (also its torch threads)")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker (also its torch threads)")
     use_gpu: bool = Field(False, description="One GPU per worker")
     max_failures: int = Field(1, ge=0, description="Worker-group restarts from the last checkpoint")
     domain_mix: Literal["natural", "uniform"] | dict[str, float] = Field(

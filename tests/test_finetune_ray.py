@@ -44,7 +44,7 @@ def test_two_workers_stay_in_sync_and_match_one_worker(prepared):
 
 @pytest.mark.timeout(600)
 def test_killed_worker_resumes_from_last_checkpoint(prepared):
-    metrics = finetune(prepared, kill_at_epoch=2, num_workers=2, epochs=3)
+    metrics = finetune(prepared, kill_at_epoch=2, num_workers=2, cpus_per_worker=1, epochs=3)
     assert metrics["restarts"] == 1
     history = json.loads((load_paths(prepared).finetuned / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3]
@@ -60,5 +60,10 @@ def test_failure_without_retries_is_an_error_and_keeps_the_last_model(prepared):
         pytest.skip("needs a finetuned model from the tests above")
     before = (paths.finetuned / "model.safetensors").read_bytes()
     with pytest.raises(Exception):
-        finetune(prepared, kill_at_epoch=1, num_workers=2, epochs=2, max_failures=0)
+        finetune(prepared, kill_at_epoch=1, num_workers=2, cpus_per_worker=1, epochs=2, max_failures=0)
     assert (paths.finetuned / "model.safetensors").read_bytes() == before
+
+
+def test_a_scaling_config_this_machine_cannot_run_is_a_clear_error(prepared):
+    with pytest.raises(ValueError, match="num_workers x finetune.cpus_per_worker"):
+        finetune(prepared, num_workers=64, cpus_per_worker=1)

@@ -24,7 +24,7 @@ def test_mdpipe_run_on_a_user_tree_then_dvc_is_in_sync(tmp_path):
     ws = make_workspace(tmp_path / "ws", validate={"min_images_per_class": 0})
     cmd = [sys.executable, "-m", "flows.cli", "run", "--data", str(tree), "--holdout", "nightcam",
            "-S", "pretrain.epochs=1", "-S", "finetune.epochs=2",
-           "-S", "finetune.num_workers=2", "-S", "finetune.cpus_per_worker=1", "-S", "synthesize.target_per_class=8"]
+           "-S", "finetune.num_workers=2", "-S", "synthesize.target_per_class=8"]
     proc = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
