@@ -6,6 +6,7 @@
     mdpipe retrain [--tolerance 0.01] [--force]
     mdpipe serve [--cron "0 3 * * *"]
     mdpipe experiment synthetic|ablation [--seeds 0 1 2] [-S finetune.epochs=8]
+    mdpipe experiment lodo [--data digits|glyphs|PATH] [--methods erm multidomain+randconv+swad] [--seeds 0 1 2]
 """
 from __future__ import annotations
 
@@ -116,6 +117,13 @@ def cmd_experiment(args) -> int:
     import yaml
 
     root = str(load_paths(args.root).root)
+    if args.name == "lodo":
+        from flows.lodo import DEFAULT_METHODS, lodo_flow
+
+        lodo_flow(data=args.data, methods=args.methods or DEFAULT_METHODS, seeds=args.seeds, epochs=args.epochs,
+                  batch_size=args.batch_size, heldout=args.heldout, threads=args.threads, workers=args.workers,
+                  root=root)
+        return 0
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -175,8 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--force", action="store_true", help="retrain even if the data did not change")
     again.set_defaults(func=cmd_retrain)
 
-    exp = sub.add_parser("experiment", help="with/without synthetic data, or the component ablation (several trainings)")
-    exp.add_argument("name", choices=["synthetic", "ablation"])
+    exp = sub.add_parser("experiment", help="leave-one-domain-out protocol, with/without synthetic data, or the "
+                                            "component ablation (several trainings each)")
+    exp.add_argument("name", choices=["lodo", "synthetic", "ablation"])
+    exp.add_argument("--data", default="digits", help="lodo: digits, glyphs, or ROOT/<domain>/<class>/<image> tree")
+    exp.add_argument("--methods", nargs="+", metavar="METHOD", help="lodo: methods (default: erm, randconv, "
+                                                                    "multidomain, multidomain+randconv+swad)")
+    exp.add_argument("--heldout", nargs="+", metavar="DOMAIN", help="lodo: hold out only these domains")
+    exp.add_argument("--epochs", type=int, default=8, help="lodo: epochs per cell")
+    exp.add_argument("--batch-size", type=int, default=32, help="lodo: batch per step")
+    exp.add_argument("--threads", type=int, default=2, help="lodo: torch threads per cell")
+    exp.add_argument("--workers", type=int, default=0, help="lodo: cells at once (0 = cores // threads, or a Ray cluster)")
     exp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="claims rest on at least 3 seeds")
     exp.add_argument("-S", "--set", action="append", default=[], metavar="finetune.KEY=VALUE",
                      help="finetune parameters for every training of the experiment (e.g. finetune.epochs=8)")

@@ -23,6 +23,9 @@ from tasks.params import load_params
 from tasks.paths import load_paths
 
 
+GATE_SPLITS = ("gate",)
+
+
 def champion_dir(root: str | Path) -> Path:
     return load_paths(root).registry / "champion"
 
@@ -44,19 +47,20 @@ def data_fingerprint(root: Path) -> str:
 
 @task(name="promote-if-no-domain-worse")
 def promote(root: str = ".", tolerance: float = 0.0, batch_size: int = 256) -> dict:
-    """Score champion and candidate on the current evaluation data; copy the candidate over the champion
-    only if no domain is worse by more than ``tolerance``. Every decision is recorded."""
+    """Score champion and candidate on the gate split of the current data (never trained on, selected on,
+    or reported as test); copy the candidate over the champion only if no domain is worse by more than
+    ``tolerance``. Every decision is recorded."""
     paths = load_paths(root)
-    candidate = per_domain_accuracy(load_model(paths.finetuned), paths, batch_size)
+    candidate = per_domain_accuracy(load_model(paths.finetuned), paths, batch_size, splits=GATE_SPLITS)
     cand_acc = dict(zip(candidate["domain"], candidate["accuracy"]))
     champ_path = champion_dir(paths.root)
     champ_acc = None
     if (champ_path / "model.safetensors").is_file():
-        champion = per_domain_accuracy(load_model(champ_path), paths, batch_size)
+        champion = per_domain_accuracy(load_model(champ_path), paths, batch_size, splits=GATE_SPLITS)
         champ_acc = dict(zip(champion["domain"], champion["accuracy"]))
     decision = decide(champ_acc, cand_acc, tolerance)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    record = {"time": stamp, "candidate": cand_acc, "champion": champ_acc, **asdict(decision)}
+    record = {"time": stamp, "scored_on": list(GATE_SPLITS), "candidate": cand_acc, "champion": champ_acc, **asdict(decision)}
     if decision.promote:
         with atomic_dir(champ_path) as tmp:
             for f in paths.finetuned.iterdir():

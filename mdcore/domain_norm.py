@@ -40,6 +40,13 @@ class DomainBatchNorm2d(Routed, nn.Module):
         self.register_buffer("running_var", torch.ones(n_domains, num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.post = post if post is not None else nn.Identity()  # timm's BatchNormAct2d: drop + act
+        self._seen = torch.zeros(n_domains)  # batches per domain since the last reset (cumulative mode)
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+        self._seen = torch.zeros(self.n_domains)
 
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, n_domains: int) -> "DomainBatchNorm2d":
@@ -69,7 +76,12 @@ class DomainBatchNorm2d(Routed, nn.Module):
                 present = cnt > 0
                 n = cnt * x.shape[2] * x.shape[3]
                 unbiased = var_d * (n / (n - 1).clamp(min=1))[:, None]
-                m = self.momentum
+                if self.momentum is None:  # cumulative average (statistics recomputed from scratch)
+                    self._seen = self._seen.to(cnt.device)
+                    self._seen[present] += 1
+                    m = (1.0 / self._seen[present].clamp(min=1))[:, None].to(self.running_mean.dtype)
+                else:
+                    m = self.momentum
                 self.running_mean[present] = (1 - m) * self.running_mean[present] + m * mean_d[present].detach()
                 self.running_var[present] = (1 - m) * self.running_var[present] + m * unbiased[present].detach()
                 self.num_batches_tracked.add_(1)

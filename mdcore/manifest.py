@@ -17,7 +17,7 @@ from mdcore.io import sha256_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 COLUMNS = ["path", "domain", "label", "split", "sha256", "width", "height", "mode", "source", "generator"]
-SPLITS = ("train", "val", "test", "holdout")
+SPLITS = ("train", "val", "test", "gate", "holdout")
 
 
 class DataLayoutError(ValueError):
@@ -102,25 +102,28 @@ def describe_chunk(root: str, rels: list[str]) -> list[tuple[str, int, int, str]
     return [describe_image(Path(root, rel)) for rel in rels]
 
 
+def split_of(sha256: str, val_fraction: float, test_fraction: float, seed: int = 0, gate_fraction: float = 0.0) -> str:
+    """The split of one image, from its content hash alone: adding or removing other images never moves
+    it, and identical content always lands in the same split (no duplicate leaks across splits).
+
+    ``gate`` is the promotion gate's own split: neither trained on, nor selected on, nor reported as test."""
+    u = int.from_bytes(hashlib.sha256(f"{seed}/{sha256}".encode()).digest()[:8], "little") / 2.0**64
+    for name, share in (("test", test_fraction), ("val", val_fraction), ("gate", gate_fraction)):
+        if u < share:
+            return name
+        u -= share
+    return "train"
+
+
 def assign_splits(
-    frame: pd.DataFrame, val_fraction: float, test_fraction: float, holdout_domains: list[str], seed: int
+    frame: pd.DataFrame, val_fraction: float, test_fraction: float, holdout_domains: list[str], seed: int,
+    gate_fraction: float = 0.0,
 ) -> pd.Series:
-    """Per-domain splits stratified by class; held-out domains go entirely to ``holdout``."""
-    split = pd.Series("train", index=frame.index, dtype=object)
-    for (domain, label), group in frame.groupby(["domain", "label"], sort=True):
-        idx = group.sort_values("path").index.to_numpy()
-        if domain in holdout_domains:
-            split[idx] = "holdout"
-            continue
-        key = int.from_bytes(hashlib.sha256(f"{seed}/{domain}/{label}".encode()).digest()[:8], "little")
-        idx = np.random.default_rng(key).permutation(idx)
-        n = len(idx)
-        n_test = int(round(n * test_fraction))
-        n_val = int(round(n * val_fraction))
-        if n >= 3:  # every split of every seen (domain, class) gets at least one image when it can
-            n_test, n_val = max(n_test, 1), max(n_val, 1)
-        split[idx[:n_test]] = "test"
-        split[idx[n_test : n_test + n_val]] = "val"
+    """Per-domain splits drawn from each file's content hash (``split_of``), so the class mix of every
+    split follows the domain's (stratified in expectation); held-out domains go entirely to ``holdout``."""
+    split = pd.Series(
+        [split_of(h, val_fraction, test_fraction, seed, gate_fraction) for h in frame["sha256"]], index=frame.index, dtype=object)
+    split[frame["domain"].isin(holdout_domains)] = "holdout"
     return split
 
 
@@ -132,6 +135,7 @@ def build_manifest(
     holdout_domains: list[str] | None = None,
     seed: int = 0,
     workers: int = 0,
+    gate_fraction: float = 0.0,
 ) -> pd.DataFrame:
     """The manifest of the tree at ``root``; images are described by ``workers`` processes (0 = all cores)."""
     root = Path(root)
@@ -148,7 +152,10 @@ def build_manifest(
 
     described = map_chunks(describe_chunk, list(frame["path"]), str(root), workers=workers)
     frame["sha256"], frame["width"], frame["height"], frame["mode"] = zip(*described)
-    frame["split"] = assign_splits(frame, val_fraction, test_fraction, holdout_domains, seed)
+    if val_fraction + test_fraction + gate_fraction >= 1:
+        raise ValueError(f"val_fraction {val_fraction} + test_fraction {test_fraction} + gate_fraction "
+                         f"{gate_fraction} leave nothing to train on")
+    frame["split"] = assign_splits(frame, val_fraction, test_fraction, holdout_domains, seed, gate_fraction)
     frame["source"] = "real"
     frame["generator"] = ""
     return frame[COLUMNS].sort_values("path").reset_index(drop=True)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mdcore.adapters import BottleneckAdapter, StageAdapterBank
-from mdcore.domain_norm import Routed, convert_to_domain_bn, require_batchnorm
+from mdcore.domain_norm import DomainBatchNorm2d, Routed, convert_to_domain_bn, require_batchnorm
 from mdcore.images import standardize
 from mdcore.losses import domain_alignment, load_balancing_loss, supcon_loss
 from mdcore.moe import MoEHead
@@ -124,6 +124,21 @@ class MultiDomainModel(nn.Module):
         # mean normalized routing feature of each domain, for routing images of unknown domain
         self.register_buffer("prototypes", torch.zeros(n_domains, dim))
         self._routed = [m for m in self.modules() if isinstance(m, Routed)]
+        self.frozen_norms: list[nn.Module] = []  # batch-norm layers of frozen stages: statistics frozen too
+
+    def train(self, mode: bool = True) -> "MultiDomainModel":
+        """Like ``nn.Module.train``, but batch-norm layers of frozen stages stay in eval mode, so their
+        running statistics stay those of the weights they belong to."""
+        super().train(mode)
+        for m in self.frozen_norms:
+            m.eval()
+        return self
+
+    def no_weight_decay(self) -> set[str]:
+        """Per-domain batch-norm affine parameters (one row per domain, so 2-D) are exempt from weight decay
+        like ordinary 1-D batch-norm affine parameters; timm's optimizer factory reads this set."""
+        return {f"{name}.{p}" for name, m in self.named_modules() if isinstance(m, DomainBatchNorm2d)
+                for p in ("weight", "bias")}
 
     @property
     def num_features(self) -> int:

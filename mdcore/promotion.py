@@ -1,7 +1,7 @@
 """Champion/challenger: promote a new model only if no domain gets worse.
 
-Both models are scored on the same, current evaluation data, so a changed test split cannot make a
-worse model look better.
+Both models are scored on the same, current gate split (its own share of every seen domain, never
+trained on, selected on or reported as test), so a changed split cannot make a worse model look better.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from mdcore.images import ImageSet, standardize, to_float
 from mdcore.losses import classification_loss, distillation_loss, nt_xent
 
 if TYPE_CHECKING:
+    from mdcore.methods import Method
     from mdcore.transfer import DomainWeighting
 
 
@@ -44,6 +45,7 @@ def finetune_epoch(
     teacher: nn.Module | None = None,
     kd_weight: float = 0.0,
     kd_temperature: float = 4.0,
+    method: "Method | None" = None,
 ) -> dict[str, float]:
     """One pass over ``batches`` (index tensors into ``data``: this worker's shard).
 
@@ -52,6 +54,7 @@ def finetune_epoch(
     ``domain_weighting`` (mdcore.transfer.DomainWeighting) weights each image's classification loss by its
     domain (inverse frequency, GroupDRO, curriculum) and is updated after every step. ``teacher`` adds
     ``kd_weight`` x the distillation loss towards the teacher's logits (temperature ``kd_temperature``).
+    ``method`` (mdcore.methods) transforms each batch before the model sees it and is told after every step.
     """
     model.train()
     g = torch.Generator().manual_seed(seed * 7919 + epoch * 31 + rank)
@@ -62,6 +65,8 @@ def finetune_epoch(
     for idx in batches:
         x = train_view(to_float(data.images[idx]), g).to(device)
         y, d = data.labels[idx].to(device), data.domains[idx].to(device)
+        if method is not None:
+            x = method.transform_input(x, d, g)
         out = model(x, d, return_aux=True, labels=y)
         logits, aux = out if isinstance(out, tuple) else (out, {})
         if domain_weighting is None:
@@ -81,6 +86,8 @@ def finetune_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if method is not None:
+            method.after_step(model)
         if on_step is not None:
             on_step()
         total_loss += float(loss.detach()) * len(idx)
@@ -102,6 +109,31 @@ def predict(
         d = None if domains is None else domains[start : start + batch_size].to(device)
         out.append(model(x, d).argmax(1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, data: ImageSet, names: list[str], batch_size: int = 256, device="cpu",
+                   use_domain: bool = True) -> dict:
+    """Mean cross-entropy and accuracy (overall = mean over domains) and accuracy per domain name."""
+    import torch.nn.functional as F
+
+    model.eval()
+    losses, preds = [], []
+    for start in range(0, len(data), batch_size):
+        x = to_float(data.images[start : start + batch_size]).to(device)
+        d = data.domains[start : start + batch_size].to(device) if use_domain else None
+        logits = model(x, d).float()
+        losses.append(F.cross_entropy(logits, data.labels[start : start + batch_size].to(device), reduction="none").cpu())
+        preds.append(logits.argmax(1).cpu())
+    if not preds:
+        return {"loss": float("nan"), "acc": float("nan"), "per_domain": {}}
+    correct = (torch.cat(preds) == data.labels).numpy()
+    per: dict[str, list] = {}
+    for name, ok in zip(names, correct):
+        per.setdefault(name, []).append(bool(ok))
+    per_domain = {n: sum(v) / len(v) for n, v in sorted(per.items())}
+    return {"loss": float(torch.cat(losses).mean()), "acc": sum(per_domain.values()) / len(per_domain),
+            "per_domain": per_domain}
 
 
 def accuracy_by_domain(

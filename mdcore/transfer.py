@@ -57,6 +57,15 @@ def apply_freezing(model: nn.Module, n_frozen: int) -> dict[str, int]:
     frozen_names = {n for g in groups[:n_frozen] for n in g} - keep
     for name, param in backbone.named_parameters():
         param.requires_grad_(name not in frozen_names)
+    # a frozen stage's batch-norm keeps its running statistics too (eval mode survives model.train())
+    norms = []
+    for mod_name, module in backbone.named_modules():
+        own = [f"{mod_name}.{n}" for n, _ in module.named_parameters(recurse=False)]
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and own and all(n in frozen_names for n in own):
+            norms.append(module)
+    if hasattr(model, "frozen_norms"):
+        model.frozen_norms = norms
+        model.train(model.training)
     return {"frozen_tensors": len(frozen_names), "groups_frozen": min(n_frozen, len(groups)),
             "groups": len(groups)}
 
@@ -131,6 +140,13 @@ class DomainWeighting:
 
     def state(self) -> dict[str, list[float]]:
         return {"q": self.q.tolist(), "running_loss": self.running_loss.tolist()}
+
+    def load_state(self, state: dict) -> None:
+        """Restore :meth:`state` (a resumed run continues with the same domain weights)."""
+        if "q" in state:
+            self.q = torch.tensor(state["q"], dtype=torch.float32)
+        if "running_loss" in state:
+            self.running_loss = torch.tensor(state["running_loss"], dtype=torch.float32)
 
 
 class EarlyStopping:

@@ -27,3 +27,12 @@ def load_split(
     classes = classes if classes is not None else class_names(frame)
     rows = frame[frame["split"].isin(splits) & (synthetic | (frame["source"] == "real"))]
     return load_images(rows, roots, size, domains, classes), rows
+
+
+def guard_holdout(manifest: str | Path, used: dict[str, pd.DataFrame]) -> None:
+    """Raise ``mdcore.lodo.LeakageError`` if any held-out image (by path or content) is among ``used``
+    (role -> rows): held-out domains measure generalization only if nothing of them was learned from."""
+    from mdcore.lodo import assert_no_leak
+
+    frame = read_manifest(manifest)
+    assert_no_leak(frame[frame["split"] == "holdout"], used)

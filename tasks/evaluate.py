@@ -18,11 +18,16 @@ from tasks.stage import StageResult, execute
 log = logging.getLogger("mdpipe.evaluate")
 
 
-def per_domain_accuracy(model: MultiDomainModel, paths: Paths, batch_size: int) -> pd.DataFrame:
-    """One row per domain: kind (seen/held-out), images, accuracy with its domain id and without it."""
+def per_domain_accuracy(model: MultiDomainModel, paths: Paths, batch_size: int,
+                        splits: tuple[str, ...] = ("test", "holdout")) -> pd.DataFrame:
+    """One row per domain: kind (seen/held-out), images, accuracy with its domain id and without it,
+    on ``splits`` (reporting: test + held-out; the promotion gate: its own ``gate`` split)."""
     cfg = model.config
     data, rows = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), cfg.image_size,
-                            ("test", "holdout"), synthetic=False, domains=cfg.domains, classes=cfg.classes)
+                            splits, synthetic=False, domains=cfg.domains, classes=cfg.classes)
+    if not len(rows):
+        raise ValueError(f"{paths.train_manifest} has no rows in splits {list(splits)} to score on"
+                         + (" (set ingest.gate_fraction > 0)" if "gate" in splits else ""))
     names = list(rows["domain"])
     with_id = accuracy_by_domain(model, data, names, batch_size, use_domain=True)
     without_id = accuracy_by_domain(model, data, names, batch_size, use_domain=False)

@@ -35,9 +35,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     from mdcore.checkpoint import load_training_state
     from mdcore.images import to_float
     from mdcore.sampler import domain_balanced_batches
-    from mdcore.train import accuracy_by_domain, finetune_epoch
-    from tasks.data import load_split
-    from tasks.model_setup import (build_model, build_optimizer, early_stopping, epoch_kwargs,
+    from mdcore.train import evaluate_split, finetune_epoch
+    from tasks.data import guard_holdout, load_split
+    from tasks.model_setup import (build_method, build_model, build_optimizer, early_stopping, epoch_kwargs,
                                    needs_find_unused_parameters, on_epoch_start)
 
     p = FinetuneParams.model_validate(cfg["params"])
@@ -46,17 +46,24 @@ def train_loop_per_worker(cfg: dict) -> None:
     torch.set_num_threads(max(1, int(p.cpus_per_worker)))
     torch.manual_seed(p.seed)
     roots = {k: Path(v) for k, v in cfg["roots"].items()}
-    train, _ = load_split(cfg["train_manifest"], roots, cfg["image_size"], ("train",), synthetic=p.use_synthetic)
-    val, _ = load_split(cfg["train_manifest"], roots, cfg["image_size"], ("val",), synthetic=False,
-                        domains=train.domain_names, classes=train.class_names)
-    model = build_model(p, train, cfg["backbone"], cfg["image_size"], cfg.get("backbone_weights"))
+    train, train_rows = load_split(cfg["train_manifest"], roots, cfg["image_size"], ("train",),
+                                   synthetic=p.use_synthetic)
+    val_set, val_rows = load_split(cfg["train_manifest"], roots, cfg["image_size"], ("val",), synthetic=False,
+                                   domains=train.domain_names, classes=train.class_names)
+    guard_holdout(cfg["train_manifest"], {"training": train_rows, "validation and selection": val_rows,
+                                          "prototypes": train_rows})
+    method = build_method(p)
+    model = build_model(p, train, cfg["backbone"], cfg["image_size"], cfg.get("backbone_weights"), method=method)
     optimizer, scheduler = build_optimizer(p, model)
-    start_epoch, history, attempt = 0, [], 0
+    extra = epoch_kwargs(p, train)  # once: it carries state across epochs (GroupDRO weights)
+    start_epoch, history, attempt, best = 0, [], 0, Selection()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             start_epoch = load_training_state(folder, model, optimizer) + 1
             history = json.loads((Path(folder) / "history.json").read_text())
+            best.load(Path(folder))
+            _load_run_state(Path(folder), extra)
         attempt = history[-1].get("attempt", 0) + 1 if history else 1
         print(f"[finetune] rank {rank}: resumed from the checkpoint of epoch {start_epoch} (attempt {attempt})")
     device = ray.train.torch.get_device()
@@ -67,7 +74,6 @@ def train_loop_per_worker(cfg: dict) -> None:
         fast, move_to_device=True,
         parallel_strategy_kwargs={"find_unused_parameters": needs_find_unused_parameters(p)})
     mix = p.domain_mix if isinstance(p.domain_mix, str) else _domain_weights(p.domain_mix, train.domain_names)
-    extra = epoch_kwargs(p, train)  # once: it carries state across epochs (GroupDRO weights)
     stopper = early_stopping(p)
     for row in history:  # after a resume, replay the epochs already done
         stopper.step(row["val_acc"], row["epoch"] - 1)
@@ -84,15 +90,25 @@ def train_loop_per_worker(cfg: dict) -> None:
         batches = domain_balanced_batches(train.domains, p.batch_size, rank=rank, world=world, epoch=epoch,
                                           seed=p.seed, mix=mix)
         stats = finetune_epoch(ddp_model, train, optimizer, batches, epoch=epoch, seed=p.seed, rank=rank,
-                               label_smoothing=p.label_smoothing, device=device, **extra)
+                               label_smoothing=p.label_smoothing, device=device, method=method, **extra)
         totals = _all_reduce_sum([stats["loss"] * stats["images"], stats["train_acc"] * stats["images"],
                                   stats["images"]], world)
         elapsed = time.perf_counter() - t0
         _average_buffers(model, world)  # per-domain normalization statistics: one value on every worker
-        val_acc = accuracy_by_domain(model, val, [train.domain_names[d] for d in val.domains], 256) if len(val) else {}
+        val = evaluate_split(model, val_set, [train.domain_names[d] for d in val_set.domains], 256, device=device)
+        val_acc = val["per_domain"]
+        method.end_epoch(model, epoch, val)
+        best.step(model, epoch, val["acc"] if val_acc else epoch - 1e6)  # no val rows: the last epoch
         stop = stopper.step(sum(val_acc.values()) / max(len(val_acc), 1), epoch)  # same decision on every rank
         last = epoch == p.epochs - 1 or stop
-        if last:
+        shipped = {}
+        if last:  # what ships: the best training-domain-validation epoch, or the method's own (SWAD's average)
+            if method.selects_checkpoint():
+                best.restore(model)
+                shipped = {"selected_epoch": best.epoch + 1}
+            else:
+                shipped = method.finalize(model, lambda: _bn_batches(train, p, method, rank, world, device))
+                shipped["selected_epoch"] = "average"
             model.fit_prototypes(to_float(train.images), train.domains)
         metrics = {
             "epoch": epoch + 1,
@@ -100,18 +116,83 @@ def train_loop_per_worker(cfg: dict) -> None:
             "train_loss": totals[0] / totals[2],
             "train_acc": totals[1] / totals[2],
             "val_acc": sum(val_acc.values()) / max(len(val_acc), 1),
+            "val_loss": val["loss"],
             "lr": optimizer.param_groups[-1]["lr"],
             "images_per_s": totals[2] / elapsed,
             **{f"val_domain_acc/{d}": a for d, a in val_acc.items()},
             **{k: v for k, v in stats.items() if k.startswith("aux/")},
             **{f"frozen/{k}": v for k, v in frozen.items() if isinstance(v, (int, float))},
             "early_stopped": stop,
+            **{f"shipped/{k}": v for k, v in shipped.items()},
         }
         if last:
             metrics["weights_max_diff_across_workers"] = _weights_max_diff(model, world)
-        _report(rank, metrics, history, model, optimizer, epoch, p.epochs)
+        _report(rank, metrics, history, model, optimizer, epoch, p.epochs, best, extra)
         if stop:
             break
+
+
+class Selection:
+    """Keeps the weights of the epoch with the best training-domain validation accuracy (held-out and test
+    numbers never enter), to restore at the end, after early stopping too; saved in every checkpoint."""
+
+    FILE = "best_model.safetensors"
+
+    def __init__(self):
+        self.value, self.epoch, self.state = -float("inf"), -1, None
+
+    def step(self, model, epoch: int, value: float) -> None:
+        if value > self.value:
+            self.value, self.epoch = value, epoch
+            self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def restore(self, model) -> None:
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        if self.state is not None:
+            save_file({k: v.contiguous() for k, v in self.state.items()}, str(folder / self.FILE),
+                      metadata={"epoch": str(self.epoch), "value": repr(self.value)})
+
+    def load(self, folder: Path) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        file = folder / self.FILE
+        if file.is_file():
+            with safe_open(str(file), "pt") as f:
+                meta = f.metadata()
+            self.state, self.epoch, self.value = load_file(str(file)), int(meta["epoch"]), float(meta["value"])
+
+
+RUN_STATE = "run_state.json"
+
+
+def _load_run_state(folder: Path, extra: dict) -> None:
+    """Per-run state beyond the weights (GroupDRO's domain weights, the curriculum's running losses)."""
+    file = folder / RUN_STATE
+    weighting = extra.get("domain_weighting")
+    if weighting is not None and file.is_file():
+        weighting.load_state(json.loads(file.read_text()).get("domain_weighting", {}))
+
+
+def _bn_batches(train, p, method, rank: int, world: int, device):
+    """(images, domains) batches of this worker's training shard, as the model saw them (for SWAD's
+    batch-norm statistics)."""
+    import torch
+
+    from mdcore.augment import train_view
+    from mdcore.images import to_float
+    from mdcore.sampler import domain_balanced_batches
+
+    g = torch.Generator().manual_seed(p.seed + 1)
+    for idx in domain_balanced_batches(train.domains, p.batch_size, rank=rank, world=world, epoch=p.epochs,
+                                       seed=p.seed, mix="uniform"):
+        x = method.transform_input(train_view(to_float(train.images[idx]), g), train.domains[idx], g)
+        yield x.to(device), train.domains[idx].to(device)
 
 
 def _domain_weights(mix: dict[str, float], domains: list[str]) -> dict[int, float]:
@@ -167,7 +248,7 @@ def _weights_max_diff(model, world: int) -> float:
     return float(diff)
 
 
-def _report(rank, metrics, history, model, optimizer, epoch, epochs) -> None:
+def _report(rank, metrics, history, model, optimizer, epoch, epochs, best: Selection, extra: dict) -> None:
     import ray.train
 
     from mdcore.checkpoint import save_training_state
@@ -182,8 +263,13 @@ def _report(rank, metrics, history, model, optimizer, epoch, epochs) -> None:
           f"({metrics['images_per_s']:.0f} img/s)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         save_training_state(tmp, model, optimizer, epoch, metrics)
-        save_model(model, Path(tmp) / "model", extra={"epoch": epoch + 1})
+        save_model(model, Path(tmp) / "model", extra={"epoch": epoch + 1,
+                                                      "selected_epoch": metrics.get("shipped/selected_epoch")})
         (Path(tmp) / "history.json").write_text(json.dumps(history))
+        best.save(Path(tmp))
+        weighting = extra.get("domain_weighting")
+        (Path(tmp) / RUN_STATE).write_text(json.dumps(
+            {"domain_weighting": weighting.state() if weighting is not None else {}}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -301,6 +387,10 @@ def run(params: FinetuneParams, paths: Paths, kill_at_epoch: int | None = None) 
         "train_loss": last["train_loss"],
         "train_acc": last["train_acc"],
         "val_acc": last["val_acc"],
+        "selected_epoch": last.get("shipped/selected_epoch"),
+        "best_val_acc": max(r["val_acc"] for r in history),
+        "method": params.method,
+        **{k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("shipped/") and k != "shipped/selected_epoch"},
         "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
         "fit_wall_s": round(time.perf_counter() - t0, 2),
         "restarts": max(r.get("attempt", 0) for r in history),

@@ -46,6 +46,7 @@ def run(params: IngestParams, paths: Paths) -> StageResult:
             tmp,
             val_fraction=params.val_fraction,
             test_fraction=params.test_fraction,
+            gate_fraction=params.gate_fraction,
             holdout_domains=params.holdout_domains,
             seed=params.seed,
         )

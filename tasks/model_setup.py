@@ -11,6 +11,7 @@ and a stage unfrozen later is still synchronized.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import torch
 from safetensors.torch import load_file
@@ -18,14 +19,27 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
 from mdcore.images import ImageSet
+from mdcore.methods import Method, create_method
 from mdcore.model import ModelConfig, MultiDomainModel
 from mdcore.transfer import DomainWeighting, EarlyStopping, apply_freezing, backbone_groups, frozen_group_count
 from tasks.params import FinetuneParams
 
 
+def build_method(p: FinetuneParams) -> Method:
+    """The domain-generalization method the params name (one object per training run: it carries state)."""
+    return create_method(p.method, p.method_hparams)
+
+
 def model_config(p: FinetuneParams, domains: list[str], classes: list[str], backbone: str,
                  image_size: int) -> ModelConfig:
-    """The ModelConfig the finetune params select (per-domain parts and the weights of their losses)."""
+    """The ModelConfig the finetune params select: the per-domain parts and the weights of their losses,
+    as the method keeps or removes them (``erm`` and its children have none, and no standardization)."""
+    method = create_method(p.method, p.method_hparams)
+    return ModelConfig(**method.configure(asdict(_component_config(p, domains, classes, backbone, image_size))))
+
+
+def _component_config(p: FinetuneParams, domains: list[str], classes: list[str], backbone: str,
+                      image_size: int) -> ModelConfig:
     return ModelConfig(
         backbone=backbone, domains=list(domains), classes=list(classes), image_size=image_size,
         adapters=p.adapters, adapter_dim=p.adapter_dim,
@@ -38,10 +52,13 @@ def model_config(p: FinetuneParams, domains: list[str], classes: list[str], back
 
 
 def build_model(p: FinetuneParams, train: ImageSet, backbone: str, image_size: int,
-                backbone_weights: str | None = None) -> MultiDomainModel:
+                backbone_weights: str | None = None, method: Method | None = None) -> MultiDomainModel:
+    """The model of the params; ``method`` (from :func:`build_method`) attaches its training-only hooks."""
     model = MultiDomainModel(model_config(p, train.domain_names, train.class_names, backbone, image_size))
     if backbone_weights:
         model.load_backbone(load_file(backbone_weights))
+    if method is not None:
+        method.attach(model)
     return model
 
 

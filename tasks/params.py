@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class StageParams(BaseModel):
@@ -19,8 +19,11 @@ class StageParams(BaseModel):
 class IngestParams(StageParams):
     data_root: str | None = Field(None, description="ROOT/<domain>/<class>/<image> tree; empty = built-in digits")
     holdout_domains: list[str] = Field(["lowlight"], description="Domains kept out of training and model selection")
-    val_fraction: float = Field(0.15, ge=0, lt=1, description="Per-domain, class-stratified validation share")
-    test_fraction: float = Field(0.2, ge=0, lt=1, description="Per-domain, class-stratified test share")
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="Per-domain validation share (model selection); "
+                                                               "a file's split follows from its content hash")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="Per-domain test share (reported only)")
+    gate_fraction: float = Field(0.1, ge=0, lt=1, description="Per-domain share the promotion gate scores on "
+                                                               "(never trained on, selected on or reported as test)")
     seed: int = Field(0, description="Seed of the splits and of the built-in dataset")
     builtin_limit: int | None = Field(None, ge=40, description="Use only this many built-in digits (small runs)")
 
@@ -144,6 +147,12 @@ class PretrainParams(StageParams):
 
 
 class FinetuneParams(StageParams):
+    method: str = Field(
+        "multidomain", description="Domain-generalization method from the registry (mdcore.methods): erm, "
+                                   "multidomain, randconv, mixstyle, swad, or several joined by + "
+                                   "(e.g. multidomain+randconv+swad)")
+    method_hparams: dict[str, float | int | bool | list[int]] = Field(
+        {}, description="Hyper-parameters of the method's components (e.g. randconv_p: 0.5); unknown keys are errors")
     num_workers: int = Field(2, ge=1, description="Ray Train workers")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker (also its torch threads)")
     use_gpu: bool = Field(False, description="One GPU per worker")
@@ -198,6 +207,22 @@ class FinetuneParams(StageParams):
     use_synthetic: bool = Field(True, description="Train on synthetic rows too")
     init_from_pretrain: bool = Field(True, description="Start from the pretrain stage's backbone")
     seed: int = 0
+
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v):
+        from mdcore.methods import method_class
+
+        method_class(v)  # unknown names raise, listing the known ones
+        return v
+
+    @model_validator(mode="after")
+    def _known_method_hparams(self):
+        from mdcore.methods import create_method
+
+        create_method(self.method, self.method_hparams)  # unknown hyper-parameters raise, naming the known ones
+        return self
 
 
 class EvaluateParams(StageParams):

@@ -19,7 +19,7 @@ from mdcore.io import atomic_dir
 from mdcore.model import create_backbone
 from mdcore.probe import probe_backbone, probe_markdown
 from mdcore.train import ContrastiveNet, contrastive_epoch
-from tasks.data import image_roots, load_split
+from tasks.data import guard_holdout, image_roots, load_split
 from tasks.params import PretrainParams
 from tasks.paths import Paths
 from tasks.stage import StageResult, execute
@@ -34,6 +34,8 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
     splits = ("train", "holdout") if params.include_holdout_unlabelled else ("train",)
     roots = image_roots(paths.raw, paths.synthetic)
     data, rows = load_split(paths.train_manifest, roots, params.image_size, splits)
+    if not params.include_holdout_unlabelled:  # generalization, not adaptation: nothing of them is seen
+        guard_holdout(paths.train_manifest, {"pretraining": rows})
     backbone = create_backbone(params.backbone)
     probe_data = _probe_data(paths, params, data, rows) if params.linear_probe else None
     probe_before = _probe(backbone, probe_data, params.seed) if probe_data else None

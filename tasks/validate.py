@@ -178,7 +178,7 @@ def manifest_expectations(params: ValidateParams, known_domains, known_classes) 
     exps = [E.ExpectColumnValuesToNotBeNull(column=c, meta=meta(f"not_null_{c}", f"every row has a {c}"))
             for c in ("path", "domain", "label", "split", "sha256")]
     exps += [
-        E.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS), meta=meta("known_splits", "split is one of train/val/test/holdout")),
+        E.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS), meta=meta("known_splits", "split is one of train/val/test/gate/holdout")),
         E.ExpectColumnValuesToBeUnique(column="path", meta=meta("unique_path", "each file is listed once")),
         E.ExpectColumnValuesToBeBetween(column="file_bytes", min_value=1, meta=meta(
             "non_empty_file", "the file exists and is not empty (-1 = missing, 0 = zero bytes)")),

@@ -1,0 +1,100 @@
+"""The baselines a user would write instead of mdpipe, run on the LODO protocol's own cells (same
+manifest, same held-out domains, same budget and cores): a plain single-process timm loop (about forty
+lines, no per-domain parts) and the same loop with RandConv (about ten lines more).
+
+    python -m bench.lodo_plain_loop --data digits --seeds 0 1 2 [--randconv]
+
+Needs the protocol's data (``mdpipe experiment lodo --data NAME`` prepares it). Prints a markdown row per
+loop and writes bench/results/lodo_plain_<data>.json. The last epoch's model is scored, as a plain loop does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+def load(frame: pd.DataFrame, root: Path, classes: list[str]):
+    x = torch.from_numpy(np.stack([np.asarray(Image.open(root / p).convert("RGB")) for p in frame["path"]]))
+    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, torch.tensor([classes.index(c) for c in frame["label"]])
+
+
+def randconv(x: torch.Tensor) -> torch.Tensor:
+    """Xu et al. (2021), mixing variant: a random 1/3/5/7 conv per batch, blended per image, p = 0.5."""
+    k = int(np.random.choice([1, 3, 5, 7]))
+    out = F.conv2d(x, torch.randn(3, 3, k, k) / (3 * k * k) ** 0.5, padding=k // 2)
+    out = (out - out.mean((1, 2, 3), keepdim=True)) / out.std((1, 2, 3), keepdim=True).clamp(min=1e-4)
+    out = out * x.std((1, 2, 3), keepdim=True) + x.mean((1, 2, 3), keepdim=True)
+    a = torch.rand(len(x), 1, 1, 1)
+    return torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, a * x + (1 - a) * out, x)
+
+
+def plain_cell(frame, root, heldout, seed, epochs, batch, use_randconv) -> dict:
+    classes = sorted(frame["label"].unique())
+    seen = frame[frame["domain"] != heldout]
+    x, y = load(seen[seen["split"] == "train"], root, classes)
+    torch.manual_seed(seed), np.random.seed(seed)
+    model = timm.create_model("resnet10t", num_classes=len(classes))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * (len(x) // batch))
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(x)).split(batch)[: len(x) // batch]:
+            xb = randconv(x[idx]) if use_randconv else x[idx]
+            loss = F.cross_entropy(model(xb), y[idx])
+            opt.zero_grad(), loss.backward(), opt.step(), sched.step()
+    model.eval()
+
+    def acc(rows):
+        xs, ys = load(rows, root, classes)
+        with torch.no_grad():
+            return float((model(xs).argmax(1) == ys).float().mean())
+
+    test = seen[seen["split"] == "test"]
+    return {"heldout_acc": acc(frame[frame["domain"] == heldout]),
+            "seen_acc": float(np.mean([acc(test[test["domain"] == d]) for d in sorted(test["domain"].unique())]))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="digits")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--randconv", action="store_true")
+    ap.add_argument("--root", default=".")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    folder = Path(args.root) / "reports/experiments/lodo" / args.data
+    frame = pd.read_csv(folder / "manifest.csv", dtype={"label": str, "domain": str}, keep_default_na=False)
+    root = folder / "raw"
+    name = "plain timm loop" + (" + RandConv" if args.randconv else "")
+    cells, t0 = [], time.perf_counter()
+    domains = sorted(frame["domain"].unique())
+    for d in domains:
+        for s in args.seeds:
+            cells.append({"heldout": d, "seed": s, **plain_cell(frame, root, d, s, args.epochs, args.batch, args.randconv)})
+            print(cells[-1], flush=True)
+    per_seed = [np.mean([c["heldout_acc"] for c in cells if c["seed"] == s]) for s in args.seeds]
+    seen = [np.mean([c["seen_acc"] for c in cells if c["seed"] == s]) for s in args.seeds]
+    ms = lambda v: f"{100 * np.mean(v):.1f} ± {100 * np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"  # noqa: E731
+    row = " | ".join(ms([c["heldout_acc"] for c in cells if c["heldout"] == d]) for d in domains)
+    print(f"| {name} | {row} | **{ms(per_seed)}** | {ms(seen)} |")
+    out = Path(args.root) / "bench/results" / f"lodo_plain_{args.data}{'_randconv' if args.randconv else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"loop": name, "domains": domains, "cells": cells, "wall_s": time.perf_counter() - t0,
+                               "epochs": args.epochs, "batch": args.batch, "threads": args.threads}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""``mdpipe experiment lodo``: the leave-one-domain-out protocol as a Prefect flow.
+
+Every (method, held-out domain, seed) is a Prefect task run. With cores to spare (more than one cell's
+``threads``) or a Ray cluster (``RAY_ADDRESS``), the cells run concurrently as Ray tasks; otherwise one
+after another in this process. Each finished cell is saved as JSON under
+``reports/experiments/lodo/<dataset>/cells/``, keyed by a hash of everything that decides its result, so a
+rerun trains only the cells that are missing (a changed budget, method or dataset makes new cells).
+
+Outputs in ``reports/experiments/lodo/<dataset>/``: ``lodo.md`` (the DomainBed table, plus oracle
+selection labelled as such), ``lodo.json`` (everything), ``metrics.json`` (for ``dvc metrics show``),
+``lodo.png``; and the table as a Prefect artifact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+log = logging.getLogger("mdpipe.lodo")
+
+# The protocol's documented budget on 2 cores (BENCHMARKS.md): short runs, the same for every method.
+DEFAULT_METHODS = ["erm", "randconv", "multidomain", "multidomain+randconv+swad"]
+PROTOCOL_VERSION = 1
+
+
+def dataset_folder(paths, data: str) -> tuple[str, Path]:
+    """(dataset name, its folder under reports/experiments/lodo/)."""
+    from mdcore.lodo import BUILTIN_DATASETS
+
+    if data in BUILTIN_DATASETS:
+        return data, paths.experiments / "lodo" / data
+    tree = Path(data).expanduser().resolve()
+    if not tree.is_dir():
+        raise FileNotFoundError(f"--data {data}: not a built-in dataset {list(BUILTIN_DATASETS)} nor a folder")
+    slug = tree.name + "-" + hashlib.sha256(str(tree).encode()).hexdigest()[:8]
+    return slug, paths.experiments / "lodo" / slug
+
+
+@task(name="lodo-prepare-data", cache_policy=NO_CACHE)
+def prepare_data(data: str, folder: str, split_seed: int = 0, limit: int | None = None) -> dict:
+    """Image root and protocol manifest (every domain split by content hash) of a dataset."""
+    from mdcore.io import atomic_write_text
+    from mdcore.lodo import BUILTIN_DATASETS, materialize_dataset, protocol_manifest
+    from mdcore.manifest import dataset_version, manifest_csv
+
+    folder = Path(folder)
+    root = materialize_dataset(data, folder, limit=limit) if data in BUILTIN_DATASETS else Path(data).expanduser().resolve()
+    frame = protocol_manifest(root, split_seed=split_seed)
+    if frame["domain"].nunique() < 2:
+        raise ValueError(f"{root}: leave-one-domain-out needs at least 2 domains, found {sorted(frame['domain'].unique())}")
+    manifest = folder / "manifest.csv"
+    atomic_write_text(manifest, manifest_csv(frame))
+    return {"image_root": str(root), "manifest": str(manifest), "dataset_version": dataset_version(frame),
+            "domains": sorted(frame["domain"].unique()), "images": len(frame)}
+
+
+def cell_hash(spec: dict) -> str:
+    keep = {k: v for k, v in spec.items() if k not in ("manifest", "image_root", "threads")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@task(name="lodo-cell", cache_policy=NO_CACHE, task_run_name="{spec[method]} | held out {spec[heldout]} | seed {spec[seed]}")
+def run_cell(spec: dict, out_file: str, use_ray: bool) -> dict:
+    """Train and score one cell (in this process, or as a Ray task), then save its result."""
+    from mdcore.io import atomic_write_json
+
+    if use_ray:
+        import ray
+
+        from flows.lodo_cell import train_cell
+
+        result = ray.get(ray.remote(train_cell).options(num_cpus=spec["threads"]).remote(spec))
+    else:
+        from flows.lodo_cell import train_cell
+
+        result = train_cell(spec)
+    result["cell_hash"] = cell_hash(spec)
+    atomic_write_json(out_file, result)
+    log.info("cell %s held out %s seed %s: held-out %.3f, seen %.3f (%.0f s)", spec["method"], spec["heldout"],
+             spec["seed"], result["heldout_acc"], result["seen_acc"], result["train_s"])
+    return result
+
+
+def _parallel_cells(threads: int, workers: int) -> int:
+    if workers > 0:
+        return workers
+    if os.environ.get("RAY_ADDRESS"):
+        return 64  # a cluster: as many as it schedules
+    return max(1, (os.cpu_count() or 1) // max(threads, 1))
+
+
+@flow(name="experiment-lodo", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=64))
+def lodo_flow(data: str = "digits", methods: list[str] = DEFAULT_METHODS,  # noqa: B006 (UI form default)
+              seeds: list[int] = [0, 1, 2], epochs: int = 8, batch_size: int = 32,  # noqa: B006
+              heldout: list[str] | None = None, threads: int = 2, workers: int = 0, limit: int | None = None,
+              root: str = ".") -> dict:
+    """Leave-one-domain-out over every domain of ``data`` (``digits``, ``glyphs`` or a tree path) for each
+    method and seed; ``heldout`` restricts the held-out domains. ``epochs``/``batch_size`` are the budget
+    every cell gets (other finetune params from params/finetune.yaml); ``threads`` per cell; ``workers``
+    cells at once (0: every core / a cluster; more than one runs them as Ray tasks)."""
+    from mdcore import lodo
+    from mdcore.io import atomic_write_json, atomic_write_text
+    from mdcore.methods import method_class
+    from tasks.params import load_params, validate_params
+    from tasks.paths import load_paths
+
+    t0 = time.perf_counter()
+    for m in methods:
+        method_class(m)  # an unknown name fails before any training
+    paths = load_paths(root)
+    name, folder = dataset_folder(paths, data)
+    info = prepare_data(data if name in lodo.BUILTIN_DATASETS else str(Path(data).expanduser().resolve()),
+                        str(folder), limit=limit)
+    domains = info["domains"]
+    unknown = sorted(set(heldout or []) - set(domains))
+    if unknown:
+        raise ValueError(f"heldout {unknown} not among the domains of {data}: {domains}")
+    # cells start from random weights: one learning rate for all layers (as a plain loop), no pretraining
+    finetune = load_params("finetune", paths.root / "params").model_dump() | {
+        "epochs": epochs, "batch_size": batch_size, "layer_decay": None, "gradual_unfreeze_every": 0,
+        "freeze_stages": 0, "adapters_only": False, "early_stopping_patience": 0}
+    validate_params("finetune", finetune, "lodo budget (epochs, batch_size)")
+    pre = load_params("pretrain", paths.root / "params")
+    base = {"manifest": info["manifest"], "image_root": info["image_root"], "dataset_version": info["dataset_version"],
+            "finetune": {k: v for k, v in finetune.items() if k not in ("seed", "method")},
+            "backbone": pre.backbone, "image_size": pre.image_size, "threads": threads, "protocol": PROTOCOL_VERSION}
+    cells_dir = folder / "cells"
+    results, todo = [], []
+    for m in methods:
+        for d in heldout or domains:
+            for s in seeds:
+                spec = base | {"method": m, "heldout": d, "seed": int(s)}
+                out = cells_dir / f"{lodo.cell_key(m.replace('+', '-'), d, s)}-{cell_hash(spec)}.json"
+                if out.is_file():
+                    results.append(json.loads(out.read_text()))
+                else:
+                    todo.append((spec, out))
+    parallel = min(_parallel_cells(threads, workers), max(len(todo), 1))
+    use_ray = parallel > 1
+    print(f"LODO on {name}: {len(domains)} domains x {len(methods)} methods x {len(seeds)} seeds; "
+          f"{len(results)} cells already done, {len(todo)} to train ({parallel} at a time"
+          f"{' as Ray tasks' if use_ray else ', in process'})")
+    if use_ray and todo:
+        from tasks.finetune import init_ray
+
+        init_ray()
+        futures = [run_cell.submit(spec, str(out), True) for spec, out in todo]
+        results += [f.result() for f in futures]
+    else:
+        results += [run_cell(spec, str(out), False) for spec, out in todo]
+    summary = {"dataset": name, "data": data, "dataset_version": info["dataset_version"], "domains": domains,
+               "seeds": list(seeds), "methods": list(methods),
+               "config": {"epochs": epochs, "batch_size": batch_size, "threads": threads, "backbone": pre.backbone,
+                          "image_size": pre.image_size},
+               "aggregate": lodo.aggregate([r for r in results if r["method"] in methods]),
+               "cells_run": len(todo), "cells_cached": len(results) - len(todo),
+               "wall_s": round(time.perf_counter() - t0, 1)}
+    table = lodo.markdown(summary, f"Leave-one-domain-out on {name}")
+    atomic_write_json(folder / "lodo.json", summary | {"cells": results})
+    atomic_write_json(folder / "metrics.json", lodo.metrics(summary))
+    atomic_write_text(folder / "lodo.md", table)
+    lodo.plot(summary, folder / "lodo.png")
+    _publish(table, name)
+    print(table)
+    return summary
+
+
+def _publish(table: str, name: str) -> None:
+    """The table as a Prefect markdown artifact (shown on the flow run's page in the UI)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    key = "lodo-" + "".join(c if c.isalnum() else "-" for c in name.lower())
+    create_markdown_artifact(key=key, markdown=table, description="Leave-one-domain-out table")

@@ -1,0 +1,143 @@
+"""The method interface, the registry, and ERM: the parent every method extends.
+
+A method does not own the training loop (the Ray workers and the LODO protocol share one loop,
+``mdcore.train.finetune_epoch``); it plugs into it through five hooks:
+
+- ``configure(cfg)``: edit the model config (which per-domain parts exist, input standardization);
+- ``attach(model)``: training-only hooks on the built model (MixStyle);
+- ``transform_input(x, domains, g)``: the batch the model sees (RandConv);
+- ``after_step(model)`` / ``end_epoch(model, epoch, val)``: state across steps (SWAD's averages);
+- ``finalize(model, batches)``: the model to ship (SWAD: the average, batch-norm statistics recomputed).
+
+Hyper-parameters live beside each method as a dataclass ``Hparams``; a composite takes the union, and
+an unknown key is an error that lists the known ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, type["Method"]] = {}
+
+# ModelConfig fields that make a model multi-domain; ERM turns every one of them off.
+PER_DOMAIN_OFF = dict(adapters=False, stage_adapters=[], domain_bn=False, head="linear", proj_dim=0,
+                      supcon_weight=0.0, align="none", align_weight=0.0, moe_balance_weight=0.0)
+
+
+def register_method(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: list ``cls`` under ``cls.name`` (a duplicate name is an error)."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} is registered twice ({_REGISTRY[cls.name].__module__} and {cls.__module__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def method_class(spec: str) -> type["Method"]:
+    """The class of ``spec``: one registered name, or several joined by ``+`` (a composite)."""
+    names = [n.strip() for n in spec.split("+") if n.strip()]
+    if not names:
+        raise ValueError(f"method {spec!r}: name at least one of {list_methods()}")
+    unknown = [n for n in names if n not in _REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown} in {spec!r}; known: {list_methods()}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"method {spec!r} names a component twice")
+    parts = [_REGISTRY[n] for n in names if n != "erm"] or [_REGISTRY["erm"]]
+    if len(parts) == 1:
+        return parts[0]
+    # later names wrap earlier ones: their hooks run last (so averaging sees the other methods' steps)
+    return type("+".join(p.__name__ for p in parts), tuple(reversed(parts)), {"name": "+".join(names)})
+
+
+def create_method(spec: str, hparams: dict | None = None) -> "Method":
+    return method_class(spec)(hparams)
+
+
+def _hparam_fields(cls: type) -> dict[str, dataclasses.Field]:
+    fields = {}
+    for klass in reversed(cls.__mro__):
+        hp = klass.__dict__.get("Hparams")
+        if hp is not None:
+            fields.update({f.name: f for f in dataclasses.fields(hp)})
+    return fields
+
+
+class Method:
+    """Hook interface (see the module docstring); ERM below is the concrete parent."""
+
+    name = "method"
+    per_domain_parts = False  # keep the per-domain components that the finetune params switch on
+    input_norm = "none"  # "image": per-image standardization before the backbone
+
+    @dataclasses.dataclass
+    class Hparams:
+        pass
+
+    def __init__(self, hparams: dict | None = None):
+        fields = _hparam_fields(type(self))
+        given = dict(hparams or {})
+        unknown = sorted(set(given) - set(fields))
+        if unknown:
+            raise ValueError(f"method {self.name!r}: unknown hyper-parameter(s) {unknown}; known: {sorted(fields)}")
+        self.hparams = {}
+        for key, f in fields.items():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            self.hparams[key] = given.get(key, default)
+
+    def __repr__(self) -> str:
+        return f"{self.name}({self.hparams})"
+
+    @classmethod
+    def hparam_defaults(cls) -> dict:
+        return {k: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+                for k, f in _hparam_fields(cls).items()}
+
+    def configure(self, cfg: dict) -> dict:
+        return dict(cfg)
+
+    def attach(self, model: nn.Module) -> None:
+        pass
+
+    def transform_input(self, x: torch.Tensor, domains: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        return x
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+    def end_epoch(self, model: nn.Module, epoch: int, val: dict[str, float]) -> None:
+        pass
+
+    def finalize(self, model: nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> dict:
+        """Change ``model`` in place into the model to ship; returns what was done (for the run record).
+        ``batches()`` yields (images, domains) of the training data, for statistics that must be recomputed."""
+        return {}
+
+    def selects_checkpoint(self) -> bool:
+        """Whether the loop should restore the best training-domain-validation epoch at the end
+        (False for a method whose ``finalize`` decides what ships, such as weight averaging)."""
+        return True
+
+    def state(self) -> dict:
+        return {}
+
+
+@register_method
+class ERM(Method):
+    """Empirical risk minimization (Vapnik, 1998): shared backbone + linear head, inputs as they are,
+    no per-domain parts. The baseline every method extends; it matches a plain timm loop."""
+
+    name = "erm"
+
+    def configure(self, cfg: dict) -> dict:
+        cfg = dict(cfg)
+        if not self.per_domain_parts:
+            cfg.update(PER_DOMAIN_OFF)
+        cfg["input_norm"] = self.input_norm
+        return cfg
