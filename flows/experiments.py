@@ -138,7 +138,10 @@ def compare_synthetic(root: str | Path = ".", seeds=(0, 1, 2), overrides: dict |
     t0 = time.perf_counter()
     paths = load_paths(root)
     inputs = _check_inputs(paths)
-    base = load_params("finetune", paths.root / "params").model_dump() | dict(overrides or {})
+    # both arms start from random weights: the pretrained backbone saw the synthetic rows, so starting the
+    # "without" arm from it would not remove them (override init_from_pretrain to compare anyway)
+    base = (load_params("finetune", paths.root / "params").model_dump() | {"init_from_pretrain": False}
+            | dict(overrides or {}))
     validate_params("finetune", base, "compare_synthetic overrides")
     runner = runner or run_arm
     results: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}

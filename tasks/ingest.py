@@ -38,6 +38,12 @@ def run(params: IngestParams, paths: Paths) -> StageResult:
             n = copy_tree(source, tmp)
             log.info("copied %d images from %s", n, source)
             origin = str(source.resolve())
+        elif params.builtin == "glyphs":
+            from mdcore.glyphs import materialize as render_glyphs
+
+            counts = render_glyphs(tmp, seed=params.seed, per_class=max(4, (params.builtin_limit or 2000) // 40))
+            log.info("built-in glyphs: %s", counts)
+            origin = "builtin:matplotlib-typeface-glyphs"
         else:
             counts = materialize(tmp, seed=params.seed, spec=BuiltinSpec(limit=params.builtin_limit))
             log.info("built-in digits: %s", counts)

@@ -11,7 +11,8 @@ For every scarce domain (training set below ``scarce_ratio`` x the largest) and 
 
 Each (domain, method) batch is scored before anything is written: *realism* (share the domain judge,
 trained to tell the seen domains apart on real images, assigns to the target domain) and *label
-agreement* (share the label judge, trained on real images of all seen domains, gives the intended
+agreement* (share the label judge, trained on half of the real training images of all seen domains, the
+half the generators never take content from, gives the intended
 label, against its accuracy on real validation images of the domain). A batch below ``min_realism`` or
 ``min_agreement_ratio`` x that accuracy is rejected: not written, not in the manifest, reported.
 Synthetic rows only ever join the training split; each carries its generator and parameters.
@@ -143,6 +144,11 @@ def _generate_batch(method: str, domain: str, jobs: list[tuple[str, int]], pools
     return items
 
 
+def judge_half(sha256: str) -> bool:
+    """Whether a training image is among those the judges are fitted on (half of them, by content)."""
+    return int(sha256[:8], 16) % 2 == 0
+
+
 def generate(frame: pd.DataFrame, params: SynthesizeParams, paths: Paths,
              out_dir: Path) -> tuple[pd.DataFrame, dict, dict]:
     """Generate, judge and write the accepted batches -> (synthetic rows, metrics, report)."""
@@ -159,15 +165,21 @@ def generate(frame: pd.DataFrame, params: SynthesizeParams, paths: Paths,
     images = ImageCache(paths.raw)
     seen = sorted(train["domain"].unique())
     val = real[(real["split"] == "val") & real["domain"].isin(seen)]
-    judges = Judges(train, val, images)
+    # the judges learn from one half of the training images (by content hash) and the generators take
+    # their content from the other, so a batch is never scored by a judge that saw its source images
+    fitted = train["sha256"].map(judge_half).astype(bool)
+    judges = Judges(train[fitted], val, images)
+    content_rows = train[~fitted]
     info["judges"] = {"train_images": judges.train_images, "domains": judges.domains, "fit_s": judges.fit_s}
     shares = params.method_shares()
     rows = []
     for d_index, domain in enumerate(scarce):
         own = train[train["domain"] == domain]
         size = _domain_size(own)
-        others = train[(train["domain"] != domain) & (~train["domain"].isin(scarce))]
-        augment_content = {"other": others, "same": own, "both": pd.concat([others, own])}[params.augment_content]
+        others = content_rows[(content_rows["domain"] != domain) & (~content_rows["domain"].isin(scarce))]
+        own_content = content_rows[content_rows["domain"] == domain]
+        augment_content = {"other": others, "same": own_content,
+                           "both": pd.concat([others, own_content])}[params.augment_content]
         pools = {"style": own, "content": others, "augment_content": augment_content}
         if "fourier" in shares:
             pools["profile"] = radial_amplitude_profile(images.stack(own["path"], size))

@@ -59,10 +59,10 @@ class SWAD(ERM):
             current = _averaged_tensors(model)
             sums = self._sums.get(self._epoch)
             if sums is None:
-                self._sums[self._epoch] = {k: v.detach().double().clone() for k, v in current.items()}
+                self._sums[self._epoch] = {k: v.detach().float().clone() for k, v in current.items()}
             else:
                 for k, v in current.items():
-                    sums[k].add_(v.detach().double())
+                    sums[k].add_(v.detach().float())
         self._steps[self._epoch] = self._steps.get(self._epoch, 0) + 1
 
     def end_epoch(self, model: nn.Module, epoch: int, val: dict[str, float]) -> None:
