@@ -74,7 +74,7 @@ def cmd_params(args) -> int:
 def cmd_run(args) -> int:
     from flows.pipeline import PipelineParams, pipeline
     from flows.summary import print_summary
-    from tasks.params import parse_overrides, validate_params
+    from tasks.params import merge_fields, parse_overrides, validate_params
     from tasks.paths import load_paths
 
     paths = load_paths(args.root)
@@ -84,9 +84,11 @@ def cmd_run(args) -> int:
         overrides.setdefault("ingest", {})["data_root"] = str(Path(args.data).expanduser().resolve()) if args.data else None
     if args.holdout is not None:
         overrides.setdefault("ingest", {})["holdout_domains"] = args.holdout
+    elif args.data:  # a user's tree: the built-in data's held-out domain means nothing there
+        overrides.setdefault("ingest", {})["holdout_domains"] = []
     for stage, fields in overrides.items():
         current = params.stage(stage).model_dump()
-        new = validate_params(stage, current | fields, f"override of params/{stage}.yaml")
+        new = validate_params(stage, merge_fields(current, fields), f"override of params/{stage}.yaml")
         setattr(params, "validate_" if stage == "validate" else stage, new)
     t0 = time.perf_counter()
     report = pipeline(params=params, root=str(paths.root), force=args.force)
@@ -167,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
     run.add_argument("--data", help="image tree ROOT/<domain>/<class>/<image>; '' = built-in digits")
-    run.add_argument("--holdout", nargs="*", metavar="DOMAIN", help="domains to hold out of training")
+    run.add_argument("--holdout", nargs="*", metavar="DOMAIN",
+                     help="domains to hold out of training (with --data and no --holdout: none)")
     run.add_argument("-S", "--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                      help="override a parameter (written to params/STAGE.yaml so DVC sees it)")
     run.add_argument("--force", action="store_true", help="rerun stages even when DVC says they are up to date")

@@ -284,17 +284,37 @@ def load_params(stage: str, params_dir: str | Path) -> StageParams:
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict]:
-    """``["finetune.epochs=3", ...]`` -> ``{"finetune": {"epochs": 3}}`` (values parsed as YAML)."""
+    """``["finetune.epochs=3", "validate.severity.min_images_per_class=warning"]`` ->
+    ``{"finetune": {"epochs": 3}, "validate": {"severity": {"min_images_per_class": "warning"}}}``
+    (values parsed as YAML; a dotted field reaches into a nested mapping)."""
     out: dict[str, dict] = {}
     for item in items:
         key, sep, value = item.partition("=")
         stage, dot, field = key.strip().partition(".")
-        if not sep or not dot or not field:
+        if not sep or not dot or not field or any(not part for part in field.split(".")):
             raise ParamsError(f"override {item!r}: expected STAGE.FIELD=VALUE, e.g. finetune.epochs=3")
         if stage not in SCHEMAS:
             raise ParamsError(f"override {item!r}: unknown stage {stage!r}; stages: {list(SCHEMAS)}")
-        out.setdefault(stage, {})[field] = yaml.safe_load(value) if value.strip() else None
+        *parents, leaf = field.split(".")
+        here = out.setdefault(stage, {})
+        for part in parents:
+            here = here.setdefault(part, {})
+            if not isinstance(here, dict):
+                raise ParamsError(f"override {item!r}: {part!r} is set to a value and also used as a mapping")
+        here[leaf] = yaml.safe_load(value) if value.strip() else None
     return out
+
+
+def merge_fields(current: dict, fields: dict) -> dict:
+    """``current`` with ``fields`` laid over it; nested mappings merge key by key (one nested override
+    keeps the mapping's other keys)."""
+    merged = dict(current)
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_fields(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def write_params(stage: str, params: StageParams, params_dir: str | Path) -> bool:
@@ -334,7 +354,7 @@ def apply_overrides(params_dir: str | Path, overrides: dict[str, dict]) -> dict[
     updated = {}
     for stage, fields in overrides.items():
         current = load_params(stage, params_dir).model_dump()
-        merged = validate_params(stage, current | fields, f"override of params/{stage}.yaml")
+        merged = validate_params(stage, merge_fields(current, fields), f"override of params/{stage}.yaml")
         write_params(stage, merged, params_dir)
         updated[stage] = merged
     return updated

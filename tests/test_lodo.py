@@ -86,7 +86,11 @@ def test_protocol_runs_erm_and_the_default_method_and_reruns_only_missing_cells(
     with prefect_test_harness(server_startup_timeout=120):
         first = lodo_flow(**kwargs)
         again = lodo_flow(**kwargs)
+        # one more seed, two cells at a time: only the new cells train, as Ray tasks
+        more = lodo_flow(**(kwargs | {"seeds": [0, 1], "workers": 2, "threads": 1}))
     assert first["cells_run"] == 2 and again["cells_run"] == 0 and again["cells_cached"] == 2
+    assert more["cells_run"] == 2 and more["cells_cached"] == 2
+    assert all(row["seeds"] == [0, 1] for row in more["aggregate"]["table"].values())
     table = first["aggregate"]["table"]
     for m in methods:  # chance is 0.10: both methods learn
         assert table[m]["seen"]["mean"] >= 0.5, (m, table[m]["seen"])

@@ -56,3 +56,17 @@ def test_overrides_are_parsed_validated_and_written_keeping_comments(tmp_path):
 def test_malformed_overrides(bad):
     with pytest.raises(ParamsError):
         parse_overrides([bad])
+
+
+
+def test_nested_override_reaches_into_a_mapping_and_keeps_its_other_keys(tmp_path):
+    (tmp_path / "validate.yaml").write_text("severity:\n  decodable: warning\n")
+    overrides = parse_overrides(["validate.severity.min_images_per_class=warning"])
+    assert overrides == {"validate": {"severity": {"min_images_per_class": "warning"}}}
+    apply_overrides(tmp_path, overrides)
+    severity = load_params("validate", tmp_path).severity
+    assert severity == {"decodable": "warning", "min_images_per_class": "warning"}
+    with pytest.raises(ParamsError, match="unknown expectation"):
+        apply_overrides(tmp_path, parse_overrides(["validate.severity.no_such_check=warning"]))
+    with pytest.raises(ParamsError):
+        parse_overrides(["validate.severity..x=1"])
