@@ -67,7 +67,9 @@ def sniff_format(head: bytes) -> str:
 
 def _pixel_stats(img: Image.Image) -> tuple[float, float]:
     if img.mode not in ("L", "RGB"):
-        img = img.convert("RGB")  # CMYK, palette, alpha, 16-bit...: statistics on what a viewer shows
+        from mdcore.images import to_rgb
+
+        img = to_rgb(img)  # CMYK, palette, alpha, 16-bit...: statistics on what the model will see
     x = np.frombuffer(img.tobytes(), np.uint8)  # every channel of every pixel
     n = x.size
     if n == 0:

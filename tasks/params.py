@@ -50,8 +50,10 @@ class ValidateParams(StageParams):
     min_side: int = Field(8, ge=1, description="Smallest accepted image width and height (pixels)")
     max_side: int | None = Field(None, ge=1, description="Largest accepted image width and height (pixels); empty = any")
     max_aspect_ratio: float = Field(4.0, ge=1, description="Largest accepted long side / short side of an image")
-    allowed_modes: list[str] = Field(["RGB", "L"], description="Accepted PIL colour modes")
-    allowed_channels: list[int] = Field([1, 3], description="Accepted numbers of channels (bands) per image")
+    allowed_modes: list[str] = Field(
+        ["RGB", "L", "P", "RGBA", "LA", "PA", "CMYK", "YCbCr", "I;16", "I;16B", "I;16L", "I", "1"],
+        description="Accepted PIL colour modes (every one of these is converted to RGB on load)")
+    allowed_channels: list[int] = Field([1, 2, 3, 4], description="Accepted numbers of channels (bands) per image")
     min_images_per_class: int = Field(3, ge=0, description="Minimum images per (domain, class); 0 = no check")
     known_domains: list[str] | None = Field(
         None, description="Expected domains; empty = those of the last accepted profile (any on a first run)")
