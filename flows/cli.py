@@ -152,10 +152,11 @@ def cmd_serve(args) -> int:
     from tasks.paths import load_paths
 
     root = str(load_paths(args.root).root)
-    defaults = PipelineParams.from_files(Path(root) / "params").model_dump(mode="json", by_alias=True)
+    PipelineParams.from_files(Path(root) / "params")  # refuse to serve invalid params files
     serve(
-        pipeline.to_deployment(name="mdpipe", parameters={"params": defaults, "root": root},
-                               description="The whole DAG; the run form edits every stage's parameters"),
+        # no frozen params: a run without parameters uses params/*.yaml as they are when it starts
+        pipeline.to_deployment(name="mdpipe", parameters={"root": root},
+                               description="The whole DAG; params/*.yaml unless the run form sets parameters"),
         retrain.to_deployment(name="mdpipe-retrain", cron=args.cron, parameters={"root": root},
                               description="Retrain when the data changed; promote only if no domain gets worse"),
     )
