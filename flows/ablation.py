@@ -27,8 +27,9 @@ from prefect.cache_policies import NO_CACHE
 
 log = logging.getLogger("mdpipe.ablation")
 
-# every per-domain part and training control off: the ERM baseline every variant starts from
-ERM = dict(adapters=False, stage_adapters=[], domain_bn=False, head="linear", supcon_weight=0.0, align="none",
+# every per-domain part and training control off: the ERM baseline every variant starts from (the
+# multidomain method, so that the finetune default's input and weight-averaging parts do not confound it)
+ERM = dict(method="multidomain", method_hparams={}, adapters=False, stage_adapters=[], domain_bn=False, head="linear", supcon_weight=0.0, align="none",
            align_weight=0.0, domain_weighting="uniform", curriculum="none", adapters_only=False, freeze_stages=0,
            gradual_unfreeze_every=0)
 COMPONENTS: dict[str, dict] = {

@@ -117,11 +117,9 @@ def _bn_batches(train, p, method):
     """(images, domains) batches of the training data as the model saw them, for batch-norm statistics."""
     import torch
 
-    from mdcore.augment import train_view
     from mdcore.images import to_float
     from mdcore.sampler import domain_balanced_batches
 
     g = torch.Generator().manual_seed(p.seed)
     for idx in domain_balanced_batches(train.domains, p.batch_size, epoch=10_000, seed=p.seed, mix=p.domain_mix):
-        x = train_view(to_float(train.images[idx]), g)
-        yield method.transform_input(x, train.domains[idx], g), train.domains[idx]
+        yield method.training_view(to_float(train.images[idx]), train.domains[idx], g), train.domains[idx]

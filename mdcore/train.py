@@ -54,7 +54,8 @@ def finetune_epoch(
     ``domain_weighting`` (mdcore.transfer.DomainWeighting) weights each image's classification loss by its
     domain (inverse frequency, GroupDRO, curriculum) and is updated after every step. ``teacher`` adds
     ``kd_weight`` x the distillation loss towards the teacher's logits (temperature ``kd_temperature``).
-    ``method`` (mdcore.methods) transforms each batch before the model sees it and is told after every step.
+    ``method`` (mdcore.methods) decides each batch's augmentation and style randomization and is told after
+    every step; without one, the mild default augmentation (``train_view``) applies.
     """
     model.train()
     g = torch.Generator().manual_seed(seed * 7919 + epoch * 31 + rank)
@@ -63,10 +64,10 @@ def finetune_epoch(
     if teacher is not None:
         teacher.eval()
     for idx in batches:
-        x = train_view(to_float(data.images[idx]), g).to(device)
+        x = to_float(data.images[idx])
         y, d = data.labels[idx].to(device), data.domains[idx].to(device)
-        if method is not None:
-            x = method.transform_input(x, d, g)
+        # the method decides what the model trains on; without one, the mild default augmentation
+        x = (train_view(x, g) if method is None else method.training_view(x, data.domains[idx], g)).to(device)
         out = model(x, d, return_aux=True, labels=y)
         logits, aux = out if isinstance(out, tuple) else (out, {})
         if domain_weighting is None:

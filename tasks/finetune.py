@@ -184,14 +184,13 @@ def _bn_batches(train, p, method, rank: int, world: int, device):
     batch-norm statistics)."""
     import torch
 
-    from mdcore.augment import train_view
     from mdcore.images import to_float
     from mdcore.sampler import domain_balanced_batches
 
     g = torch.Generator().manual_seed(p.seed + 1)
     for idx in domain_balanced_batches(train.domains, p.batch_size, rank=rank, world=world, epoch=p.epochs,
                                        seed=p.seed, mix="uniform"):
-        x = method.transform_input(train_view(to_float(train.images[idx]), g), train.domains[idx], g)
+        x = method.training_view(to_float(train.images[idx]), train.domains[idx], g)
         yield x.to(device), train.domains[idx].to(device)
 
 

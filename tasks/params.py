@@ -153,7 +153,7 @@ class PretrainParams(StageParams):
 
 class FinetuneParams(StageParams):
     method: str = Field(
-        "multidomain", description="Domain-generalization method from the registry (mdcore.methods): erm, "
+        "multidomain+randconv+swad", description="Domain-generalization method from the registry (mdcore.methods): erm, "
                                    "multidomain, randconv, mixstyle, swad, or several joined by + "
                                    "(e.g. multidomain+randconv+swad)")
     method_hparams: dict[str, float | int | bool | list[int]] = Field(

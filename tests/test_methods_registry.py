@@ -70,6 +70,13 @@ def test_erm_has_no_per_domain_parts_and_multidomain_keeps_them():
     assert combo.per_domain_parts and set(combo.hparams) >= {"randconv_p", "swad_tolerance"}
 
 
+def test_erm_trains_on_the_images_as_they_are_and_multidomain_augments():
+    x = to_float(tiny().images)
+    d = torch.zeros(len(x), dtype=torch.long)
+    assert torch.equal(create_method("erm").training_view(x, d, torch.Generator().manual_seed(0)), x)
+    assert not torch.allclose(create_method("multidomain").training_view(x, d, torch.Generator().manual_seed(0)), x)
+
+
 def test_randconv_changes_texture_not_shape_or_exposure():
     x = to_float(tiny().images)
     m = create_method("randconv", {"randconv_p": 1.0, "randconv_mix": False})

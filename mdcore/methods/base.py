@@ -5,7 +5,8 @@ A method does not own the training loop (the Ray workers and the LODO protocol s
 
 - ``configure(cfg)``: edit the model config (which per-domain parts exist, input standardization);
 - ``attach(model)``: training-only hooks on the built model (MixStyle);
-- ``transform_input(x, domains, g)``: the batch the model sees (RandConv);
+- ``augment(x, g)``: the label-preserving augmentation (none for ERM, as in a plain loop);
+- ``transform_input(x, domains, g)``: style randomization of the augmented batch (RandConv);
 - ``after_step(model)`` / ``end_epoch(model, epoch, val)``: state across steps (SWAD's averages);
 - ``finalize(model, batches)``: the model to ship (SWAD: the average, batch-norm statistics recomputed).
 
@@ -105,8 +106,15 @@ class Method:
     def attach(self, model: nn.Module) -> None:
         pass
 
+    def augment(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        return x
+
     def transform_input(self, x: torch.Tensor, domains: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
         return x
+
+    def training_view(self, x: torch.Tensor, domains: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        """What the model trains on: ``transform_input(augment(x))``."""
+        return self.transform_input(self.augment(x, g), domains, g)
 
     def after_step(self, model: nn.Module) -> None:
         pass
@@ -130,8 +138,8 @@ class Method:
 
 @register_method
 class ERM(Method):
-    """Empirical risk minimization (Vapnik, 1998): shared backbone + linear head, inputs as they are,
-    no per-domain parts. The baseline every method extends; it matches a plain timm loop."""
+    """Empirical risk minimization (Vapnik, 1998): shared backbone + linear head, inputs as they are (no
+    augmentation, no standardization), no per-domain parts: a plain timm loop. The parent of every method."""
 
     name = "erm"
 

@@ -1,7 +1,8 @@
-"""The multi-domain model: per-image standardization plus the per-domain parts the finetune params
-switch on (domain batch-norm, adapters, expert routing, contrastive and alignment losses)."""
+"""The multi-domain model: per-image standardization, mild augmentation, plus the per-domain parts the
+finetune params switch on (domain batch-norm, adapters, expert routing, contrastive and alignment losses)."""
 from __future__ import annotations
 
+from mdcore.augment import train_view
 from mdcore.methods.base import ERM, register_method
 
 
@@ -13,3 +14,7 @@ class MultiDomain(ERM):
     name = "multidomain"
     per_domain_parts = True
     input_norm = "image"
+
+    def augment(self, x, g):
+        """Mild, label-preserving geometric and photometric jitter (``mdcore.augment.train_view``)."""
+        return train_view(super().augment(x, g), g)
