@@ -69,17 +69,14 @@ def cell_hash(spec: dict) -> str:
 @task(name="lodo-cell", cache_policy=NO_CACHE, task_run_name="{spec[method]} | held out {spec[heldout]} | seed {spec[seed]}")
 def run_cell(spec: dict, out_file: str, use_ray: bool) -> dict:
     """Train and score one cell (in this process, or as a Ray task), then save its result."""
+    from flows.lodo_cell import train_cell
     from mdcore.io import atomic_write_json
 
     if use_ray:
         import ray
 
-        from flows.lodo_cell import train_cell
-
         result = ray.get(ray.remote(train_cell).options(num_cpus=spec["threads"]).remote(spec))
     else:
-        from flows.lodo_cell import train_cell
-
         result = train_cell(spec)
     result["cell_hash"] = cell_hash(spec)
     atomic_write_json(out_file, result)

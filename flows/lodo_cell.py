@@ -50,9 +50,9 @@ def train_cell(spec: dict) -> dict:
     import torch
 
     from mdcore.images import to_float
-    from mdcore.lodo import assert_no_leak, cell_rows
+    from mdcore.lodo import cell_rows
     from mdcore.sampler import domain_balanced_batches
-    from mdcore.train import evaluate_split, finetune_epoch
+    from mdcore.train import evaluate_split, finetune_epoch, training_view_batches
     from tasks.model_setup import build_method, build_model, build_optimizer, epoch_kwargs, on_epoch_start
     from tasks.params import FinetuneParams
 
@@ -95,11 +95,11 @@ def train_cell(spec: dict) -> dict:
     if method.selects_checkpoint():
         model.load_state_dict(best_state)
     else:
-        finalized = method.finalize(model, lambda: _bn_batches(train, p, method))
+        finalized = method.finalize(model, lambda: training_view_batches(
+            train, method, p.batch_size, seed=p.seed, epoch=10_000, mix=p.domain_mix, generator_seed=p.seed))
         selected = "average"
     if routes:
         model.fit_prototypes(to_float(train.images), train.domains)
-    assert_no_leak(rows.heldout, {"prototypes": rows.train, "selection": rows.val})
     seen = evaluate_split(model, test, [domains[d] for d in test.domains])
     final_held = evaluate_split(model, held, [spec["heldout"]] * len(held), use_domain=False)
     return {
@@ -111,15 +111,3 @@ def train_cell(spec: dict) -> dict:
         "train_images": len(train), "heldout_images": len(held),
         "train_s": round(time.perf_counter() - t0, 1),
     }
-
-
-def _bn_batches(train, p, method):
-    """(images, domains) batches of the training data as the model saw them, for batch-norm statistics."""
-    import torch
-
-    from mdcore.images import to_float
-    from mdcore.sampler import domain_balanced_batches
-
-    g = torch.Generator().manual_seed(p.seed)
-    for idx in domain_balanced_batches(train.domains, p.batch_size, epoch=10_000, seed=p.seed, mix=p.domain_mix):
-        yield method.training_view(to_float(train.images[idx]), train.domains[idx], g), train.domains[idx]

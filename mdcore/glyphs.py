@@ -57,6 +57,11 @@ def render_glyph(char: str, font_file: Path, rng: np.random.Generator, size: int
     return img.convert("RGB")
 
 
+def per_class_for(limit: int | None) -> int:
+    """Images per (domain, letter) for about ``limit`` images in all (None: the full 2,000)."""
+    return max(4, (limit or 2000) // (len(DOMAINS) * len(CLASSES)))
+
+
 def materialize(root: str | Path, seed: int = 0, per_class: int = 50, size: int = 32,
                 domains: tuple[str, ...] = DOMAINS) -> dict[str, int]:
     """Write ``root/<domain>/<letter>/<id>.png`` (``per_class`` images per domain and letter)."""

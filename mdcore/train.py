@@ -141,12 +141,21 @@ def accuracy_by_domain(
     model: nn.Module, data: ImageSet, names: list[str], batch_size: int = 256, use_domain: bool = True
 ) -> dict[str, float]:
     """Accuracy per domain name (``names`` gives each row's domain, whether the model knows it or not)."""
-    preds = predict(model, data.images, data.domains if use_domain else None, batch_size)
-    correct = (preds == data.labels).numpy()
-    result: dict[str, list] = {}
-    for name, ok in zip(names, correct):
-        result.setdefault(name, []).append(bool(ok))
-    return {name: sum(v) / len(v) for name, v in sorted(result.items())}
+    return evaluate_split(model, data, names, batch_size, use_domain=use_domain)["per_domain"]
+
+
+def training_view_batches(data: ImageSet, method: "Method", batch_size: int, *, seed: int, epoch: int,
+                          mix="uniform", generator_seed: int = 0, rank: int = 0, world: int = 1,
+                          device="cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, domains) batches of ``data`` (this worker's shard) as ``method`` trains on them: what
+    batch-norm statistics are recomputed from after weight averaging."""
+    from mdcore.sampler import domain_balanced_batches
+
+    g = torch.Generator().manual_seed(generator_seed)
+    for idx in domain_balanced_batches(data.domains, batch_size, rank=rank, world=world, epoch=epoch, seed=seed,
+                                       mix=mix):
+        x = method.training_view(to_float(data.images[idx]), data.domains[idx], g)
+        yield x.to(device), data.domains[idx].to(device)
 
 
 class ContrastiveNet(nn.Module):

@@ -35,7 +35,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     from mdcore.checkpoint import load_training_state
     from mdcore.images import to_float
     from mdcore.sampler import domain_balanced_batches
-    from mdcore.train import evaluate_split, finetune_epoch
+    from mdcore.train import evaluate_split, finetune_epoch, training_view_batches
     from tasks.data import guard_holdout, load_split
     from tasks.model_setup import (build_method, build_model, build_optimizer, early_stopping, epoch_kwargs,
                                    needs_find_unused_parameters, on_epoch_start)
@@ -107,7 +107,9 @@ def train_loop_per_worker(cfg: dict) -> None:
                 best.restore(model)
                 shipped = {"selected_epoch": best.epoch + 1}
             else:
-                shipped = method.finalize(model, lambda: _bn_batches(train, p, method, rank, world, device))
+                shipped = method.finalize(model, lambda: training_view_batches(
+                    train, method, p.batch_size, seed=p.seed, epoch=p.epochs, generator_seed=p.seed + 1,
+                    rank=rank, world=world, device=device))
                 shipped["selected_epoch"] = "average"
             model.fit_prototypes(to_float(train.images), train.domains)
         metrics = {
@@ -177,21 +179,6 @@ def _load_run_state(folder: Path, extra: dict) -> None:
     weighting = extra.get("domain_weighting")
     if weighting is not None and file.is_file():
         weighting.load_state(json.loads(file.read_text()).get("domain_weighting", {}))
-
-
-def _bn_batches(train, p, method, rank: int, world: int, device):
-    """(images, domains) batches of this worker's training shard, as the model saw them (for SWAD's
-    batch-norm statistics)."""
-    import torch
-
-    from mdcore.images import to_float
-    from mdcore.sampler import domain_balanced_batches
-
-    g = torch.Generator().manual_seed(p.seed + 1)
-    for idx in domain_balanced_batches(train.domains, p.batch_size, rank=rank, world=world, epoch=p.epochs,
-                                       seed=p.seed, mix="uniform"):
-        x = method.training_view(to_float(train.images[idx]), train.domains[idx], g)
-        yield x.to(device), train.domains[idx].to(device)
 
 
 def _domain_weights(mix: dict[str, float], domains: list[str]) -> dict[int, float]:

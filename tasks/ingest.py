@@ -39,9 +39,9 @@ def run(params: IngestParams, paths: Paths) -> StageResult:
             log.info("copied %d images from %s", n, source)
             origin = str(source.resolve())
         elif params.builtin == "glyphs":
-            from mdcore.glyphs import materialize as render_glyphs
+            from mdcore.glyphs import materialize as render_glyphs, per_class_for
 
-            counts = render_glyphs(tmp, seed=params.seed, per_class=max(4, (params.builtin_limit or 2000) // 40))
+            counts = render_glyphs(tmp, seed=params.seed, per_class=per_class_for(params.builtin_limit))
             log.info("built-in glyphs: %s", counts)
             origin = "builtin:matplotlib-typeface-glyphs"
         else:
