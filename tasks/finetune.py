@@ -277,8 +277,8 @@ def init_ray() -> None:
     if address:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
+    else:  # "local": always a Ray of its own, never a stray `ray start` cluster another run may stop
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
                  runtime_env=runtime_env)
 
 
