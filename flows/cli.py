@@ -91,7 +91,7 @@ def cmd_run(args) -> int:
         new = validate_params(stage, merge_fields(current, fields), f"override of params/{stage}.yaml")
         setattr(params, "validate_" if stage == "validate" else stage, new)
     t0 = time.perf_counter()
-    report = pipeline(params=params, root=str(paths.root), force=args.force)
+    report = pipeline(params=params, root=str(paths.root), force=args.force, wait_if_busy=not args.no_wait)
     print_summary(report, paths, time.perf_counter() - t0)
     return 0
 
@@ -151,13 +151,19 @@ def cmd_serve(args) -> int:
     from flows.retrain import retrain
     from tasks.paths import load_paths
 
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+
     root = str(load_paths(args.root).root)
     PipelineParams.from_files(Path(root) / "params")  # refuse to serve invalid params files
+    # one run per deployment at a time (a second waits, shown as AwaitingConcurrencySlot in the UI); runs of
+    # different deployments, or from the shell, wait on the workspace lock with a message in their logs
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE")
     serve(
         # no frozen params: a run without parameters uses params/*.yaml as they are when it starts
-        pipeline.to_deployment(name="mdpipe", parameters={"root": root},
+        pipeline.to_deployment(name="mdpipe", parameters={"root": root}, concurrency_limit=one_at_a_time,
                                description="The whole DAG; params/*.yaml unless the run form sets parameters"),
         retrain.to_deployment(name="mdpipe-retrain", cron=args.cron, parameters={"root": root},
+                              concurrency_limit=one_at_a_time,
                               description="Retrain when the data changed; promote only if no domain gets worse"),
     )
     return 0
@@ -169,16 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
-    run.add_argument("--data", help="image tree ROOT/<domain>/<class>/<image>; '' = built-in digits")
+    run.add_argument("--data", help="image tree ROOT/DOMAIN/CLASS/IMAGE; '' = built-in digits")
     run.add_argument("--holdout", nargs="*", metavar="DOMAIN",
                      help="domains to hold out of training (with --data and no --holdout: none)")
     run.add_argument("-S", "--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                      help="override a parameter (written to params/STAGE.yaml so DVC sees it)")
     run.add_argument("--force", action="store_true", help="rerun stages even when DVC says they are up to date")
+    run.add_argument("--no-wait", action="store_true",
+                     help="when another run holds this workspace, stop at once instead of waiting for it")
     run.set_defaults(func=cmd_run)
 
     stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
-    stage.add_argument("name", help="ingest, validate, synthesize, pretrain, finetune, evaluate or compress")
+    stage.add_argument("name", help="source, ingest, validate, synthesize, pretrain, finetune, evaluate or compress")
     stage.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
     stage.set_defaults(func=cmd_stage)
 
@@ -226,8 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # a clear one-line cause, not only a traceback
         from mdcore.manifest import DataLayoutError
+        from mdcore.workspace_lock import WorkspaceBusy
         from tasks.validate import DataValidationError
 
+        if isinstance(e, WorkspaceBusy):
+            print(f"mdpipe: {e}", file=sys.stderr)
+            return 3
         if isinstance(e, (DataLayoutError, DataValidationError)):
             print(f"mdpipe: error: {e}", file=sys.stderr)
             return 2

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from flows import dvc_sync
 from mdcore.io import atomic_write_json
+from mdcore.workspace_lock import workspace_lock
 from tasks.compress import compress_task
 from tasks.evaluate import evaluate_task
 from tasks.finetune import finetune_task
@@ -22,6 +23,7 @@ from tasks.params import (CompressParams, EvaluateParams, FinetuneParams, Ingest
                           SynthesizeParams, ValidateParams, load_params, write_params)
 from tasks.paths import load_paths
 from tasks.pretrain import pretrain_task
+from tasks.source import source_task
 from tasks.stage import STAGES
 from tasks.synthesize import synthesize_task
 from tasks.validate import validate_task
@@ -65,21 +67,70 @@ def code_version(root: Path) -> str:
         return "unknown"
 
 
-@flow(name="mdpipe-pipeline", log_prints=True)
-def pipeline(params: PipelineParams | None = None, root: str = ".", force: bool = False) -> dict:
-    """Run every stage in order; skip the ones DVC reports up to date unless ``force``."""
+class QuickSettings(BaseModel):
+    """The settings users change most, first in the run form; each one left empty keeps params/*.yaml."""
+
+    data_root: str | None = Field(None, description="Your image folder, laid out as ROOT/DOMAIN/CLASS/IMAGE "
+                                  "(ingest.data_root); empty keeps the params file")
+    holdout_domains: list[str] | None = Field(None, description="Domains kept out of training, to measure "
+                                              "transfer (ingest.holdout_domains)")
+    epochs: int | None = Field(None, ge=1, description="Fine-tuning epochs (finetune.epochs)")
+    num_workers: int | None = Field(None, ge=1, description="Ray Train workers (finetune.num_workers)")
+
+    def apply(self, params: "PipelineParams") -> "PipelineParams":
+        updates = {"ingest": {"data_root": self.data_root, "holdout_domains": self.holdout_domains},
+                   "finetune": {"epochs": self.epochs, "num_workers": self.num_workers}}
+        for stage, fields in updates.items():
+            fields = {k: v for k, v in fields.items() if v is not None}
+            if fields:
+                current = params.stage(stage)
+                setattr(params, stage, current.model_validate({**current.model_dump(), **fields}))
+        return params
+
+
+def record_failed_run(flow, flow_run, state) -> None:
+    """on_failure hook: a failed run leaves a run record saying where and why it failed. It never touches
+    the champion (registry/champion), and DVC keeps the last good outputs of the stages that failed."""
+    root = Path((flow_run.parameters or {}).get("root", "."))
+    try:
+        paths = load_paths(root)
+    except Exception:  # noqa: BLE001 - a hook must not mask the run's own error
+        return
+    record = {"state": "failed", "flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name,
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "message": state.message,
+              "code_version": code_version(paths.root)}
+    atomic_write_json(paths.registry / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-failed.json", record)
+
+
+@flow(name="mdpipe-pipeline", log_prints=True, on_failure=[record_failed_run])
+def pipeline(quick: QuickSettings | None = None, params: PipelineParams | None = None, root: str = ".",
+             force: bool = False, wait_if_busy: bool = True) -> dict:
+    """Run every stage in order; skip the ones DVC reports up to date unless ``force``.
+
+    ``quick`` (data, held-out domains, epochs, workers) and ``params`` (every stage) override
+    params/*.yaml, which keep what ran. One run at a time per workspace: a second one waits
+    (``wait_if_busy``) or is refused."""
     logger = get_run_logger()
     paths = load_paths(root)
+    from prefect.runtime import flow_run as current
+
+    with workspace_lock(paths.root, f"pipeline flow run {current.name}", wait=wait_if_busy, log=logger.warning):
+        return _run_stages(quick, params, paths, force, logger)
+
+
+def _run_stages(quick, params, paths, force, logger) -> dict:
+    if quick is not None:
+        params = quick.apply(params or PipelineParams.from_files(paths.root / "params"))
     if params is not None:
         for name in STAGES:
             if write_params(name, params.stage(name), paths.root / "params"):
                 logger.info("params/%s.yaml updated from the run's parameters", name)
     params = PipelineParams.from_files(paths.root / "params")
     report = {"stages": {}, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    report["source"] = source_task(root=str(paths.root))  # the data's listing: ingest is stale if it changed
+    dvc_sync.record(paths.root, "source")
     for name in STAGES:
-        # an external data tree may have changed behind the same path: ingest is cheap, always rerun it
-        external = name == "ingest" and params.ingest.data_root
-        if not force and not external and not dvc_sync.is_stale(paths.root, name):
+        if not force and not dvc_sync.is_stale(paths.root, name):
             logger.info("stage %s is up to date (dvc status): skipped", name)
             metrics = json.loads(paths.metrics_file(name).read_text())
             report["stages"][name] = {"ran": False, "wall_s": 0.0, "metrics": metrics}
@@ -87,6 +138,7 @@ def pipeline(params: PipelineParams | None = None, root: str = ".", force: bool 
         metrics = STAGE_TASKS[name](root=str(paths.root))
         dvc_sync.record(paths.root, name)
         report["stages"][name] = {"ran": True, "wall_s": metrics["wall_s"], "metrics": metrics}
+    report["state"] = "completed"
     report["dataset_version"] = report["stages"]["validate"]["metrics"].get("dataset_version")
     report["code_version"] = code_version(paths.root)
     report["params"] = params.model_dump(mode="json", by_alias=True)

@@ -129,7 +129,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         }
         if last:
             metrics["weights_max_diff_across_workers"] = _weights_max_diff(model, world)
-        _report(rank, metrics, history, model, optimizer, epoch, p.epochs, best, extra)
+        _report(rank, metrics, history, model, optimizer, epoch, p.epochs, best, extra, cfg.get("progress_file"))
         if stop:
             break
 
@@ -234,7 +234,8 @@ def _weights_max_diff(model, world: int) -> float:
     return float(diff)
 
 
-def _report(rank, metrics, history, model, optimizer, epoch, epochs, best: Selection, extra: dict) -> None:
+def _report(rank, metrics, history, model, optimizer, epoch, epochs, best: Selection, extra: dict,
+            progress_file: str | None = None) -> None:
     import ray.train
 
     from mdcore.checkpoint import save_training_state
@@ -244,9 +245,9 @@ def _report(rank, metrics, history, model, optimizer, epoch, epochs, best: Selec
         ray.train.report(metrics, checkpoint=None)
         return
     history.append(metrics)
-    print(f"[finetune] epoch {epoch + 1}/{epochs} loss {metrics['train_loss']:.4f} "
-          f"train_acc {metrics['train_acc']:.3f} val_acc {metrics['val_acc']:.3f} "
-          f"({metrics['images_per_s']:.0f} img/s)", flush=True)
+    if progress_file:  # the driver follows it: console lines and the Prefect progress artifact
+        with open(progress_file, "a") as f:
+            f.write(json.dumps({**metrics, "epochs": epochs}) + "\n")
     with tempfile.TemporaryDirectory() as tmp:
         save_training_state(tmp, model, optimizer, epoch, metrics)
         save_model(model, Path(tmp) / "model", extra={"epoch": epoch + 1,
@@ -274,12 +275,15 @@ def init_ray() -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     address = os.environ.get("RAY_ADDRESS")
     runtime_env = {"worker_process_setup_hook": "tasks.finetune.quiet_ray_logs"}
+    # log_to_driver=False: Ray's own worker chatter (and transient warnings such as a resource request that
+    # timed out on a busy machine) stays in Ray's log folder; progress comes from the progress file, and a
+    # failed run's error carries the worker's traceback.
     if address:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:  # "local": always a Ray of its own, never a stray `ray start` cluster another run may stop
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
-                 runtime_env=runtime_env)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=True,
+                 logging_level=logging.WARNING, runtime_env=runtime_env)
 
 
 def quiet_ray_logs() -> None:
@@ -288,14 +292,36 @@ def quiet_ray_logs() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
+def run_name(params: FinetuneParams, paths: Paths, use_pretrained: bool) -> str:
+    """The Ray run's name is a digest of everything that decides the model (params, training manifest,
+    starting weights), so a retried task or a restarted flow finds the same run in Ray's storage and
+    resumes from its last checkpoint. A finished run is renamed, so the next one starts fresh."""
+    import hashlib
+
+    h = hashlib.sha256(params.model_dump_json(exclude={"max_failures"}).encode())
+    files = [paths.train_manifest, paths.pretrained / "config.json"]
+    if use_pretrained:
+        files.append(paths.pretrained / "backbone.safetensors")
+    for file in files:
+        h.update(file.read_bytes())
+    return f"finetune-{h.hexdigest()[:16]}"
+
+
 def fit(params: FinetuneParams, paths: Paths, kill_at_epoch: int | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from tasks.progress import EpochProgress
 
     pre_config = json.loads((paths.pretrained / "config.json").read_text())
     use_pretrained = params.init_from_pretrain and pre_config.get("pretrained", False)
     init_ray()
     check_resources(params)
+    name = run_name(params, paths, use_pretrained)
+    run_dir = Path(ray_storage()) / name
+    if (run_dir / "progress.jsonl").is_file():
+        log.info("resuming Ray run %s from its last checkpoint (%s)", name, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -306,17 +332,27 @@ def fit(params: FinetuneParams, paths: Paths, kill_at_epoch: int | None = None):
             "image_size": pre_config["image_size"],
             "backbone_weights": str(paths.pretrained / "backbone.safetensors") if use_pretrained else None,
             "kill_at_epoch": kill_at_epoch,
+            "progress_file": str(run_dir / "progress.jsonl"),
         },
         scaling_config=ScalingConfig(num_workers=params.num_workers, use_gpu=params.use_gpu,
                                      resources_per_worker={"CPU": params.cpus_per_worker}),
         run_config=RunConfig(
-            name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            name=name,
             storage_path=ray_storage(),
             failure_config=FailureConfig(max_failures=params.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    return trainer.fit()
+    with EpochProgress(run_dir / "progress.jsonl", params.epochs, log):
+        result = trainer.fit()
+    return result
+
+
+def retire_run(run_path: str) -> str:
+    """A finished run moves aside (kept for inspection), so the same inputs later train afresh."""
+    done = Path(run_path).with_name(f"{Path(run_path).name}-done-{time.strftime('%Y%m%d-%H%M%S')}")
+    Path(run_path).rename(done)
+    return str(done)
 
 
 def check_resources(params: FinetuneParams) -> None:
@@ -361,9 +397,6 @@ def run(params: FinetuneParams, paths: Paths, kill_at_epoch: int | None = None) 
             for name in (WEIGHTS, CONFIG):
                 shutil.copyfile(folder / "model" / name, tmp / name)
             (tmp / "history.json").write_text(json.dumps(history, indent=2) + "\n")
-    for row in history:
-        log.info("finetune epoch %d: %s", row["epoch"],
-                 ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k in ("train_loss", "train_acc", "val_acc")))
     with atomic_dir(paths.finetune_live) as tmp:
         write_live(history, tmp)
     last = history[-1]
@@ -383,12 +416,23 @@ def run(params: FinetuneParams, paths: Paths, kill_at_epoch: int | None = None) 
         "weights_max_diff_across_workers": last.get("weights_max_diff_across_workers"),
         "domain_mix": params.domain_mix,
         "precision": params.precision,
-        "ray_storage": result.path,
+        "ray_storage": retire_run(result.path),
     }
     return StageResult({"model": str(paths.finetuned), "live": str(paths.finetune_live)}, metrics)
 
 
-@task(name="finetune")
+def transient(task, task_run, state) -> bool:
+    """Retry a failure of Ray or of the machine (a lost worker, node or connection): the retry finds the
+    same Ray run and resumes from its last checkpoint. A bad parameter or bad data fails at once."""
+    try:
+        state.result(raise_on_failure=True)
+    except Exception as e:  # noqa: BLE001 - classify, never raise from here
+        module = type(e).__module__ or ""
+        return module.startswith("ray") or isinstance(e, (ConnectionError, TimeoutError))
+    return False
+
+
+@task(name="finetune", retries=1, retry_delay_seconds=5, retry_condition_fn=transient)
 def finetune_task(root: str = ".") -> dict:
-    """Prefect task: the finetune stage (a Ray Train job)."""
+    """Prefect task: the finetune stage (a Ray Train job); retried once on a transient failure."""
     return execute("finetune", root)

@@ -17,7 +17,7 @@ class StageParams(BaseModel):
 
 
 class IngestParams(StageParams):
-    data_root: str | None = Field(None, description="ROOT/<domain>/<class>/<image> tree; empty = a built-in dataset")
+    data_root: str | None = Field(None, description="Folder laid out as ROOT/DOMAIN/CLASS/IMAGE; empty = a built-in dataset")
     builtin: Literal["digits", "glyphs"] = Field(
         "digits", description="Built-in dataset when data_root is empty: digits (UCI scans, acquisition shifts) "
                               "or glyphs (letters in four typeface families, a style shift)")

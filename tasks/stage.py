@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mdcore.io import atomic_write_json
+from mdcore.workspace_lock import workspace_lock
 from tasks.params import StageParams, load_params
 from tasks.paths import Paths, load_paths
 
 STAGES = ("ingest", "validate", "synthesize", "pretrain", "finetune", "evaluate", "compress")
+# stages without a params file of their own: source fingerprints the data that ingest's params point at
+PARAMS_OF = {"source": "ingest"}
 log = logging.getLogger("mdpipe")
 
 
@@ -26,8 +29,8 @@ class StageResult:
 
 
 def stage_module(name: str):
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    if name not in STAGES and name not in PARAMS_OF:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join([*PARAMS_OF, *STAGES])}")
     return importlib.import_module(f"tasks.{name}")
 
 
@@ -35,14 +38,15 @@ def execute(name: str, root: str | Path = ".", params: StageParams | None = None
     """Run stage ``name`` in workspace ``root``; returns its metrics (also written to reports/metrics)."""
     paths: Paths = load_paths(root)
     module = stage_module(name)
-    params = params if params is not None else load_params(name, paths.root / "params")
-    log.info("stage %s: starting", name)
-    t0 = time.perf_counter()
-    result: StageResult = module.run(params, paths)
-    metrics = dict(result.metrics)
-    metrics["wall_s"] = round(time.perf_counter() - t0, 2)
-    metrics["outputs"] = {k: str(Path(v).relative_to(paths.root)) if Path(v).is_absolute() else str(v)
-                          for k, v in result.outputs.items()}
-    atomic_write_json(paths.metrics_file(name), metrics)
+    params = params if params is not None else load_params(PARAMS_OF.get(name, name), paths.root / "params")
+    with workspace_lock(paths.root, f"stage {name}", log=log.warning):  # free inside a flow that holds it
+        log.info("stage %s: starting", name)
+        t0 = time.perf_counter()
+        result: StageResult = module.run(params, paths)
+        metrics = dict(result.metrics)
+        metrics["wall_s"] = round(time.perf_counter() - t0, 2)
+        metrics["outputs"] = {k: str(Path(v).relative_to(paths.root)) if Path(v).is_absolute() else str(v)
+                              for k, v in result.outputs.items()}
+        atomic_write_json(paths.metrics_file(name), metrics)
     log.info("stage %s: done in %.1f s", name, metrics["wall_s"])
     return metrics

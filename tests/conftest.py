@@ -35,7 +35,7 @@ def make_workspace(dest: Path, **param_overrides: dict) -> Path:
         shutil.copy(REPO / name, dest / name)
     for folder in ("params", "mdcore", "tasks"):
         shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (dest / ".gitignore").write_text("/data/\n/models/\n/reports/\n/registry/\n__pycache__/\n")
+    (dest / ".gitignore").write_text("/data/\n/models/\n/reports/\n/registry/\n__pycache__/\n.mdpipe/\n")
     run = lambda *cmd: subprocess.run(cmd, cwd=dest, check=True, capture_output=True)  # noqa: E731
     run("git", "init", "-q")
     run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init")

@@ -60,8 +60,15 @@ def test_failure_without_retries_is_an_error_and_keeps_the_last_model(prepared):
         pytest.skip("needs a finetuned model from the tests above")
     before = (paths.finetuned / "model.safetensors").read_bytes()
     with pytest.raises(Exception):
-        finetune(prepared, kill_at_epoch=1, num_workers=2, cpus_per_worker=1, epochs=2, max_failures=0)
+        finetune(prepared, kill_at_epoch=2, num_workers=2, cpus_per_worker=1, epochs=3, max_failures=0)
     assert (paths.finetuned / "model.safetensors").read_bytes() == before
+    # a retry (Prefect task retry, or the flow started again) finds the same Ray run and resumes it:
+    # epoch 1 comes from the failed attempt's checkpoint (epoch 2's may have been lost with the SIGKILL)
+    again = finetune(prepared, num_workers=2, cpus_per_worker=1, epochs=3, max_failures=0)
+    history = json.loads((paths.finetuned / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[0]["attempt"] == 0 and history[-1]["attempt"] == 1 and again["restarts"] == 1
+    assert "-done-" in again["ray_storage"]  # retired: the same inputs next time train afresh
 
 
 def test_a_scaling_config_this_machine_cannot_run_is_a_clear_error(prepared):

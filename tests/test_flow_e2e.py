@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from dvc.repo import Repo
 
 from mdcore.builtin import BuiltinSpec, materialize
+from mdcore.workspace_lock import holder
 from tasks.params import apply_overrides
 from tests.conftest import make_workspace
 
@@ -25,9 +27,21 @@ def test_mdpipe_run_on_a_user_tree_then_dvc_is_in_sync(tmp_path):
     cmd = [sys.executable, "-m", "flows.cli", "run", "--data", str(tree), "--holdout", "nightcam",
            "-S", "pretrain.epochs=1", "-S", "finetune.epochs=6", "-S", "finetune.batch_size=32",
            "-S", "finetune.num_workers=2", "-S", "synthesize.target_per_class=8"]
-    proc = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, timeout=840)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
+    log_out, log_err = tmp_path / "run.out", tmp_path / "run.err"
+    with open(log_out, "w") as fout, open(log_err, "w") as ferr:
+        proc = subprocess.Popen(cmd, cwd=ws, stdout=fout, stderr=ferr, text=True)
+        # a second run on the same workspace while the first one holds it: refused, the holder named
+        deadline = time.monotonic() + 300
+        while holder(ws).get("pid") != proc.pid:
+            assert proc.poll() is None and time.monotonic() < deadline, log_err.read_text()[-3000:]
+            time.sleep(0.5)
+        second = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--no-wait"], cwd=ws,
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 3, second.stderr[-3000:]
+        assert "busy" in second.stderr and f"pid {proc.pid}" in second.stderr, second.stderr[-3000:]
+        proc.wait(timeout=840)
+    out = log_out.read_text()
+    assert proc.returncode == 0, out[-3000:] + log_err.read_text()[-3000:]
     for word in ("nightcam", "held-out", "scanner", "compressed", "finetune", "Accuracy per domain"):
         assert word in out, word
 
@@ -44,11 +58,15 @@ def test_mdpipe_run_on_a_user_tree_then_dvc_is_in_sync(tmp_path):
     assert finetune["selected_epoch"] in (1, 2, 3, 4, 5, 6, "average")  # the shipped model is a chosen one
     assert (ws / "models/finetuned/model.safetensors").is_file()
     assert (ws / "reports/finetune/plots/metrics/train_loss.tsv").is_file()
-    runs = list((ws / "registry/runs").glob("*.json"))
-    assert len(runs) == 1 and json.loads(runs[0].read_text())["dataset_version"]
+    runs = [json.loads(f.read_text()) for f in sorted((ws / "registry/runs").glob("*.json"))]
+    completed = [r for r in runs if r["state"] == "completed"]
+    assert len(completed) == 1 and completed[0]["dataset_version"]
+    # the refused run left a record of why (the flow's on_failure hook)
+    failed = [r for r in runs if r["state"] == "failed"]
+    assert len(failed) == 1 and "busy" in failed[0]["message"]
 
     with Repo(str(ws)) as repo:
-        assert repo.status() == {}  # dvc status: nothing to do, dvc repro is a no-op
+        assert pending(repo) == {}  # dvc status: nothing to do, dvc repro is a no-op
     # champion/challenger: the first model becomes champion; the same model again is not worse anywhere
     from flows.retrain import champion_dir, promote
 
@@ -60,15 +78,52 @@ def test_mdpipe_run_on_a_user_tree_then_dvc_is_in_sync(tmp_path):
     assert len(list((ws / "registry/decisions").glob("*.json"))) >= 1
 
     # one changed value in params/finetune.yaml: `dvc repro` reruns finetune and what depends on it
-    apply_overrides(ws / "params", {"finetune": {"lr": 0.001}})
+    import yaml
+
+    lr = yaml.safe_load((ws / "params/finetune.yaml").read_text())["lr"]
+    apply_overrides(ws / "params", {"finetune": {"lr": lr / 2}})
     with Repo(str(ws)) as repo:
-        stale = {name.rsplit(":", 1)[-1] for name in repo.status()}
+        stale = {name.rsplit(":", 1)[-1] for name in pending(repo)}
     assert stale == {"finetune"}
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     repro = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, capture_output=True, text=True,
                            env=env, timeout=600)
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
     ran = set(re.findall(r"Running stage '(\w+)'", repro.stdout + repro.stderr))
-    assert ran == {"finetune", "evaluate", "compress"}, ran
+    assert ran == {"source", "finetune", "evaluate", "compress"}, ran
     with Repo(str(ws)) as repo:
-        assert repo.status() == {}
+        assert pending(repo) == {}
+
+    # switching the param back restores from DVC's run-cache: nothing trains
+    apply_overrides(ws / "params", {"finetune": {"lr": lr}})
+    back = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-3000:]
+    assert set(re.findall(r"Running stage '(\w+)'", back.stdout)) == {"source"}, back.stdout[-3000:]
+    assert "Stage 'finetune' is cached - skipping run" in back.stdout, back.stdout[-3000:]
+
+    # a DVC remote: push, a fresh clone, pull; the models and reports come back without training
+    store = tmp_path / "store"
+    dvc = lambda *a, cwd=ws: subprocess.run([sys.executable, "-m", "dvc", *a], cwd=cwd, capture_output=True,  # noqa: E731
+                                            text=True, env=env, timeout=300)
+    assert dvc("remote", "add", "-d", "store", str(store)).returncode == 0
+    pushed = dvc("push")
+    assert pushed.returncode == 0, pushed.stdout[-2000:] + pushed.stderr[-2000:]
+    git = lambda *a, cwd=ws: subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=cwd,  # noqa: E731
+                                            check=True, capture_output=True)
+    git("add", "-A")
+    git("commit", "-q", "-m", "a run")
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(ws), str(clone), cwd=tmp_path)
+    pulled = dvc("pull", cwd=clone)
+    assert pulled.returncode == 0, pulled.stdout[-2000:] + pulled.stderr[-2000:]
+    assert (clone / "models/finetuned/model.safetensors").read_bytes() == \
+        (ws / "models/finetuned/model.safetensors").read_bytes()
+    assert (clone / "reports/metrics/evaluate.json").is_file()
+    with Repo(str(clone)) as repo:
+        assert pending(repo) == {}  # dvc repro in the clone would train nothing
+
+
+def pending(repo) -> dict:
+    """`dvc status` without the source stage, which DVC always lists ("always changed") by design."""
+    return {k: v for k, v in repo.status().items() if not k.endswith("source")}

@@ -13,11 +13,16 @@ def test_shipped_params_files_are_valid(stage):
 def test_every_stage_has_a_params_file_and_dvc_stage():
     import yaml
 
+    from tasks.stage import PARAMS_OF
+
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert list(stages) == list(SCHEMAS)
+    assert list(stages) == [*PARAMS_OF, *SCHEMAS]  # source (the data's listing) runs first
     for name, stage in stages.items():
         assert stage["cmd"] == f"mdpipe stage {name}"
-        assert {"params/" + name + ".yaml": None} in stage["params"]
+        if name in PARAMS_OF:
+            assert any(f"params/{PARAMS_OF[name]}.yaml" in p for p in stage["params"])
+        else:
+            assert {"params/" + name + ".yaml": None} in stage["params"]
         assert f"tasks/{name}.py" in stage["deps"]
         assert stage["outs"] and stage["metrics"]
 

@@ -73,3 +73,23 @@ def test_augmentations_keep_shape_and_vary_per_image():
 def test_nt_xent_prefers_matching_views():
     z = torch.randn(8, 16)
     assert nt_xent(z, z + 0.01 * torch.randn_like(z)) < nt_xent(z, torch.randn(8, 16))
+
+
+def test_epoch_progress_reports_complete_lines_only_and_skips_epochs_of_a_resumed_run(tmp_path):
+    import json
+    import logging
+
+    from tasks.progress import EpochProgress
+
+    row = lambda e: json.dumps({"epoch": e, "epochs": 3, "train_loss": 1.0, "train_acc": 0.5,  # noqa: E731
+                                "val_acc": 0.5, "images_per_s": 10.0})
+    file = tmp_path / "progress.jsonl"
+    file.write_text(row(1) + "\n")  # from an earlier attempt
+    progress = EpochProgress(file, 3, logging.getLogger("test"))
+    with open(file, "a") as f:
+        f.write(row(2) + "\n" + row(3)[:10])  # epoch 3 half written
+    assert [r["epoch"] for r in progress.poll()] == [2]
+    with open(file, "a") as f:
+        f.write(row(3)[10:] + "\n")
+    assert [r["epoch"] for r in progress.poll()] == [3]
+    assert progress.poll() == [] and [r["epoch"] for r in progress.rows] == [2, 3]
