@@ -43,6 +43,7 @@ VALIDATE_SEVERITY = {
     "non_empty_file": "warning", "decodable": "warning", "extension_matches_content": "warning",
     "colour_mode": "warning", "expected_channels": "warning", "min_width": "warning", "min_height": "warning",
     "max_side": "warning", "aspect_ratio": "warning",
+    "min_images_per_class": "warning",  # named in the log and the report; the images are kept
 }
 
 
@@ -73,7 +74,8 @@ class ValidateParams(StageParams):
     workers: int = Field(0, ge=0, description="Processes that read and decode the images; 0 = every core")
     severity: dict[str, Literal["critical", "warning"]] = Field(
         dict(VALIDATE_SEVERITY),
-        description="Severity per expectation name (default critical): warning = quarantine rows",
+        description="Severity per expectation name (default critical): warning = quarantine the rows that failed "
+                    "(min_images_per_class: name the thin classes, keep their images)",
     )
 
     @field_validator("severity")

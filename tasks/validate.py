@@ -434,10 +434,10 @@ def run(params: ValidateParams, paths: Paths) -> StageResult:
                 continue
             if o["table"] == "manifest":
                 rows = o["rows"]
-            elif o["table"] == "class_counts":
-                pairs = counts.set_index("row").loc[o["rows"], ["domain", "label"]]
-                keys = set(map(tuple, pairs.to_numpy()))
-                rows = [i for i, k in zip(frame.index, zip(frame["domain"], frame["label"])) if k in keys]
+            elif o["table"] == "class_counts":  # the images are sound: name the thin classes, keep them
+                thin = counts.set_index("row").loc[o["rows"]]
+                o["thin_classes"] = [f"{d}/{c} ({n})" for d, c, n in zip(thin["domain"], thin["label"], thin["images"])]
+                rows = []
             else:
                 domains = set(drift.set_index("row").loc[o["rows"], "domain"])
                 rows = list(frame.index[frame["domain"].isin(domains)])
@@ -465,7 +465,13 @@ def run(params: ValidateParams, paths: Paths) -> StageResult:
         accepted_version = None
         if not critical:  # only a run that passes writes outputs and moves the accepted profile on
             for o in failed:
-                log.warning("warning expectation %s failed: quarantining %d rows", o["expectation"], o["unexpected"])
+                if "thin_classes" in o:
+                    log.warning("warning expectation %s failed: fewer than %d images in %s; kept (training sees "
+                                "these classes rarely or never in those domains)", o["expectation"],
+                                params.min_images_per_class, ", ".join(o["thin_classes"]))
+                else:
+                    log.warning("warning expectation %s failed: quarantining %d rows", o["expectation"],
+                                o["unexpected"])
             quarantine = frame.loc[quarantined, COLUMNS].copy()
             quarantine["reason"] = [";".join(reasons[r]) for r in quarantined]
             atomic_write_text(paths.quarantine, quarantine.to_csv(index=False, lineterminator="\n"))
@@ -499,6 +505,7 @@ def run(params: ValidateParams, paths: Paths) -> StageResult:
     metrics = {
         "expectations": len(outcomes),
         "failed_warning": sorted({o["expectation"] for o in failed}),
+        "thin_classes": sorted({t for o in failed for t in o.get("thin_classes", [])}),
         "quarantined_rows": len(quarantined),
         "rows": len(kept),
         "dataset_version": dataset_version(kept),

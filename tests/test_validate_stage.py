@@ -160,11 +160,16 @@ def test_a_file_changed_after_ingest_is_critical(ws):
         execute("validate", root)
 
 
-def test_an_empty_class_in_one_domain_is_critical(ws):
+def test_an_empty_class_in_one_domain_is_a_warning_that_names_it_or_critical_if_asked(ws, caplog):
     root, tree = ws
     shutil.rmtree(tree / "south" / "cat")
     (tree / "south" / "cat").mkdir()  # the folder is there, its images are not
     execute("ingest", root)
+    with caplog.at_level("WARNING"):
+        metrics = execute("validate", root)
+    assert metrics["quarantined_rows"] == 0
+    assert any("min_images_per_class" in r.message and "south/cat (0)" in r.message for r in caplog.records)
+    apply_overrides(root / "params", {"validate": {"severity": {"min_images_per_class": "critical"}}})
     with pytest.raises(DataValidationError, match=r"min_images_per_class.*south/cat/"):
         execute("validate", root)
 
