@@ -149,12 +149,13 @@ def checked_paths(root: str | Path, rels: Sequence[str]) -> None:
             seen.add(parent)
 
 
-def check_images(root: str | Path, rels: Sequence[str], workers: int = 0, min_parallel: int = 2000) -> pd.DataFrame:
+def check_images(root: str | Path, rels: Sequence[str], workers: int = 0, min_parallel: int = 2000,
+                 progress=None) -> pd.DataFrame:
     """Check every ``root/rel`` (read once each, ``workers`` processes, 0 = all cores); one row per
     ``rel`` in order, columns :data:`FIELDS`."""
     rels = list(rels)
     checked_paths(root, rels)
-    rows = map_chunks(check_chunk, rels, str(root), workers=workers, min_parallel=min_parallel)
+    rows = map_chunks(check_chunk, rels, str(root), workers=workers, min_parallel=min_parallel, progress=progress)
     frame = pd.DataFrame.from_records(rows, columns=list(FIELDS))
     return frame.astype({"file_bytes": "int64", "decoded": bool, "img_width": "int64", "img_height": "int64",
                          "channels": "int64", "pixel_mean": "float64", "pixel_std": "float64"})

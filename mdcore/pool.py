@@ -50,21 +50,45 @@ def map_chunks(
     workers: int = 0,
     chunk_size: int = 1024,
     min_parallel: int = 2000,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[R]:
     """``fn(*args, chunk) -> list`` over consecutive chunks of ``items``; the lists joined, in order.
 
     Runs in this process when there is one worker or fewer than ``min_parallel`` items. ``fn`` must be a
-    module-level function (it is pickled by name).
+    module-level function (it is pickled by name). ``progress(done, total)`` is called after each chunk.
     """
     n_workers = resolve_workers(workers)
     context = _context() if n_workers > 1 else None
+    out: list[R] = []
     if context is None or len(items) < max(1, min_parallel):
-        return list(fn(*args, list(items)))
+        for i in range(0, len(items), chunk_size):
+            out.extend(fn(*args, list(items[i : i + chunk_size])))
+            if progress is not None:
+                progress(min(i + chunk_size, len(items)), len(items))
+        return out
     # at least 4 chunks per worker so a slow chunk does not leave a core idle at the end
     size = max(1, min(chunk_size, -(-len(items) // (4 * n_workers))))
     chunks = [list(items[i : i + size]) for i in range(0, len(items), size)]
-    out: list[R] = []
     with ProcessPoolExecutor(max_workers=min(n_workers, len(chunks)), mp_context=context) as pool:
         for part in pool.map(fn, *[[a] * len(chunks) for a in args], chunks):
             out.extend(part)
+            if progress is not None:
+                progress(len(out), len(items))
     return out
+
+
+def progress_logger(log: Callable[[str], None], what: str, every_s: float = 10.0) -> Callable[[int, int], None]:
+    """A ``progress`` callback that logs ``what: done/total (pct)`` at most every ``every_s`` seconds, and
+    at the end when the work took longer than that: long runs show progress, short ones stay quiet."""
+    import time
+
+    start = last = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= every_s or (done == total and now - start >= every_s):
+            last = now
+            log(f"{what}: {done:,}/{total:,} ({100 * done / max(total, 1):.0f} %)")
+
+    return report

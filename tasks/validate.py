@@ -405,7 +405,10 @@ def run(params: ValidateParams, paths: Paths) -> StageResult:
     known_classes = params.known_classes or (accepted.get("classes") if accepted else None)
 
     t0 = time.perf_counter()
-    checks = check_images(paths.raw, frame["path"], workers=params.workers)
+    from mdcore.pool import progress_logger
+
+    checks = check_images(paths.raw, frame["path"], workers=params.workers,
+                          progress=progress_logger(log.info, "validate: images read and decoded"))
     checks.index = frame.index
     t_checks = time.perf_counter() - t0
 

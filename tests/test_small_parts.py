@@ -93,3 +93,16 @@ def test_epoch_progress_reports_complete_lines_only_and_skips_epochs_of_a_resume
         f.write(row(3)[10:] + "\n")
     assert [r["epoch"] for r in progress.poll()] == [3]
     assert progress.poll() == [] and [r["epoch"] for r in progress.rows] == [2, 3]
+
+
+def test_map_chunks_reports_progress_in_order_and_results_are_unchanged():
+    from mdcore.pool import map_chunks
+
+    seen = []
+    out = map_chunks(_double, list(range(10)), chunk_size=3, progress=lambda done, total: seen.append((done, total)))
+    assert out == [2 * i for i in range(10)]
+    assert seen == [(3, 10), (6, 10), (9, 10), (10, 10)]
+
+
+def _double(chunk):
+    return [2 * i for i in chunk]
