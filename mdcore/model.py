@@ -66,11 +66,39 @@ class ModelConfig:
         return cls(**data)
 
 
-def create_backbone(name: str, **kwargs) -> nn.Module:
-    """Any timm model, random init (nothing is downloaded), as a pooled feature extractor."""
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def create_backbone(name: str, weights: str | None = None, **kwargs) -> nn.Module:
+    """Any timm model as a pooled feature extractor: random init, or pretrained ``weights``.
+
+    ``weights`` is a file (safetensors, or a PyTorch state dict read with ``weights_only=True``) or a timm
+    pretrained tag of ``name`` ("default", or e.g. "a1_in1k"). Both go through timm's own loading, which
+    drops classifier heads and adapts the input channels."""
     if name not in timm.list_models() and not timm.is_model(name):
         raise ValueError(f"unknown timm backbone {name!r}; see timm.list_models() for the known names")
-    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    if not weights:
+        return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    path = Path(weights).expanduser()
+    if path.suffix in WEIGHT_FILE_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrain.backbone_weights: {path} is not a file")
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=0,
+                                     pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        except RuntimeError as e:
+            raise ValueError(f"pretrain.backbone_weights: {path} does not fit timm backbone {name!r}: {e}") from None
+    tagged = name if weights == "default" else f"{name.split('.')[0]}.{weights}"
+    try:
+        return timm.create_model(tagged, pretrained=True, num_classes=0, **kwargs)
+    except Exception as e:  # noqa: BLE001 - offline, unknown tag, hub error: one clear message
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise RuntimeError(
+            f"pretrain.backbone_weights={weights!r}: timm could not load the pretrained weights of {tagged!r} "
+            f"({type(e).__name__}: {str(e)[:200]}). timm downloads them from the Hugging Face hub into "
+            f"{HF_HUB_CACHE}; on a machine without network, copy them there, or pass a file: "
+            "backbone_weights: /path/to/weights.safetensors") from None
 
 
 class MultiDomainModel(nn.Module):

@@ -135,8 +135,13 @@ class SynthesizeParams(StageParams):
 
 
 class PretrainParams(StageParams):
-    enabled: bool = Field(True, description="Self-supervised pretraining; off = finetune from random init")
-    backbone: str = Field("resnet10t", description="Any timm model name (random init; nothing is downloaded)")
+    enabled: bool = Field(True, description="Self-supervised pretraining (on top of backbone_weights when given: "
+                                            "domain-adaptive continued pretraining); off = use the weights as they are")
+    backbone: str = Field("resnet10t", description="Any timm model name")
+    backbone_weights: str | None = Field(
+        None, description="Starting weights: empty = random init; a file (safetensors, or a PyTorch state dict, "
+                          "e.g. models/pretrained/backbone.safetensors of another run); or a timm pretrained tag "
+                          "of the backbone ('default', 'a1_in1k', ...; downloaded to the Hugging Face cache)")
     image_size: int = Field(32, ge=8)
     epochs: int = Field(5, ge=0)
     batch_size: int = Field(128, ge=4)

@@ -36,7 +36,7 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
     data, rows = load_split(paths.train_manifest, roots, params.image_size, splits)
     if not params.include_holdout_unlabelled:  # generalization, not adaptation: nothing of them is seen
         guard_holdout(paths.train_manifest, {"pretraining": rows})
-    backbone = create_backbone(params.backbone)
+    backbone = create_backbone(params.backbone, weights=params.backbone_weights)
     probe_data = _probe_data(paths, params, data, rows) if params.linear_probe else None
     probe_before = _probe(backbone, probe_data, params.seed) if probe_data else None
     history = []
@@ -53,15 +53,21 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
     probe_after = _probe(backbone, probe_data, params.seed) if probe_data else None
     with atomic_dir(paths.pretrained) as tmp:
         state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
-        save_file(state, str(tmp / BACKBONE_WEIGHTS))
+        # a timm-loadable file: other runs pass it as pretrain.backbone_weights
+        save_file(state, str(tmp / BACKBONE_WEIGHTS), metadata={"format": "pt", "architecture": params.backbone})
+        cfg = getattr(backbone, "pretrained_cfg", {}) or {}
         (tmp / "config.json").write_text(json.dumps({
-            "backbone": params.backbone, "image_size": params.image_size, "pretrained": params.enabled,
+            "backbone": params.backbone, "image_size": params.image_size,
+            "pretrained": bool(params.enabled and params.epochs > 0) or bool(params.backbone_weights),
+            "backbone_weights": params.backbone_weights, "self_supervised_epochs": len(history),
+            "pretrained_cfg": {k: cfg.get(k) for k in ("mean", "std", "input_size")} if params.backbone_weights else None,
             "images": len(data), "history": history}, indent=2) + "\n")
         if probe_data:
             probe = {"before": probe_before, "after": probe_after, "kinds": probe_data["kinds"]}
             (tmp / "probe.json").write_text(json.dumps(probe, indent=2) + "\n")
             (tmp / "probe.md").write_text(probe_markdown(probe_before, probe_after, probe_data["kinds"]))
     metrics = {"images": len(data), "epochs": params.epochs if params.enabled else 0,
+               "backbone_weights": params.backbone_weights,
                "final_ssl_loss": history[-1]["ssl_loss"] if history else None, "backbone": params.backbone}
     if probe_data:
         metrics["linear_probe"] = {
