@@ -121,13 +121,16 @@ class DomainWeighting:
 
     @torch.no_grad()
     def update(self, per_sample_loss: torch.Tensor, domains: torch.Tensor) -> None:
-        sums = torch.zeros(self.n_domains, dtype=torch.float64).index_add_(0, domains.cpu(),
-                                                                          per_sample_loss.detach().double().cpu())
-        counts = torch.bincount(domains.cpu(), minlength=self.n_domains).double()
+        # reduced on the loss's device: NCCL (GPU workers) rejects CPU tensors, gloo takes CPU ones
+        device = per_sample_loss.device
+        sums = torch.zeros(self.n_domains, dtype=torch.float64, device=device).index_add_(
+            0, domains.to(device), per_sample_loss.detach().double())
+        counts = torch.bincount(domains.to(device), minlength=self.n_domains).double()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             both = torch.cat([sums, counts])
             torch.distributed.all_reduce(both)
             sums, counts = both[: self.n_domains], both[self.n_domains:]
+        sums, counts = sums.cpu(), counts.cpu()
         present = counts > 0
         mean = (sums / counts.clamp(min=1)).float()
         if self.mode == "groupdro":

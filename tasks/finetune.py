@@ -73,6 +73,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     ddp_model = ray.train.torch.prepare_model(
         fast, move_to_device=True,
         parallel_strategy_kwargs={"find_unused_parameters": needs_find_unused_parameters(p)})
+    optimizer_to(optimizer, device)  # a restored optimizer state was loaded before the model moved
     mix = p.domain_mix if isinstance(p.domain_mix, str) else _domain_weights(p.domain_mix, train.domain_names)
     stopper = early_stopping(p)
     for row in history:  # after a resume, replay the epochs already done
@@ -92,7 +93,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         stats = finetune_epoch(ddp_model, train, optimizer, batches, epoch=epoch, seed=p.seed, rank=rank,
                                label_smoothing=p.label_smoothing, device=device, method=method, **extra)
         totals = _all_reduce_sum([stats["loss"] * stats["images"], stats["train_acc"] * stats["images"],
-                                  stats["images"]], world)
+                                  stats["images"]], world, device)
         elapsed = time.perf_counter() - t0
         _average_buffers(model, world)  # per-domain normalization statistics: one value on every worker
         val = evaluate_split(model, val_set, [train.domain_names[d] for d in val_set.domains], 256, device=device)
@@ -188,6 +189,16 @@ def _domain_weights(mix: dict[str, float], domains: list[str]) -> dict[int, floa
     return {domains.index(d): w for d, w in mix.items()}
 
 
+def optimizer_to(optimizer, device) -> None:
+    """Move every optimizer state tensor (AdamW moments) to ``device``, where the parameters now live."""
+    import torch
+
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                state[key] = value.to(device)
+
+
 def _barrier(world: int) -> None:
     import torch.distributed as dist
 
@@ -195,11 +206,12 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _all_reduce_sum(values: list[float], world: int) -> list[float]:
+def _all_reduce_sum(values: list[float], world: int, device=None) -> list[float]:
+    """On the worker's device: NCCL (GPU workers) rejects CPU tensors."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(t)
     return t.tolist()
