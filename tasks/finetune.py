@@ -25,10 +25,66 @@ from tasks.stage import StageResult, execute
 log = logging.getLogger("mdpipe.finetune")
 
 
+class RayWorker:
+    """What the training loop needs from its runtime, under Ray Train: rank, world, one device per worker
+    (GPU when ``use_gpu``), the checkpoint to resume from, DDP wrapping, and reporting."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        self._train, self._torch = ray.train, ray.train.torch
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def checkpoint(self):
+        return self._train.get_checkpoint()
+
+    def prepare(self, model, find_unused_parameters: bool):
+        return self._torch.prepare_model(model, move_to_device=True, parallel_strategy_kwargs={
+            "find_unused_parameters": find_unused_parameters})
+
+    def report(self, metrics: dict, folder: str | None) -> None:
+        checkpoint = self._train.Checkpoint.from_directory(folder) if folder else None
+        self._train.report(metrics, checkpoint=checkpoint)
+
+
+class LocalWorker:
+    """The same loop in this process on an explicit device (tests; one machine without Ray): rank 0 of 1;
+    each reported checkpoint folder is copied to ``out/checkpoint_NNNNNN``."""
+
+    def __init__(self, device: str, out: str | Path, resume_from: str | Path | None = None):
+        import torch
+
+        self.rank, self.world, self.device = 0, 1, torch.device(device)
+        self.out, self.resume_from, self.reports = Path(out), resume_from, []
+
+    def checkpoint(self):
+        from contextlib import nullcontext
+        from types import SimpleNamespace
+
+        if self.resume_from is None:
+            return None
+        return SimpleNamespace(as_directory=lambda: nullcontext(str(self.resume_from)))
+
+    def prepare(self, model, find_unused_parameters: bool):
+        return model.to(self.device)
+
+    def report(self, metrics: dict, folder: str | None) -> None:
+        self.reports.append(metrics)
+        if folder:
+            shutil.copytree(folder, self.out / f"checkpoint_{len(self.reports):06d}")
+
+
 def train_loop_per_worker(cfg: dict) -> None:
-    """Runs on every Ray Train worker: load data, build the model, resume if a checkpoint exists,
-    train with DDP on a domain-balanced shard, report metrics and (rank 0) a checkpoint every epoch."""
-    import ray.train
+    """Runs on every Ray Train worker (see :func:`train_worker`)."""
+    train_worker(cfg, RayWorker())
+
+
+def train_worker(cfg: dict, worker) -> None:
+    """Load data, build the model, resume if a checkpoint exists, train with DDP on a domain-balanced
+    shard on ``worker.device``, report metrics and (rank 0) a checkpoint every epoch."""
     import torch
 
     from mdcore.accel import FastForward
@@ -41,8 +97,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                                    needs_find_unused_parameters, on_epoch_start)
 
     p = FinetuneParams.model_validate(cfg["params"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = worker.rank, worker.world
     torch.set_num_threads(max(1, int(p.cpus_per_worker)))
     torch.manual_seed(p.seed)
     roots = {k: Path(v) for k, v in cfg["roots"].items()}
@@ -57,7 +112,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     optimizer, scheduler = build_optimizer(p, model)
     extra = epoch_kwargs(p, train)  # once: it carries state across epochs (GroupDRO weights)
     start_epoch, history, attempt, best = 0, [], 0, Selection()
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = worker.checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             start_epoch = load_training_state(folder, model, optimizer) + 1
@@ -66,13 +121,11 @@ def train_loop_per_worker(cfg: dict) -> None:
             _load_run_state(Path(folder), extra)
         attempt = history[-1].get("attempt", 0) + 1 if history else 1
         print(f"[finetune] rank {rank}: resumed from the checkpoint of epoch {start_epoch} (attempt {attempt})")
-    device = ray.train.torch.get_device()
+    device = worker.device
     fast = FastForward(model, p.precision, p.channels_last, device_type=device.type)
     if p.compile:
         fast = torch.compile(fast)
-    ddp_model = ray.train.torch.prepare_model(
-        fast, move_to_device=True,
-        parallel_strategy_kwargs={"find_unused_parameters": needs_find_unused_parameters(p)})
+    ddp_model = worker.prepare(fast, needs_find_unused_parameters(p))
     optimizer_to(optimizer, device)  # a restored optimizer state was loaded before the model moved
     mix = p.domain_mix if isinstance(p.domain_mix, str) else _domain_weights(p.domain_mix, train.domain_names)
     stopper = early_stopping(p)
@@ -130,7 +183,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         }
         if last:
             metrics["weights_max_diff_across_workers"] = _weights_max_diff(model, world)
-        _report(rank, metrics, history, model, optimizer, epoch, p.epochs, best, extra, cfg.get("progress_file"))
+        _report(worker, metrics, history, model, optimizer, epoch, p.epochs, best, extra, cfg.get("progress_file"))
         if stop:
             break
 
@@ -246,15 +299,13 @@ def _weights_max_diff(model, world: int) -> float:
     return float(diff)
 
 
-def _report(rank, metrics, history, model, optimizer, epoch, epochs, best: Selection, extra: dict,
+def _report(worker, metrics, history, model, optimizer, epoch, epochs, best: Selection, extra: dict,
             progress_file: str | None = None) -> None:
-    import ray.train
-
     from mdcore.checkpoint import save_training_state
     from mdcore.model import save_model
 
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
+    if worker.rank != 0:
+        worker.report(metrics, None)
         return
     history.append(metrics)
     if progress_file:  # the driver follows it: console lines and the Prefect progress artifact
@@ -269,7 +320,7 @@ def _report(rank, metrics, history, model, optimizer, epoch, epochs, best: Selec
         weighting = extra.get("domain_weighting")
         (Path(tmp) / RUN_STATE).write_text(json.dumps(
             {"domain_weighting": weighting.state() if weighting is not None else {}}))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        worker.report(metrics, tmp)
 
 
 def ray_storage() -> str:
@@ -319,6 +370,21 @@ def run_name(params: FinetuneParams, paths: Paths, use_pretrained: bool) -> str:
     return f"finetune-{h.hexdigest()[:16]}"
 
 
+def worker_config(params: FinetuneParams, paths: Paths, pre_config: dict, use_pretrained: bool,
+                  kill_at_epoch: int | None = None, progress_file: Path | None = None) -> dict:
+    """What every worker receives: params, data locations and starting weights (all plain values)."""
+    return {
+        "params": params.model_dump(),
+        "train_manifest": str(paths.train_manifest),
+        "roots": {"real": str(paths.raw), "synthetic": str(paths.synthetic)},
+        "backbone": pre_config["backbone"],
+        "image_size": pre_config["image_size"],
+        "backbone_weights": str(paths.pretrained / "backbone.safetensors") if use_pretrained else None,
+        "kill_at_epoch": kill_at_epoch,
+        "progress_file": str(progress_file) if progress_file else None,
+    }
+
+
 def fit(params: FinetuneParams, paths: Paths, kill_at_epoch: int | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -336,16 +402,8 @@ def fit(params: FinetuneParams, paths: Paths, kill_at_epoch: int | None = None):
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "params": params.model_dump(),
-            "train_manifest": str(paths.train_manifest),
-            "roots": {"real": str(paths.raw), "synthetic": str(paths.synthetic)},
-            "backbone": pre_config["backbone"],
-            "image_size": pre_config["image_size"],
-            "backbone_weights": str(paths.pretrained / "backbone.safetensors") if use_pretrained else None,
-            "kill_at_epoch": kill_at_epoch,
-            "progress_file": str(run_dir / "progress.jsonl"),
-        },
+        train_loop_config=worker_config(params, paths, pre_config, use_pretrained, kill_at_epoch,
+                                        run_dir / "progress.jsonl"),
         scaling_config=ScalingConfig(num_workers=params.num_workers, use_gpu=params.use_gpu,
                                      resources_per_worker={"CPU": params.cpus_per_worker}),
         run_config=RunConfig(
