@@ -15,7 +15,8 @@ from mdcore.manifest import class_names, resolve_in
 
 @dataclass
 class ImageSet:
-    """Images (N,3,H,W uint8), labels and domain indices of a manifest slice, all in memory."""
+    """Images (N,3,H,W uint8; in memory, or :class:`mdcore.lazy_images.LazyImages` decoding on demand),
+    labels and domain indices of a manifest slice."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -66,18 +67,26 @@ def load_images(
     domain_names: list[str] | None = None,
     classes: list[str] | None = None,
     threads: int = 4,
+    lazy: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> ImageSet:
     """Decode every row of ``frame``; ``roots`` maps a row's ``source`` (real/synthetic) to its folder.
 
     ``domain_names``/``classes`` fix the index order (a model's order); rows of a domain the model does
-    not know get domain index -1 (the unknown-domain path).
+    not know get domain index -1 (the unknown-domain path). ``lazy``: nothing is decoded now; the images
+    decode when indexed (:class:`mdcore.lazy_images.LazyImages`, optionally cached in ``cache_dir``).
     """
     domain_names = list(domain_names) if domain_names is not None else sorted(frame["domain"].unique())
     classes = list(classes) if classes is not None else class_names(frame)
     paths = [resolve_in(roots[s], p) for s, p in zip(frame["source"], frame["path"])]
-    with ThreadPoolExecutor(threads) as pool:
-        arrays = list(pool.map(lambda p: _decode(p, size), paths))
-    images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    if lazy:
+        from mdcore.lazy_images import LazyImages
+
+        images = LazyImages(paths, size, cache_dir=cache_dir, threads=min(threads, 2))
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            arrays = list(pool.map(lambda p: _decode(p, size), paths))
+        images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0, 3, size, size, dtype=torch.uint8)
     class_index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(frame["label"]) - set(class_index))
     if unknown:

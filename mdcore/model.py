@@ -271,7 +271,12 @@ class MultiDomainModel(nn.Module):
         sums = torch.zeros_like(self.prototypes)
         counts = torch.zeros(len(self.config.domains), device=sums.device)
         for start in range(0, len(images), batch_size):
-            feats = F.normalize(self.features(images[start : start + batch_size].to(sums.device)).float(), dim=1)
+            x = images[start : start + batch_size]
+            if x.dtype == torch.uint8:  # raw images (in memory or decoded on demand): the loader's scaling
+                from mdcore.images import to_float
+
+                x = to_float(x)
+            feats = F.normalize(self.features(x.to(sums.device)).float(), dim=1)
             d = domains[start : start + batch_size].to(sums.device)
             sums.index_add_(0, d, feats)
             counts.index_add_(0, d, torch.ones_like(d, dtype=counts.dtype))

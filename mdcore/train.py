@@ -46,8 +46,10 @@ def finetune_epoch(
     kd_weight: float = 0.0,
     kd_temperature: float = 4.0,
     method: "Method | None" = None,
+    loader_workers: int = 0,
 ) -> dict[str, float]:
-    """One pass over ``batches`` (index tensors into ``data``: this worker's shard).
+    """One pass over ``batches`` (index tensors into ``data``: this worker's shard). Images decoded on
+    demand decode ``loader_workers`` batches ahead in DataLoader worker processes.
 
     The model is called as ``model(x, domains, return_aux=True, labels=y)``, so extra loss terms (load
     balancing, alignment, supervised contrastive, ...) are computed inside forward, where DDP sees them.
@@ -63,8 +65,10 @@ def finetune_epoch(
     aux_totals: dict[str, float] = {}
     if teacher is not None:
         teacher.eval()
-    for idx in batches:
-        x = to_float(data.images[idx])
+    from mdcore.lazy_images import batch_images
+
+    for idx, raw in batch_images(data.images, batches, workers=loader_workers):
+        x = to_float(raw)
         y, d = data.labels[idx].to(device), data.domains[idx].to(device)
         # the method decides what the model trains on; without one, the mild default augmentation
         x = (train_view(x, g) if method is None else method.training_view(x, data.domains[idx], g)).to(device)

@@ -89,7 +89,6 @@ def train_worker(cfg: dict, worker) -> None:
 
     from mdcore.accel import FastForward
     from mdcore.checkpoint import load_training_state
-    from mdcore.images import to_float
     from mdcore.sampler import domain_balanced_batches
     from mdcore.train import evaluate_split, finetune_epoch, training_view_batches
     from tasks.data import guard_holdout, load_split
@@ -101,10 +100,11 @@ def train_worker(cfg: dict, worker) -> None:
     torch.set_num_threads(max(1, int(p.cpus_per_worker)))
     torch.manual_seed(p.seed)
     roots = {k: Path(v) for k, v in cfg["roots"].items()}
+    stream = {"lazy": p.loader == "stream", "cache_dir": decoded_cache_dir() if p.decoded_cache else None}
     train, train_rows = load_split(cfg["train_manifest"], roots, cfg["image_size"], ("train",),
-                                   synthetic=p.use_synthetic)
+                                   synthetic=p.use_synthetic, **stream)
     val_set, val_rows = load_split(cfg["train_manifest"], roots, cfg["image_size"], ("val",), synthetic=False,
-                                   domains=train.domain_names, classes=train.class_names)
+                                   domains=train.domain_names, classes=train.class_names, **stream)
     guard_holdout(cfg["train_manifest"], {"training": train_rows, "validation and selection": val_rows,
                                           "prototypes": train_rows})
     method = build_method(p)
@@ -144,7 +144,8 @@ def train_worker(cfg: dict, worker) -> None:
         batches = domain_balanced_batches(train.domains, p.batch_size, rank=rank, world=world, epoch=epoch,
                                           seed=p.seed, mix=mix)
         stats = finetune_epoch(ddp_model, train, optimizer, batches, epoch=epoch, seed=p.seed, rank=rank,
-                               label_smoothing=p.label_smoothing, device=device, method=method, **extra)
+                               label_smoothing=p.label_smoothing, device=device, method=method,
+                               loader_workers=p.loader_workers if p.loader == "stream" else 0, **extra)
         totals = _all_reduce_sum([stats["loss"] * stats["images"], stats["train_acc"] * stats["images"],
                                   stats["images"]], world, device)
         elapsed = time.perf_counter() - t0
@@ -165,7 +166,7 @@ def train_worker(cfg: dict, worker) -> None:
                     train, method, p.batch_size, seed=p.seed, epoch=p.epochs, generator_seed=p.seed + 1,
                     rank=rank, world=world, device=device))
                 shipped["selected_epoch"] = "average"
-            model.fit_prototypes(to_float(train.images), train.domains)
+            model.fit_prototypes(train.images, train.domains)
         metrics = {
             "epoch": epoch + 1,
             "attempt": attempt,
@@ -321,6 +322,11 @@ def _report(worker, metrics, history, model, optimizer, epoch, epochs, best: Sel
         (Path(tmp) / RUN_STATE).write_text(json.dumps(
             {"domain_weighting": weighting.state() if weighting is not None else {}}))
         worker.report(metrics, tmp)
+
+
+def decoded_cache_dir() -> str:
+    """Decoded images of ``finetune.decoded_cache``: local to each machine, outside the workspace."""
+    return os.environ.get("MDPIPE_DECODED_CACHE", str(Path.home() / ".cache" / "mdpipe" / "decoded"))
 
 
 def ray_storage() -> str:

@@ -174,6 +174,12 @@ class FinetuneParams(StageParams):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Autocast dtype (bf16 on CPU or GPU)")
     channels_last: bool = Field(False, description="channels-last memory format for model and inputs")
     compile: bool = Field(False, description="torch.compile the model (slow first epoch)")
+    loader: Literal["memory", "stream"] = Field(
+        "memory", description="memory: every worker decodes its images once, up front (fastest while they fit); "
+                              "stream: decode on demand, memory per worker flat as the dataset grows")
+    loader_workers: int = Field(2, ge=0, description="stream: DataLoader processes decoding the next batches")
+    decoded_cache: bool = Field(False, description="stream: keep decoded images on disk (~/.cache/mdpipe/decoded, "
+                                                   "or MDPIPE_DECODED_CACHE) for later epochs and runs")
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(128, ge=2, description="Global batch (split across workers)")
     lr: float = Field(2e-3, gt=0)

@@ -35,7 +35,7 @@ def test_worker_function_learns_on_an_explicit_device_and_resumes_from_its_check
     assert worker.reports[-1]["shipped/selected_epoch"] in (1, 2, 3, "average")
 
     # resume from the epoch-2 checkpoint: only epoch 3 runs, with the optimizer state restored
-    params4 = params.model_copy(update={"epochs": 4})
+    params4 = params.model_copy(update={"epochs": 4, "loader": "stream", "loader_workers": 1})  # on demand
     again = LocalWorker("cpu", tmp_path / "again", resume_from=tmp_path / "run" / "checkpoint_000002")
     train_worker(worker_config(params4, paths, pre_config, use_pretrained=False), again)
     assert [m["epoch"] for m in again.reports] == [3, 4] and again.reports[0]["attempt"] == 1

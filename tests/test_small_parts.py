@@ -106,3 +106,32 @@ def test_map_chunks_reports_progress_in_order_and_results_are_unchanged():
 
 def _double(chunk):
     return [2 * i for i in chunk]
+
+
+def test_images_decoded_on_demand_equal_the_in_memory_ones_with_loader_workers_and_a_disk_cache(tmp_path):
+    import numpy as np
+    import pandas as pd
+    import torch
+    from PIL import Image
+
+    from mdcore.images import load_images
+    from mdcore.lazy_images import LazyImages, batch_images
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        (tmp_path / "d" / "c").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(tmp_path / "d" / "c" / f"{i}.png")
+        rows.append({"path": f"d/c/{i}.png", "domain": "d", "label": "c", "source": "real"})
+    frame = pd.DataFrame(rows)
+    memory = load_images(frame, {"real": tmp_path}, 16)
+    lazy = load_images(frame, {"real": tmp_path}, 16, lazy=True, cache_dir=tmp_path / "cache")
+    assert isinstance(lazy.images, LazyImages) and lazy.images.shape == memory.images.shape
+    batches = [torch.tensor([3, 1, 7]), torch.tensor([0, 23]), torch.tensor([5])]
+    for (idx, raw), want in zip(batch_images(lazy.images, batches, workers=2), batches):
+        assert torch.equal(idx, want) and torch.equal(raw, memory.images[want])
+    assert torch.equal(lazy.images[2:9], memory.images[2:9])
+    # only what was indexed was decoded (rows 0-8 and 23), each once, then read back from the cache
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 10
+    assert torch.equal(lazy.images[torch.tensor([23, 0])], memory.images[torch.tensor([23, 0])])
+    assert torch.equal(lazy.subset(memory.labels == 0).images[0:4], memory.images[0:4])

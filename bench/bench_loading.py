@@ -1,0 +1,100 @@
+"""Memory and speed of the finetune data path: images decoded up front ("memory") or on demand
+("stream", DataLoader workers ahead of training), on a generated tree of 224-px JPEGs.
+
+For each (loader, dataset size) a fresh process builds the training ImageSet the way a finetune worker
+does, then runs ``--steps`` training steps of a timm model on domain-balanced batches; it reports peak
+resident memory (the process and its loader workers), images/s and the share of step time spent waiting
+for data. Usage: python -m bench.bench_loading --sizes 5000 50000 --loaders stream [--steps 20]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_tree(root: Path, n: int, size: int = 224, domains: int = 4, classes: int = 10) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (classes, 8, 8, 3), dtype=np.uint8)  # smooth images: JPEG sizes like photos
+    have = len(list(root.rglob("*.jpg"))) if root.exists() else 0
+    for i in range(have, n):
+        d, c = i % domains, (i // domains) % classes
+        folder = root / f"d{d}" / f"c{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(np.clip(base[c].astype(int) + rng.integers(-30, 30, (8, 8, 3)), 0, 255).astype(np.uint8))
+        img.resize((size, size), Image.Resampling.BICUBIC).save(folder / f"{i:06d}.jpg", quality=90)
+
+
+def measure(root: str, n: int, loader: str, steps: int, batch: int, size: int, workers: int) -> dict:
+    import pandas as pd
+    import timm
+    import torch
+
+    from mdcore.images import load_images, to_float
+    from mdcore.lazy_images import batch_images
+    from mdcore.sampler import domain_balanced_batches
+
+    torch.set_num_threads(2)
+    paths = sorted(Path(root).rglob("*.jpg"))[:n]
+    frame = pd.DataFrame({"path": [str(p.relative_to(root)) for p in paths], "domain": [p.parts[-3] for p in paths],
+                          "label": [p.parts[-2] for p in paths], "source": "real"})
+    t0 = time.perf_counter()
+    data = load_images(frame, {"real": Path(root)}, size, lazy=loader == "stream")
+    setup_s = time.perf_counter() - t0
+    model = timm.create_model("resnet10t", num_classes=10)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = list(domain_balanced_batches(data.domains, batch, epoch=0, seed=0))[:steps]
+    wait = train = 0.0
+    t = time.perf_counter()
+    for idx, raw in batch_images(data.images, batches, workers=workers if loader == "stream" else 0):
+        t1 = time.perf_counter()
+        wait += t1 - t
+        loss = torch.nn.functional.cross_entropy(model(to_float(raw)), data.labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        t = time.perf_counter()
+        train += t - t1
+    peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"loader": loader, "images": n, "size": size, "setup_s": round(setup_s, 1),
+            "peak_rss_mb": round(peak_self, 1), "peak_loader_worker_rss_mb": round(peak_children, 1),
+            "images_per_s": round(len(batches) * batch / (wait + train), 1),
+            "wait_share": round(wait / (wait + train), 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", default="/tmp/mdpipe-bench-tree")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000])
+    ap.add_argument("--loaders", nargs="+", default=["stream"])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        loader, n = args.one.split(":")
+        print(json.dumps(measure(args.root, int(n), loader, args.steps, args.batch, args.image_size, args.workers)))
+        return
+    make_tree(Path(args.root), max(args.sizes))
+    for loader in args.loaders:
+        for n in args.sizes:  # a fresh process each: peak memory is per run
+            out = subprocess.run([sys.executable, "-m", "bench.bench_loading", "--root", args.root, "--one", f"{loader}:{n}",
+                                  "--steps", str(args.steps), "--batch", str(args.batch),
+                                  "--image-size", str(args.image_size), "--workers", str(args.workers)],
+                                 capture_output=True, text=True, check=True)
+            print(out.stdout.strip().splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()

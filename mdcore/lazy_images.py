@@ -1,0 +1,100 @@
+"""Images decoded on demand: memory per training worker stays flat as the dataset grows.
+
+``LazyImages`` stands where :class:`mdcore.images.ImageSet` holds its uint8 tensor: indexing it with a
+batch of row indices (or a slice) decodes those files, so every loop that indexes ``data.images`` works
+unchanged. :func:`batch_images` puts a torch ``DataLoader`` in front of a list of batches (the
+domain-balanced sampler's), so the next batches decode in worker processes while the model trains. An
+optional cache folder keeps decoded arrays on disk (``.npy``, read without pickle) for later epochs.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+
+class LazyImages:
+    """A read-only (N, 3, size, size) uint8 "tensor" of image files, decoded when indexed."""
+
+    dtype = torch.uint8
+
+    def __init__(self, paths: list[Path], size: int, cache_dir: str | Path | None = None, threads: int = 2):
+        self.paths, self.size, self.threads = [Path(p) for p in paths], size, threads
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), 3, self.size, self.size)
+
+    def __getitem__(self, index) -> torch.Tensor | "LazyImages":
+        if isinstance(index, slice):
+            rows = range(len(self.paths))[index]
+        elif isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+            return LazyImages([p for p, keep in zip(self.paths, index.tolist()) if keep], self.size,
+                              self.cache_dir, self.threads)
+        elif isinstance(index, int):
+            return self[[index]][0]
+        else:
+            rows = torch.as_tensor(index).reshape(-1).tolist()
+        paths = [self.paths[i] for i in rows]
+        if len(paths) > 8 and self.threads > 1:
+            with ThreadPoolExecutor(self.threads) as pool:  # PIL releases the GIL while decoding
+                arrays = list(pool.map(self._load, paths))
+        else:
+            arrays = [self._load(p) for p in paths]
+        if not arrays:
+            return torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
+        return torch.from_numpy(np.stack(arrays))
+
+    def _load(self, path: Path) -> np.ndarray:
+        from mdcore.images import _decode
+
+        if self.cache_dir is None:
+            return _decode(path, self.size)
+        st = path.stat()
+        key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}|{self.size}".encode()).hexdigest()
+        cached = self.cache_dir / f"{key}.npy"
+        if cached.is_file():
+            return np.load(cached, allow_pickle=False)
+        array = _decode(path, self.size)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, array, allow_pickle=False)
+        tmp.replace(cached)  # atomic: a reader never sees half a file
+        return array
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __init__(self, images, batches: list[torch.Tensor]):
+        self.images, self.batches = images, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.batches[i]
+        return idx, self.images[idx]
+
+
+def batch_images(images, batches: Iterable[torch.Tensor], workers: int = 0,
+                 prefetch: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(idx, uint8 images)`` per batch. In-memory images are indexed directly; ``LazyImages`` with
+    ``workers`` > 0 decode in DataLoader worker processes, ``prefetch`` batches ahead of training."""
+    if not isinstance(images, LazyImages) or workers <= 0:
+        for idx in batches:
+            yield idx, images[idx]
+        return
+    batches = list(batches)
+    loader = torch.utils.data.DataLoader(_Batches(images, batches), batch_size=None, shuffle=False,
+                                         num_workers=min(workers, max(1, len(batches))),
+                                         prefetch_factor=prefetch, persistent_workers=False)
+    yield from loader
