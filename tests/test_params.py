@@ -75,3 +75,21 @@ def test_nested_override_reaches_into_a_mapping_and_keeps_its_other_keys(tmp_pat
         apply_overrides(tmp_path, parse_overrides(["validate.severity.no_such_check=warning"]))
     with pytest.raises(ParamsError):
         parse_overrides(["validate.severity..x=1"])
+
+
+def test_run_form_leads_with_quick_settings_and_descriptions_survive_html():
+    """The Prefect UI renders descriptions as markdown: text in angle brackets would vanish."""
+    import json
+
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import PipelineParams, QuickSettings, pipeline
+
+    schema = parameter_schema(pipeline.fn).model_dump()
+    assert list(schema["properties"])[:2] == ["quick", "params"]
+    import re
+
+    assert not re.findall(r"<[^<>]*>", json.dumps(schema))  # <domain> would render as an (empty) HTML tag
+    params = QuickSettings(data_root="/x", holdout_domains=["b"], epochs=3).apply(PipelineParams.from_files(REPO / "params"))
+    assert params.ingest.data_root == "/x" and params.ingest.holdout_domains == ["b"] and params.finetune.epochs == 3
+    assert params.finetune.num_workers == load_params("finetune", REPO / "params").num_workers  # left empty: kept
