@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The README's Prefect commands against a real server, with the pinned versions: start a server, serve the
 # deployments, list them, trigger two runs at once (the second waits for its concurrency slot), watch them.
-# Run from the project root after `make demo` (so the runs find every stage up to date and finish fast).
-# Usage: bench/serve_check.sh [PORT]
+# Best on a workspace whose stages are up to date (after `make demo`, or bench/bench_run_cache.py's), so the
+# runs finish fast. Usage, from the project root: bench/serve_check.sh [WORKSPACE] [PORT]
 set -euo pipefail
-PORT=${1:-4299}
+WS=${1:-.}
+PORT=${2:-4299}
 BIN=$(pwd)/.venv/bin
 export PREFECT_HOME=$(mktemp -d) PREFECT_API_URL=http://127.0.0.1:$PORT/api PREFECT_SERVER_ANALYTICS_ENABLED=false
 LOG=${PREFECT_HOME}
@@ -12,7 +13,7 @@ cleanup() { kill ${SERVE_PID:-} ${SERVER_PID:-} 2>/dev/null || true; wait 2>/dev
 trap cleanup EXIT
 "$BIN/prefect" server start --port "$PORT" >"$LOG/server.log" 2>&1 & SERVER_PID=$!
 for _ in $(seq 120); do curl -sf "$PREFECT_API_URL/health" >/dev/null && break; sleep 1; done
-"$BIN/mdpipe" serve >"$LOG/serve.log" 2>&1 & SERVE_PID=$!
+"$BIN/mdpipe" --root "$WS" serve >"$LOG/serve.log" 2>&1 & SERVE_PID=$!
 for _ in $(seq 120); do "$BIN/prefect" deployment ls 2>/dev/null | grep -q mdpipe-retrain && break; sleep 2; done
 echo "== prefect deployment ls"; "$BIN/prefect" deployment ls
 echo "== two runs at once"

@@ -47,3 +47,20 @@ def test_dvc_repro_reruns_ingest_when_the_external_tree_changed(tmp_path):
     some = next(tree.glob("*/*/*.png"))
     (some.parent / "added.png").write_bytes(some.read_bytes())
     assert repro() == {"source", "ingest"}
+
+
+def test_dvc_bookkeeping_targets_the_workspace_not_the_current_directory(tmp_path, monkeypatch):
+    """A served deployment runs with ``--root WS`` from anywhere (here: the project, whose dvc.yaml has
+    stages of the same names): the stage recorded and checked must be the workspace's."""
+    from flows import dvc_sync
+    from tasks.stage import execute
+    from tests.conftest import REPO
+
+    ws = make_workspace(tmp_path / "ws", ingest={"builtin_limit": 80, "holdout_domains": []})
+    monkeypatch.chdir(REPO)
+    for stage in ("source", "ingest"):
+        execute(stage, ws)
+        dvc_sync.record(ws, stage)
+    assert not dvc_sync.is_stale(ws, "ingest")
+    assert dvc_sync.is_stale(ws, "validate")
+    assert "ingest" in (ws / "dvc.lock").read_text()
