@@ -20,7 +20,7 @@ echo "== two runs at once"
 "$BIN/prefect" deployment run 'mdpipe-pipeline/mdpipe' >/dev/null
 "$BIN/prefect" deployment run 'mdpipe-pipeline/mdpipe' --watch --watch-timeout 900 | tail -3
 for _ in $(seq 300); do
-  states=$("$BIN/prefect" flow-run ls --flow-name mdpipe-pipeline 2>/dev/null | grep -c Completed || true)
+  states=$("$BIN/prefect" flow-run ls --flow-name mdpipe-pipeline 2>/dev/null | grep -ci completed || true)
   [ "$states" -ge 2 ] && break; sleep 2
 done
 echo "== prefect flow-run ls"; "$BIN/prefect" flow-run ls --flow-name mdpipe-pipeline
