@@ -89,12 +89,18 @@ def batch_images(images, batches: Iterable[torch.Tensor], workers: int = 0,
                  prefetch: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(idx, uint8 images)`` per batch. In-memory images are indexed directly; ``LazyImages`` with
     ``workers`` > 0 decode in DataLoader worker processes, ``prefetch`` batches ahead of training."""
-    if not isinstance(images, LazyImages) or workers <= 0:
+    from mdcore.pool import _context
+
+    # forkserver (or spawn), never a bare fork: the training process runs threads (Ray, Prefect, torch)
+    # that a forked child would inherit half-held
+    context = _context() if isinstance(images, LazyImages) and workers > 0 else None
+    if context is None:
         for idx in batches:
             yield idx, images[idx]
         return
     batches = list(batches)
     loader = torch.utils.data.DataLoader(_Batches(images, batches), batch_size=None, shuffle=False,
                                          num_workers=min(workers, max(1, len(batches))),
-                                         prefetch_factor=prefetch, persistent_workers=False)
+                                         prefetch_factor=prefetch, persistent_workers=False,
+                                         multiprocessing_context=context)
     yield from loader
