@@ -80,8 +80,8 @@ def measure_latency(run: Callable, data: ImageSet, threads: int, batch_sizes=(1,
     with with_threads(threads):
         for b in batch_sizes:
             idx = torch.arange(b) % len(data)
-            out[f"b{b}"] = latency(run, data.images[idx], data.domains[idx].clamp(min=0), warmup=warmup,
-                                   repeats=repeats if b == 1 else max(5, repeats // 3))
+            out[f"b{b}"] = latency(run, data.images[idx], data.domains[idx].clamp(min=0), warmup=min(warmup, repeats),
+                                   repeats=repeats if b == 1 else max(3, repeats // 3))
     return out
 
 
