@@ -27,7 +27,7 @@ def print_summary(report: dict, paths, wall_s: float, console: Console | None = 
     for col in ("model", "path", "size"):
         sizes.add_column(col)
     for name, path in (("pretrained backbone", paths.pretrained), ("fine-tuned", paths.finetuned),
-                       ("compressed (pruned + int8)", paths.compressed)):
+                       (f"compressed (shipped: {comp.get('shipped', '?')}, ONNX)", paths.compressed / "model.onnx")):
         sizes.add_row(name, str(path.relative_to(paths.root)), f"{dir_size_bytes(path) / 1e6:.2f} MB")
     console.print(sizes)
 

@@ -45,13 +45,12 @@ class StageAdapterBank(Routed, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.route_for(x, self.n_domains)  # N, D
-        n, c, h, wd = x.shape
         down = torch.einsum("nd,drc->nrc", w, self.down.to(x.dtype))
         up = torch.einsum("nd,dcr->ncr", w, self.up.to(x.dtype))
-        flat = x.reshape(n, c, h * wd)
-        hidden = F.gelu(torch.bmm(down, flat) + (w @ self.down_bias.to(x.dtype))[:, :, None])
-        out = torch.bmm(up, hidden) + (w @ self.up_bias.to(x.dtype))[:, :, None]
-        return x + out.reshape(n, c, h, wd)
+        # einsum over (N, C, H, W) with no reshape, so an empty batch (the ONNX fallback pass) works
+        hidden = F.gelu(torch.einsum("nrc,nchw->nrhw", down, x) + (w @ self.down_bias.to(x.dtype))[:, :, None, None])
+        out = torch.einsum("ncr,nrhw->nchw", up, hidden) + (w @ self.up_bias.to(x.dtype))[:, :, None, None]
+        return x + out
 
     def hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on the backbone stage (a bound method, so ``copy.deepcopy`` of the model keeps it

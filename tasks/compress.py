@@ -1,42 +1,102 @@
-"""compress: global magnitude pruning + int8 weight quantization of the fine-tuned model, then the
-compressed variant is reloaded from disk and evaluated per domain like the original."""
+"""compress: deployable variants of the fine-tuned model (fp32 ONNX, int8 ONNX, channel-pruned with a
+distilled recovery, a distilled timm student, and int8 versions of those), each scored through ONNX
+Runtime beside the fp32 PyTorch model; the accepted variant ships as ``model.onnx`` with its recipe and
+model card. The work is ``mdcore.deploy.run.compress``; this module reads params and data."""
 from __future__ import annotations
 
 import logging
 
+import pandas as pd
+import torch
 from prefect import task
 
-from mdcore.compress import load_compressed, prune_global, save_compressed
-from mdcore.io import dir_size_bytes
+from mdcore.deploy.distill import DistillConfig
+from mdcore.deploy.run import SHIPPED, ScoreConfig, compress
+from mdcore.deploy.scoring import EvalSets
+from mdcore.deploy.variants import BuildConfig
+from mdcore.io import atomic_dir, sha256_file
 from mdcore.model import WEIGHTS, load_model
-from tasks.evaluate import per_domain_accuracy, summarize
+from tasks.data import guard_holdout, image_roots, load_split
+from tasks.evaluate import summarize
 from tasks.params import CompressParams
 from tasks.paths import Paths
 from tasks.stage import StageResult, execute
 
 log = logging.getLogger("mdpipe.compress")
+SELECT_SPLITS = ("val", "gate")  # acceptance decisions: seen domains' selection splits, never test or held-out
+REPORT_SPLITS = ("test", "holdout")
+
+
+def build_config(p: CompressParams) -> BuildConfig:
+    distill = dict(batch_size=p.distill_batch_size, lr=p.distill_lr, kd_weight=p.kd_weight,
+                   kd_temperature=p.kd_temperature, seed=p.seed)
+    return BuildConfig(quantize=p.quantize == "int8", quant_format=p.quant_format, quant_ops=list(p.quant_ops),
+                       quant_fp32_convs=p.quant_fp32_convs, calibration_images=p.calibration_images,
+                       prune_ratio=p.prune_ratio,
+                       recovery=DistillConfig(epochs=p.recovery_epochs, **distill),
+                       student_backbone=p.student_backbone or None,
+                       student=DistillConfig(epochs=p.student_epochs, **distill), seed=p.seed)
+
+
+def load_sets(paths: Paths, cfg, p: CompressParams):
+    """(train, EvalSets): real training images of the seen domains; val + gate (selection), test +
+    held-out (report) and a seeded subsample of the seen test images (corruptions)."""
+    roots = image_roots(paths.raw, paths.synthetic)
+    kw = dict(synthetic=False, domains=cfg.domains, classes=cfg.classes)
+    train, train_rows = load_split(paths.train_manifest, roots, cfg.image_size, ("train",), **kw)
+    select, select_rows = load_split(paths.train_manifest, roots, cfg.image_size, SELECT_SPLITS, **kw)
+    report, report_rows = load_split(paths.train_manifest, roots, cfg.image_size, REPORT_SPLITS, **kw)
+    for name, data in (("train", train), ("val + gate", select), ("test + holdout", report)):
+        if not len(data):
+            raise ValueError(f"compress: {paths.train_manifest} has no real rows in the {name} split(s)")
+    guard_holdout(paths.train_manifest, {"calibration/distillation": train_rows, "acceptance": select_rows})
+    seen_test = torch.nonzero(report.domains >= 0)[:, 0]
+    g = torch.Generator().manual_seed(p.seed)
+    pick = seen_test[torch.randperm(len(seen_test), generator=g)[: p.corruption_images]]
+    sets = EvalSets(select, list(select_rows["domain"]),
+                    report, list(report_rows["domain"]), report.subset(torch.isin(torch.arange(len(report)), pick)))
+    return train, sets, report_rows
 
 
 def run(params: CompressParams, paths: Paths) -> StageResult:
-    model = load_model(paths.finetuned)
-    sparsity = prune_global(model, params.prune_amount)
-    recipe = {"source": str(paths.finetuned.relative_to(paths.root)), "prune": {"method": "global_l1_unstructured",
-              "amount": params.prune_amount}, "quantize": params.quantize, "format": "safetensors"}
-    save_compressed(model, paths.compressed, recipe, quantize=params.quantize == "int8")
-    compressed = load_compressed(paths.compressed)
-    table = per_domain_accuracy(compressed, paths, params.batch_size)
-    original_bytes = (paths.finetuned / WEIGHTS).stat().st_size
-    compressed_bytes = (paths.compressed / WEIGHTS).stat().st_size
-    log.info("compressed %.2f MB -> %.2f MB (sparsity %.2f)", original_bytes / 1e6, compressed_bytes / 1e6, sparsity)
+    teacher = load_model(paths.finetuned)
+    train, sets, report_rows = load_sets(paths, teacher.config, params)
+    teacher_file = paths.finetuned / WEIGHTS
+    source = {"model": str(paths.finetuned.relative_to(paths.root)), "weights_sha256": sha256_file(teacher_file),
+              "train_manifest_sha256": sha256_file(paths.train_manifest),
+              "params": params.model_dump(mode="json")}
+    sc = ScoreConfig(threads=params.threads, max_drop=params.max_drop, latency_repeats=params.latency_repeats,
+                     ship_by=params.ship_by, seed=params.seed)
+    with atomic_dir(paths.compressed) as out, atomic_dir(paths.compress_report) as rep:
+        result = compress(teacher, train, sets, build_config(params), sc, out, rep, source,
+                          teacher_file.stat().st_size)
+    rows = {r["name"]: r for r in result["rows"]}
+    shipped = rows[result["shipped"]]
+    counts = report_rows.groupby("domain").size()
+    table = pd.DataFrame({"domain": list(shipped["report_acc"]),
+                          "kind": [shipped["kinds"][d] for d in shipped["report_acc"]],
+                          "images": [int(counts[d]) for d in shipped["report_acc"]],
+                          "accuracy": list(shipped["report_acc"].values()),
+                          "accuracy_unknown_domain": [shipped["report_acc_unknown_domain"][d] for d in shipped["report_acc"]]})
     metrics = {
-        "original_bytes": original_bytes,
-        "compressed_bytes": compressed_bytes,
-        "compressed_folder_bytes": dir_size_bytes(paths.compressed),
-        "size_ratio": compressed_bytes / original_bytes,
-        "sparsity": sparsity,
+        "shipped": result["shipped"],
+        "original_bytes": teacher_file.stat().st_size,
+        "compressed_bytes": (paths.compressed / SHIPPED).stat().st_size,
+        "threads": params.threads,
+        "machine": result["machine"],
+        "variants": {n: {"accepted": r["accepted"], "reason": r["reason"], "file_bytes": r["file_bytes"],
+                         "macs": r["macs"], "params": r["params"], "b1_median_ms": r["latency"]["b1"]["median_ms"],
+                         "b1_p95_ms": r["latency"]["b1"]["p95_ms"], "b64_median_ms": r["latency"]["b64"]["median_ms"],
+                         "b64_images_per_s": r["latency"]["b64"]["images_per_s"],
+                         "worst_select_drop": r.get("worst_select_drop"), "report_acc": r["report_acc"],
+                         "corrupt_mean": sum(r["corruption_acc"].values()) / len(r["corruption_acc"])}
+                     for n, r in rows.items()},
         **summarize(table),
     }
-    return StageResult({"compressed": str(paths.compressed)}, metrics)
+    metrics["size_ratio"] = metrics["compressed_bytes"] / metrics["original_bytes"]
+    log.info("compress: shipped %s (%.2f MB, fp32 weights %.2f MB)", result["shipped"],
+             metrics["compressed_bytes"] / 1e6, metrics["original_bytes"] / 1e6)
+    return StageResult({"compressed": str(paths.compressed), "compress_report": str(paths.compress_report)}, metrics)
 
 
 @task(name="compress")

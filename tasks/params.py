@@ -248,9 +248,26 @@ class EvaluateParams(StageParams):
 
 
 class CompressParams(StageParams):
-    prune_amount: float = Field(0.5, ge=0, lt=1, description="Global magnitude pruning share of conv/linear weights")
-    quantize: Literal["int8", "none"] = Field("int8", description="Weight quantization")
+    quantize: Literal["int8", "none"] = Field("int8", description="int8: post-training static quantization of each variant with ONNX Runtime; none = fp32 ONNX only")
+    quant_format: Literal["qoperator", "qdq"] = Field("qoperator", description="ONNX Runtime quantized format (qoperator measured faster here, BENCHMARKS.md)")
+    quant_ops: list[str] = Field(default_factory=lambda: ["Conv", "Gemm"], description="ONNX op types to quantize (others stay fp32; MatMul would quantize domain batch-norm's statistics tables)")
+    quant_fp32_convs: int = Field(3, ge=0, description="Keep the first N convolutions (the stem) in fp32: the largest int8 error on this data")
+    calibration_images: int = Field(512, ge=1, description="Seen-domain training images for int8 calibration (balanced over domains)")
+    prune_ratio: float = Field(0.0, ge=0, lt=1, description="Structured pruning: share of channels removed from every prunable group (Torch-Pruning); 0 = no pruned variant")
+    recovery_epochs: int = Field(10, ge=0, description="Distilled recovery fine-tune of the pruned model (epochs)")
+    student_backbone: str | None = Field(None, description="timm backbone of the distilled student (random init); empty = no student variant")
+    student_epochs: int = Field(20, ge=1, description="Distillation epochs of the student")
+    distill_lr: float = Field(0.002, gt=0, description="AdamW learning rate of recovery and student distillation")
+    distill_batch_size: int = Field(128, ge=2)
+    kd_weight: float = Field(1.0, ge=0, description="Weight of the distillation loss (plus cross-entropy)")
+    kd_temperature: float = Field(4.0, gt=0)
+    max_drop: float = Field(0.01, ge=0, le=1, description="Reject a variant whose worst seen domain (val + gate split) drops more than this vs fp32")
+    ship_by: Literal["size", "latency"] = Field("size", description="Which accepted variant ships: the smallest file, or the fastest at batch 1")
+    threads: int = Field(2, ge=1, description="Threads of every latency measurement (torch and ONNX Runtime)")
+    latency_repeats: int = Field(30, ge=3, description="Timed calls at batch 1 (a third of them at batch 64), after warm-up")
+    corruption_images: int = Field(200, ge=1, description="Seen test images scored under the 15 corruptions (seeded draw)")
     batch_size: int = Field(256, ge=1)
+    seed: int = 0
 
 
 SCHEMAS: dict[str, type[StageParams]] = {

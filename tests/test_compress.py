@@ -1,40 +1,178 @@
+"""Deployable variants: ONNX export per domain, real int8 with ONNX Runtime, channel pruning, distillation,
+corruptions, the acceptance rule, and the compress work end to end on a tiny model."""
+import json
+
+import numpy as np
+import onnx
+import pytest
 import torch
 
-from mdcore.compress import dequantize_state, load_compressed, prune_global, quantize_state, save_compressed
-from mdcore.model import ModelConfig, MultiDomainModel, save_model
+from mdcore.deploy.corrupt import CORRUPTIONS, corrupt
+from mdcore.deploy.distill import DistillConfig, distill, student_model
+from mdcore.deploy.export import export_onnx, ort_logits, session
+from mdcore.deploy.measure import count_macs
+from mdcore.deploy.prune import prune_channels
+from mdcore.deploy.quantize import calibration_feeds, first_convs, quantize_int8
+from mdcore.deploy.scoring import decide
+from mdcore.images import ImageSet, to_float
+from mdcore.model import ModelConfig, MultiDomainModel
+
+TOL = 1e-4  # max |logit difference| between ONNX Runtime fp32 and PyTorch eager
 
 
-def model() -> MultiDomainModel:
+def model(head="linear", backbone="resnet10t") -> MultiDomainModel:
     torch.manual_seed(0)
-    return MultiDomainModel(ModelConfig("resnet10t", ["a", "b"], ["0", "1", "2"])).eval()
+    m = MultiDomainModel(ModelConfig(backbone, ["a", "b", "c"], [str(i) for i in range(4)], domain_bn=True,
+                                     head=head)).eval()
+    with torch.no_grad():  # distinct per-domain statistics and prototypes, so a wrong domain shows
+        for mod in m.modules():
+            if getattr(mod, "running_mean", None) is not None and mod.running_mean.ndim == 2:
+                mod.running_mean.normal_(0, 0.3)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.normal_(1.0, 0.3)
+        m.prototypes.normal_()
+    return m
 
 
-def test_global_pruning_reaches_the_requested_sparsity():
-    m = model()
-    assert prune_global(m, 0.0) < 0.05  # only the zero-initialised adapter up-projections
-    sparsity = prune_global(m, 0.6)
-    assert 0.59 < sparsity < 0.61
-    assert not any(name.endswith("_orig") for name, _ in m.named_parameters())  # pruning made permanent
+def images(n=12, seed=0):
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-def test_int8_quantization_roundtrip_is_close():
-    state = model().state_dict()
-    restored = dequantize_state(quantize_state(state))
-    assert restored.keys() == state.keys()
-    w = state["backbone.conv1.0.weight"]
-    err = (restored["backbone.conv1.0.weight"] - w).abs().max()
-    assert err <= w.abs().max() / 127 + 1e-6
-
-
-def test_compressed_variant_is_smaller_and_predicts_like_the_original(tmp_path):
-    m = model()
-    save_model(m, tmp_path / "orig")
-    save_compressed(m, tmp_path / "small", {"prune": 0, "quantize": "int8"}, quantize=True)
-    small = load_compressed(tmp_path / "small")
-    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
-    assert size(tmp_path / "small") < 0.35 * size(tmp_path / "orig")
-    assert (tmp_path / "small" / "recipe.json").is_file()
-    x, d = torch.randn(16, 3, 32, 32), torch.tensor([0, 1] * 8)
+def test_onnx_matches_pytorch_on_every_domain_and_the_unknown_fallback(tmp_path):
+    m = model("moe", backbone="test_resnet")  # domain batch-norm, adapters and the MoE head's domain embedding
+    sess = session(export_onnx(m, tmp_path / "m.onnx"), threads=1)
+    x = images()
+    for domains in (torch.tensor([0, 1, 2] * 4), torch.full((12,), -1), torch.tensor([0, -1, 2, -1, 1, 0] * 2)):
+        with torch.no_grad():
+            ref = m(to_float(x), domains)
+        got = ort_logits(sess, x, domains)
+        assert (got - ref).abs().max() < TOL, domains
+    # one session serves every domain: the same image under another domain index gives that domain's logits
+    same = x[:1].repeat(3, 1, 1, 1)
+    got = ort_logits(sess, same, torch.tensor([0, 1, 2]))
+    assert (got[0] - got[1]).abs().max() > 10 * TOL
     with torch.no_grad():
-        agree = (m(x, d).argmax(1) == small(x, d).argmax(1)).float().mean()
-    assert agree >= 0.8
+        assert (got - m(to_float(same), torch.tensor([0, 1, 2]))).abs().max() < TOL
+
+
+def test_int8_is_a_real_integer_graph_smaller_and_close(tmp_path):
+    m = model()
+    fp32 = export_onnx(m, tmp_path / "fp32.onnx")
+    x, d = images(96, seed=1), torch.arange(96) % 3
+    feeds = calibration_feeds(x, d, batch_size=32)
+    assert {int(v) for f in feeds for v in f["domain"]} == {-1, 0, 1, 2}  # the fallback pass is calibrated too
+    stem = first_convs(fp32, 3)
+    assert len(stem) == 6  # the 3 stem convs of the per-domain pass and of the routing pass
+    q = quantize_int8(fp32, tmp_path / "int8.onnx", feeds, fmt="qoperator", op_types=["Conv", "Gemm"], exclude=stem)
+    graph = onnx.load(str(q)).graph
+    assert sum(n.op_type == "QLinearConv" for n in graph.node) >= 10
+    assert sum(n.op_type == "Conv" for n in graph.node) == len(stem)  # the excluded ones stay fp32
+    assert any(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer)
+    assert q.stat().st_size < 0.35 * fp32.stat().st_size
+    ref = ort_logits(session(fp32), x, d).argmax(1)
+    agree = (ort_logits(session(q), x, d).argmax(1) == ref).float().mean()
+    assert agree >= 0.85
+    with pytest.raises(ValueError, match="seen domains"):
+        calibration_feeds(x, torch.full((96,), -1))
+
+
+def test_channel_pruning_removes_channels_and_still_exports(tmp_path):
+    m = model(backbone="test_resnet")
+    macs, params = count_macs(m, 32), sum(p.numel() for p in m.parameters())
+    summary = prune_channels(m, 0.5, to_float(images(2)), torch.tensor([0, 1]))
+    assert count_macs(m, 32) < 0.5 * macs and summary["params_after"] < 0.5 * params
+    m.fit_prototypes(to_float(images(12)), torch.arange(12) % 3)
+    x, d = images(), torch.tensor([0, -1, 2] * 4)
+    with torch.no_grad():
+        ref = m(to_float(x), d)
+    assert (ort_logits(session(export_onnx(m, tmp_path / "p.onnx")), x, d) - ref).abs().max() < TOL
+    with pytest.raises(ValueError, match="ratio"):
+        prune_channels(m, 1.0, to_float(x[:2]), d[:2])
+
+
+def test_distillation_moves_the_student_towards_the_teacher():
+    teacher = model(backbone="test_resnet")
+    student = student_model(teacher, "test_resnet")
+    assert student.config.domains == teacher.config.domains and student.config.domain_bn
+    x, d = images(64, seed=2), torch.arange(64) % 3
+    with torch.no_grad():
+        labels = teacher(to_float(x), d).argmax(1)
+    data = ImageSet(x, labels, d, ["a", "b", "c"], [str(i) for i in range(4)])
+
+    def agreement():
+        with torch.no_grad():
+            return float((student.eval()(to_float(x), d).argmax(1) == labels).float().mean())
+
+    before = agreement()
+    history = distill(student, teacher, data, DistillConfig(epochs=4, batch_size=32, lr=5e-3))
+    assert len(history) == 4 and "aux/kd" in history[-1]
+    assert agreement() > before + 0.2
+    assert student.prototypes.abs().sum() > 0  # refit for unknown-domain routing
+
+
+def test_corruptions_are_deterministic_and_grow_with_severity():
+    x = images(8, seed=3)
+    for name in CORRUPTIONS:
+        a, b = corrupt(x, name, 2, seed=5), corrupt(x, name, 2, seed=5)
+        assert a.dtype == torch.uint8 and a.shape == x.shape and torch.equal(a, b)
+        change = [float((corrupt(x, name, s).float() - x.float()).abs().mean()) for s in (1, 2, 3)]
+        assert change[0] > 0 and change[0] <= change[1] <= change[2], (name, change)
+    with pytest.raises(ValueError, match="unknown corruption"):
+        corrupt(x, "fog", 1)
+
+
+def test_acceptance_rejects_a_worse_domain_or_a_slower_variant():
+    ref = {"select_acc": {"a": 0.9, "b": 0.8}, "latency": {"b1": {"median_ms": 2.0}}}
+    ok = {"select_acc": {"a": 0.9, "b": 0.795}, "latency": {"b1": {"median_ms": 1.0}}}
+    worse = {"select_acc": {"a": 0.9, "b": 0.7}, "latency": {"b1": {"median_ms": 1.0}}}
+    slow = {"select_acc": {"a": 0.9, "b": 0.8}, "latency": {"b1": {"median_ms": 3.0}}}
+    assert decide(ref, ok, 0.01)[0]
+    accepted, reason = decide(ref, worse, 0.01)
+    assert not accepted and "b" in reason and "max_drop" in reason
+    accepted, reason = decide(ref, slow, 0.01)
+    assert not accepted and "slower" in reason
+
+
+def test_compress_builds_scores_and_ships_an_onnx_file_with_card(tmp_path):
+    from mdcore.deploy.run import compress, ScoreConfig
+    from mdcore.deploy.scoring import EvalSets
+    from mdcore.deploy.variants import BuildConfig
+
+    teacher = model(backbone="test_resnet")
+    x, d = images(48, seed=4), torch.arange(48) % 3
+    with torch.no_grad():
+        y = teacher(to_float(x), d).argmax(1)
+    names, classes = ["a", "b", "c"], [str(i) for i in range(4)]
+    data = ImageSet(x, y, d, names, classes)
+    held = ImageSet(x[:12], y[:12], torch.full((12,), -1), names, classes)
+    report = ImageSet(torch.cat([x, held.images]), torch.cat([y, held.labels]), torch.cat([d, held.domains]), names, classes)
+    sets = EvalSets(data, [names[i] for i in d], report, [names[i] for i in d] + ["z"] * 12, data.subset(torch.arange(48) < 8))
+    out, rep = tmp_path / "out", tmp_path / "rep"
+    out.mkdir(), rep.mkdir()
+    build = BuildConfig(calibration_images=48, prune_ratio=0.5, recovery=DistillConfig(epochs=1, batch_size=24),
+                        student_backbone=None)
+    result = compress(teacher, data, sets, build, ScoreConfig(threads=1, max_drop=0.5, latency_repeats=3), out, rep,
+                      {"model": "test"}, 1000)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"fp32-eager", "fp32", "int8", "pruned", "pruned+int8"}
+    assert rows["fp32"]["worst_select_drop"] == 0.0  # the ONNX copy predicts like PyTorch
+    assert rows["pruned"]["macs"] < 0.5 * rows["fp32"]["macs"]
+    assert rows["int8"]["file_bytes"] < 0.6 * rows["fp32"]["file_bytes"]  # a tiny model: fp32 stem, BN tables
+    assert rows["fp32"]["kinds"]["z"] == "held-out"
+    for r in rows.values():
+        assert r["reason"] and set(r["latency"]) == {"b1", "b64"} and len(r["corruption_acc"]) == 15
+    shipped = rows[result["shipped"]]
+    assert shipped["accepted"] and shipped["name"] != "fp32-eager"
+    assert {p.name for p in out.iterdir()} >= {"model.onnx", "recipe.json", "model_card.md", "variants"}
+    assert {p.name for p in rep.iterdir()} >= {"variants.csv", "variants.md", "variants.png"}
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["variant"] == shipped["name"] and recipe["recipe"]["source"] == {"model": "test"}
+    card = (out / "model_card.md").read_text()
+    assert "`domain`" in card and "| -1 |" in card and shipped["name"] in card
+    # the shipped file is what was scored: a fresh session reproduces its accuracy
+    import onnxruntime as ort
+
+    fresh = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = fresh.run(None, {"images": x.numpy(), "domain": d.numpy().astype(np.int64)})[0]
+    acc = {n: float((logits.argmax(1)[d.numpy() == i] == y.numpy()[d.numpy() == i]).mean()) for i, n in enumerate(names)}
+    assert acc == pytest.approx(shipped["select_acc"])

@@ -52,7 +52,9 @@ def test_mdpipe_run_on_a_user_tree_then_dvc_is_in_sync(tmp_path):
     assert evaluation["mean_seen_acc"] >= 0.3, evaluation["per_domain"]
     assert 0.0 <= evaluation["mean_heldout_acc"] <= 1.0
     compress = json.loads((ws / "reports/metrics/compress.json").read_text())
-    assert compress["compressed_bytes"] < 0.4 * compress["original_bytes"]
+    variants = compress["variants"]
+    assert variants["int8"]["file_bytes"] < 0.4 * variants["fp32"]["file_bytes"]  # a real int8 ONNX file
+    assert variants[compress["shipped"]]["accepted"] and (ws / "models/compressed/model.onnx").is_file()
     finetune = json.loads((ws / "reports/metrics/finetune.json").read_text())
     assert finetune["epochs"] == 6 and finetune["num_workers"] == 2
     assert finetune["selected_epoch"] in (1, 2, 3, 4, 5, 6, "average")  # the shipped model is a chosen one

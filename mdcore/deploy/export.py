@@ -1,0 +1,98 @@
+"""ONNX export of a ``MultiDomainModel``: one graph for every domain, the domain index a second input.
+
+Inputs: ``images`` uint8 (N, 3, H, W) RGB pixels as stored (the graph does the model's preprocessing),
+``domain`` int64 (N,): the index of a seen domain, or -1 for an unknown one. Output: ``logits`` (N, C).
+
+Per-domain parts select their rows with tensor ops (one-hot routing matrix times stacked per-domain
+parameters), so switching domain is a different input, not a reload. Unknown-domain images take the
+model's fallback: when per-domain parts sit inside the backbone (domain batch-norm, stage adapters), the
+unknown rows alone (gathered with NonZero, so an all-known batch costs an empty pass) first go through the
+backbone with every domain mixed equally, and their routing weights are the softmax of the similarity of
+those features to each domain's prototype, exactly as ``MultiDomainModel.forward`` does.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mdcore.model import MultiDomainModel
+from mdcore.moe import MoEHead
+
+INPUTS = ("images", "domain")
+OUTPUT = "logits"
+OPSET = 17
+
+
+class ExportNet(nn.Module):
+    """``MultiDomainModel`` inference with routing in traceable tensor ops (uint8 images in, logits out)."""
+
+    def __init__(self, model: MultiDomainModel):
+        super().__init__()
+        self.model = model.eval()
+        self.n_domains = len(model.config.domains)
+
+    def _soft(self, feats: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        sims = F.normalize(feats, dim=1) @ F.normalize(m.prototypes, dim=1).T
+        return torch.softmax(sims / m.config.routing_temperature, dim=1)
+
+    def forward(self, images: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = images.float() / 127.5 - 1.0  # mdcore.images.to_float
+        onehot = (domain[:, None] == torch.arange(self.n_domains, device=domain.device)[None]).to(x.dtype)
+        if m.routes_inside_backbone:
+            unknown = torch.nonzero(domain < 0)[:, 0]
+            uniform = onehot.index_select(0, unknown) * 0.0 + 1.0 / self.n_domains
+            soft = self._soft(m.features(x.index_select(0, unknown), uniform))
+            weights = onehot.index_copy(0, unknown, soft)
+            feats = m.features(x, weights)
+        else:
+            feats = m.features(x)
+            weights = torch.where((domain >= 0)[:, None], onehot, self._soft(feats))
+        z = m.adapt(feats, weights)
+        return m.head(z, weights) if isinstance(m.head, MoEHead) else m.head(z)
+
+
+def export_onnx(model: MultiDomainModel, path: str | Path, opset: int = OPSET) -> Path:
+    """Write ``model`` as one ONNX file (weights inside) with a dynamic batch axis; returns the path."""
+    path = Path(path)
+    net = ExportNet(model).eval()
+    size = model.config.image_size
+    images = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8)
+    domain = torch.tensor([0, -1, len(model.config.domains) - 1])
+    axes = {"images": {0: "batch"}, "domain": {0: "batch"}, OUTPUT: {0: "batch"}}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(net, (images, domain), str(path), input_names=list(INPUTS), output_names=[OUTPUT],
+                          dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+    return path
+
+
+def session(path: str | Path, threads: int = 1):
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (and one inter-op thread)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_logits(sess, images: torch.Tensor, domains: torch.Tensor | None, batch_size: int = 256) -> torch.Tensor:
+    """Logits of uint8 ``images`` (N,3,H,W) through an ONNX Runtime session; ``domains`` None = unknown."""
+    n = len(images)
+    if domains is None:
+        domains = torch.full((n,), -1, dtype=torch.long)
+    out = []
+    for s in range(0, n, batch_size):
+        feed = {"images": images[s : s + batch_size].numpy(), "domain": domains[s : s + batch_size].numpy().astype(np.int64)}
+        out.append(torch.from_numpy(sess.run([OUTPUT], feed)[0]))
+    return torch.cat(out) if out else torch.empty(0)

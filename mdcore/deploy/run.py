@@ -1,0 +1,105 @@
+"""The compress stage's work: build the variants, score each beside the fp32 PyTorch model, accept or
+reject each with its reason, and write the shipped variant (ONNX + recipe + model card), the table and
+the plot. ``tasks/compress.py`` only loads params and data and calls :func:`compress`."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mdcore.deploy.export import session
+from mdcore.deploy.measure import count_macs, count_params, eager_runner, ort_runner
+from mdcore.deploy.report import model_card, plot_variants, variants_table
+from mdcore.deploy.scoring import (EvalSets, accuracy_per_domain, corruption_accuracy, decide, eager_predict,
+                                   measure_latency, ort_predict)
+from mdcore.deploy.variants import BuildConfig, build_variants
+from mdcore.images import ImageSet
+from mdcore.model import MultiDomainModel
+
+log = logging.getLogger("mdpipe.compress")
+SHIPPED = "model.onnx"
+RECIPE = "recipe.json"
+CARD = "model_card.md"
+
+
+@dataclass
+class ScoreConfig:
+    threads: int = 2
+    max_drop: float = 0.01
+    latency_repeats: int = 30
+    ship_by: str = "size"  # among accepted variants: "size" (smallest file) or "latency" (fastest at batch 1)
+    seed: int = 0
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _score(name, runtime, predict, run, sets: EvalSets, sc: ScoreConfig, kinds: dict, extra: dict) -> dict:
+    row = {"name": name, "runtime": runtime, "threads": sc.threads, "kinds": kinds, **extra}
+    row["select_acc"] = accuracy_per_domain(predict, sets.select, sets.select_names)
+    row["report_acc"] = accuracy_per_domain(predict, sets.report, sets.report_names)
+    row["report_acc_unknown_domain"] = accuracy_per_domain(predict, sets.report, sets.report_names, use_domain=False)
+    row["corruption_acc"] = corruption_accuracy(predict, sets.corruption, sc.seed)
+    row["latency"] = measure_latency(run, sets.select, sc.threads, repeats=sc.latency_repeats)
+    return row
+
+
+def compress(teacher: MultiDomainModel, train: ImageSet, sets: EvalSets, build: BuildConfig, sc: ScoreConfig,
+             out_dir: Path, report_dir: Path, source: dict, teacher_bytes: int) -> dict:
+    """Build, score, decide; write into ``out_dir`` (shipped model + variants) and ``report_dir`` (table,
+    plot). Both folders are expected to be fresh temporary folders (the caller renames them into place).
+    Returns the rows and the shipped variant's name. Raises if no variant is accepted."""
+    kinds = {d: ("seen" if d in teacher.config.domains else "held-out") for d in sets.report_names}
+    variants = build_variants(teacher, train, out_dir / "variants", build, source)
+    reference = _score("fp32-eager", "torch eager", eager_predict(teacher), eager_runner(teacher), sets, sc, kinds,
+                       {"params": count_params(teacher), "macs": count_macs(teacher, teacher.config.image_size),
+                        "file_bytes": teacher_bytes})
+    reference.update(accepted=False, reason="reference (PyTorch training model, not a deployable file)",
+                     worst_select_drop=0.0)
+    rows = [reference]
+    for v in variants:
+        sess = session(v.onnx, sc.threads)
+        row = _score(v.name, "onnxruntime", ort_predict(sess), ort_runner(sess), sets, sc, kinds,
+                     {"params": v.params, "macs": v.macs, "file_bytes": v.onnx.stat().st_size,
+                      "onnx": str(v.onnx.relative_to(out_dir)), "recipe": v.recipe})
+        row["accepted"], row["reason"] = decide(reference, row, sc.max_drop)
+        log.info("%-14s %s", v.name, ("accepted: " if row["accepted"] else "rejected: ") + row["reason"])
+        rows.append(row)
+    accepted = [r for r in rows if r["accepted"]]
+    if not accepted:
+        raise RuntimeError("compress: no variant accepted; " + "; ".join(f"{r['name']}: {r['reason']}" for r in rows[1:]))
+    key = (lambda r: (r["file_bytes"], r["latency"]["b1"]["median_ms"])) if sc.ship_by == "size" else \
+        (lambda r: (r["latency"]["b1"]["median_ms"], r["file_bytes"]))
+    shipped = min(accepted, key=key)
+    shipped["shipped"] = True
+    info = machine()
+    for v in variants:
+        (out_dir / "variants" / f"{v.name}.json").write_text(json.dumps(v.recipe, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(out_dir / shipped["onnx"], out_dir / SHIPPED)
+    provenance = {"variant": shipped["name"], "recipe": shipped["recipe"], "build": asdict(build),
+                  "score": asdict(sc), "machine": info}
+    (out_dir / RECIPE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    (out_dir / CARD).write_text(model_card(shipped, teacher.config, provenance, info))
+    table = variants_table(rows)
+    table.to_csv(report_dir / "variants.csv", index=False, float_format="%.4f")
+    (report_dir / "variants.md").write_text(f"Machine: {info['cpu']}, {info['cores']} cores; threads {sc.threads}.\n\n"
+                                            + table.to_markdown(index=False, floatfmt=".3f") + "\n")
+    plot_variants(table, report_dir / "variants.png")
+    (report_dir / "variants.json").write_text(json.dumps(rows, indent=2, sort_keys=True, default=str) + "\n")
+    return {"rows": rows, "shipped": shipped["name"], "machine": info}
