@@ -7,6 +7,8 @@
     mdpipe serve [--cron "0 3 * * *"]
     mdpipe experiment synthetic|ablation [--seeds 0 1 2] [-S finetune.epochs=8]
     mdpipe experiment lodo [--data digits|glyphs|PATH] [--methods erm multidomain+randconv+swad] [--seeds 0 1 2]
+    mdpipe experiment continual [--data digits|glyphs|PATH] [--order A B C] [--replay-fraction 0.05] [--seeds 0 1 2]
+    mdpipe champion list|show [ID]|rollback ID
 """
 from __future__ import annotations
 
@@ -119,6 +121,14 @@ def cmd_experiment(args) -> int:
     import yaml
 
     root = str(load_paths(args.root).root)
+    if args.name == "continual":
+        from flows.continual import continual_flow
+
+        continual_flow(data=args.data, order=args.order, seeds=args.seeds, method=args.method, epochs=args.epochs,
+                       add_epochs=args.add_epochs, batch_size=args.batch_size, replay_fraction=args.replay_fraction,
+                       replay_strategy=args.replay_strategy, few_shot_k=args.few_shot_k, threads=args.threads,
+                       root=root)
+        return 0
     if args.name == "lodo":
         from flows.lodo import DEFAULT_METHODS, lodo_flow
 
@@ -189,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("experiment", help="leave-one-domain-out protocol, with/without synthetic data, or the "
                                             "component ablation (several trainings each)")
-    exp.add_argument("name", choices=["lodo", "synthetic", "ablation"])
+    exp.add_argument("name", choices=["lodo", "synthetic", "ablation", "continual"])
     exp.add_argument("--data", default="digits", help="lodo: digits, glyphs, or ROOT/<domain>/<class>/<image> tree")
     exp.add_argument("--methods", nargs="+", metavar="METHOD", help="lodo: methods (default: erm, randconv, "
                                                                     "multidomain, multidomain+randconv+swad)")
@@ -201,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="claims rest on at least 3 seeds")
     exp.add_argument("-S", "--set", action="append", default=[], metavar="finetune.KEY=VALUE",
                      help="finetune parameters for every training of the experiment (e.g. finetune.epochs=8)")
+    exp.add_argument("--order", nargs="+", metavar="DOMAIN", help="continual: domains in arrival order")
+    exp.add_argument("--method", default="multidomain", help="continual: the method every training uses")
+    exp.add_argument("--add-epochs", type=int, default=3, help="continual: epochs per domain arrival")
+    exp.add_argument("--replay-fraction", type=float, default=0.05, help="continual: share of past training images replayed")
+    exp.add_argument("--replay-strategy", default="reservoir", help="continual: random, reservoir or hardest")
+    exp.add_argument("--few-shot-k", type=int, default=10, help="continual: labelled images per class of the last domain")
     exp.set_defaults(func=cmd_experiment)
 
     serve = sub.add_parser("serve", help="serve the Prefect deployments (needs PREFECT_API_URL or a local server)")

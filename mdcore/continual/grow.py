@@ -115,3 +115,15 @@ def _per_domain_rows(model: MultiDomainModel, key: str) -> bool:
         return True
     module = model.get_submodule(owner) if owner else model
     return isinstance(module, (DomainBatchNorm2d, StageAdapterBank))
+
+
+@torch.no_grad()
+def refit_prototypes(model: MultiDomainModel, images: torch.Tensor, domains: torch.Tensor) -> list[int]:
+    """Recompute the prototypes of the domains present in ``domains`` only (a continual learner has no
+    data of the others: their prototypes stay as they were). Returns the domains refitted."""
+    keep = model.prototypes.clone()
+    present = sorted(int(d) for d in torch.unique(domains) if d >= 0)
+    model.fit_prototypes(images, domains)
+    others = [d for d in range(len(model.config.domains)) if d not in present]
+    model.prototypes[others] = keep[others]
+    return present
