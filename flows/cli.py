@@ -153,6 +153,32 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_champion(args) -> int:
+    """The champion's lineage: every scored challenger (promoted or rejected, with its reason), one record
+    in full, or putting an earlier champion back."""
+    import json
+
+    from flows.champion import RegistryError, format_list, list_models, rollback, show
+    from tasks.paths import load_paths
+
+    registry = load_paths(args.root).registry
+    try:
+        if args.action == "list":
+            records = list_models(registry)
+            print(format_list(records) if records else f"no model scored yet in {registry / 'models'}")
+        elif args.action == "show":
+            print(json.dumps(show(registry, args.id), indent=2, sort_keys=True))
+        else:
+            if not args.id:
+                raise RegistryError("rollback needs the id of an earlier champion (see `mdpipe champion list`)")
+            rec = rollback(registry, args.id, reason=args.reason)
+            print(f"champion is now {rec['id']} (was {rec['rolled_back_from']})")
+    except RegistryError as e:
+        print(f"mdpipe: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_serve(args) -> int:
     """Serve the pipeline (run on demand from the UI) and the retraining loop (on a cron schedule)."""
     from prefect import serve
@@ -218,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--replay-strategy", default="reservoir", help="continual: random, reservoir or hardest")
     exp.add_argument("--few-shot-k", type=int, default=10, help="continual: labelled images per class of the last domain")
     exp.set_defaults(func=cmd_experiment)
+
+    champ = sub.add_parser("champion", help="the champion's lineage: list, show one, roll back to an earlier one")
+    champ.add_argument("action", choices=["list", "show", "rollback"])
+    champ.add_argument("id", nargs="?", help="a model id from `mdpipe champion list` (show: default the champion)")
+    champ.add_argument("--reason", default="manual rollback", help="rollback: recorded in registry/decisions/")
+    champ.set_defaults(func=cmd_champion)
 
     serve = sub.add_parser("serve", help="serve the Prefect deployments (needs PREFECT_API_URL or a local server)")
     serve.add_argument("--cron", default="0 3 * * *", help="schedule of the retraining deployment")
