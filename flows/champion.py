@@ -29,7 +29,8 @@ class RegistryError(ValueError):
 
 def new_id() -> str:
     """Sortable by time, unique even for two decisions in the same second."""
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    now = time.time()
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f"-{int(now * 1e6) % 1_000_000:06d}{uuid.uuid4().hex[:3]}"
 
 
 def _copy_model(src: Path, dst: Path) -> None:
@@ -38,9 +39,10 @@ def _copy_model(src: Path, dst: Path) -> None:
             shutil.copyfile(f, dst / f.name)
 
 
-def record_challenger(registry: Path, candidate: Path, record: dict) -> dict:
+def record_challenger(registry: Path, candidate: Path, record: dict, extra_json: dict | None = None) -> dict:
     """Keep the scored ``candidate`` folder under ``models/<id>/`` with ``record`` (its lineage and the gate's
-    decision); if ``record['promote']``, it also becomes ``champion/``. Returns the record with its id."""
+    decision) and ``extra_json`` (file name -> object); if ``record['promote']``, it also becomes
+    ``champion/``. Returns the record with its id."""
     record = dict(record)
     record.setdefault("id", new_id())
     record["status"] = "promoted" if record.get("promote") else "rejected"
@@ -49,6 +51,8 @@ def record_challenger(registry: Path, candidate: Path, record: dict) -> dict:
         record.setdefault("parent", json.loads(champ.joinpath(CHAMPION_RECORD).read_text()).get("id"))
     with atomic_dir(registry / "models" / record["id"]) as tmp:
         _copy_model(candidate, tmp)
+        for name, obj in (extra_json or {}).items():
+            atomic_write_json(tmp / name, obj)
         atomic_write_json(tmp / LINEAGE, record)
     if record["promote"]:
         _install(registry, registry / "models" / record["id"], record)
@@ -102,11 +106,11 @@ def rollback(registry: Path, model_id: str, reason: str = "rollback") -> dict:
 
 
 def format_list(records: list[dict]) -> str:
-    lines = [f"{'':2}{'id':<23} {'status':<9} {'dataset':<17} {'code':<13} {'gate mean':>9}  reason"]
+    lines = [f"{'':2}{'id':<27} {'status':<9} {'dataset':<17} {'code':<13} {'gate mean':>9}  reason"]
     for r in records:
         gate = r.get("candidate") or {}
         mean = sum(gate.values()) / len(gate) if gate else float("nan")
-        lines.append(f"{'*' if r['current'] else ' ':2}{r['id']:<23} {r['status']:<9} "
+        lines.append(f"{'*' if r['current'] else ' ':2}{r['id']:<27} {r['status']:<9} "
                      f"{str(r.get('dataset_version'))[:16]:<17} {str(r.get('code_version'))[:12]:<13} "
                      f"{mean:>9.3f}  {r.get('reason', '')}")
     return "\n".join(lines)
