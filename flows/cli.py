@@ -99,10 +99,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_retrain(args) -> int:
-    from flows.retrain import retrain
+    from flows.retrain import accept_domains, retrain
     from tasks.paths import load_paths
 
-    result = retrain(root=str(load_paths(args.root).root), tolerance=args.tolerance, force=args.force)
+    if args.accept_domain:
+        print(f"validation accepts domains {accept_domains(str(load_paths(args.root).root), args.accept_domain)}")
+    result = retrain(root=str(load_paths(args.root).root), tolerance=args.tolerance, force=args.force,
+                     warm_start=args.warm_start)
     if not result["retrained"]:
         print(f"data unchanged (fingerprint {result['fingerprint']}): nothing retrained")
     else:
@@ -111,6 +114,10 @@ def cmd_retrain(args) -> int:
         print(f"new model {verdict}: {decision['reason']}")
         for domain, delta in decision["deltas"].items():
             print(f"  {domain:<16} {delta:+.3f}")
+        if decision.get("forgetting"):
+            f = decision["forgetting"]
+            print(f"forgetting on the gate split: BWT {f['BWT']:+.3f} over {sorted(f['per_domain'])}; new domains "
+                  f"{f['new_domains']}; model {decision['id']} ({result.get('run_record') or 'see mdpipe champion show'})")
     return 0
 
 
@@ -221,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     again = sub.add_parser("retrain", help="continuous learning: retrain if the data changed, promote if no domain is worse")
     again.add_argument("--tolerance", type=float, default=0.0, help="accuracy drop allowed per domain")
     again.add_argument("--force", action="store_true", help="retrain even if the data did not change")
+    again.add_argument("--accept-domain", nargs="+", default=[], metavar="DOMAIN",
+                       help="new domain folders validation should accept (added to validate.known_domains)")
+    again.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,
+                       help="fine-tune the champion on new data + replay (default: params/continual.yaml)")
     again.set_defaults(func=cmd_retrain)
 
     exp = sub.add_parser("experiment", help="leave-one-domain-out protocol, with/without synthetic data, or the "

@@ -98,6 +98,23 @@ def lineage_of(report: dict) -> dict:
             | {"per_domain": evaluate.get("per_domain")}}
 
 
+def accept_domains(root: str, names: list[str]) -> list[str]:
+    """Let validation accept new domain folders: ``validate.known_domains`` becomes the domains it accepts
+    today (the param, else the last accepted profile's) plus ``names``, written to params/validate.yaml so
+    DVC sees it. A folder nobody named stays an error (a typo must not become a domain)."""
+    from tasks.params import apply_overrides
+    from tasks.validate import ProfileRegistry, source_profile_name
+
+    paths = load_paths(root)
+    params = load_params("validate", paths.root / "params")
+    accepted = ProfileRegistry(paths, params.profile or source_profile_name(paths)).current()
+    known = list(params.known_domains or (accepted["domains"] if accepted else []))
+    domains = sorted(set(known) | set(names))
+    if known:  # with nothing known yet every domain is accepted anyway
+        apply_overrides(paths.root / "params", {"validate": {"known_domains": domains}})
+    return domains
+
+
 @task(name="warm-start-from-champion")
 def warm_start_task(root: str, out: str) -> dict:
     from flows.warm_start import warm_start

@@ -68,3 +68,16 @@ def test_warm_start_adds_the_new_domain_with_replay_and_the_gate_reports_forgett
     # nothing new since: the warm start has nothing to do (the retrain flow then runs the pipeline)
     if record["promote"]:
         assert "skipped" in warm_start(paths, params, ws / "cand2")
+
+
+def test_continual_params_file_is_valid_and_names_bad_fields(tmp_path):
+    from tasks.params import ContinualParams, ParamsError, load_params
+
+    assert isinstance(load_params("continual", REPO / "params"), ContinualParams)
+    (tmp_path / "continual.yaml").write_text("replay_strategy: newest\n")
+    try:
+        load_params("continual", tmp_path)
+    except ParamsError as e:
+        assert "continual.yaml" in str(e) and "replay_strategy" in str(e)
+    else:
+        raise AssertionError("an unknown replay strategy was accepted")
