@@ -130,11 +130,16 @@ def cmd_experiment(args) -> int:
     root = str(load_paths(args.root).root)
     if args.name == "continual":
         from flows.continual import continual_flow
+        from tasks.params import load_params
 
+        cont = load_params("continual", Path(root) / "params")  # what the CLI leaves out
+        pick = lambda value, default: default if value is None else value  # noqa: E731
         continual_flow(data=args.data, order=args.order, seeds=args.seeds, method=args.method, epochs=args.epochs,
-                       add_epochs=args.add_epochs, batch_size=args.batch_size, replay_fraction=args.replay_fraction,
-                       replay_strategy=args.replay_strategy, few_shot_k=args.few_shot_k, threads=args.threads,
-                       root=root)
+                       add_epochs=pick(args.add_epochs, cont.epochs), batch_size=args.batch_size,
+                       replay_fraction=pick(args.replay_fraction, cont.replay_fraction),
+                       replay_strategy=pick(args.replay_strategy, cont.replay_strategy),
+                       replay_per_batch=cont.replay_per_batch, few_shot_k=pick(args.few_shot_k, cont.few_shot_k),
+                       few_shot_epochs=cont.few_shot_epochs, threads=args.threads, root=root)
         return 0
     if args.name == "lodo":
         from flows.lodo import DEFAULT_METHODS, lodo_flow
@@ -250,10 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="finetune parameters for every training of the experiment (e.g. finetune.epochs=8)")
     exp.add_argument("--order", nargs="+", metavar="DOMAIN", help="continual: domains in arrival order")
     exp.add_argument("--method", default="multidomain", help="continual: the method every training uses")
-    exp.add_argument("--add-epochs", type=int, default=3, help="continual: epochs per domain arrival")
-    exp.add_argument("--replay-fraction", type=float, default=0.05, help="continual: share of past training images replayed")
-    exp.add_argument("--replay-strategy", default="reservoir", help="continual: random, reservoir or hardest")
-    exp.add_argument("--few-shot-k", type=int, default=10, help="continual: labelled images per class of the last domain")
+    exp.add_argument("--add-epochs", type=int, help="continual: epochs per domain arrival (default: params/continual.yaml)")
+    exp.add_argument("--replay-fraction", type=float, help="continual: share of past training images replayed (params)")
+    exp.add_argument("--replay-strategy", choices=["random", "reservoir", "hardest"], help="continual: buffer (params)")
+    exp.add_argument("--few-shot-k", type=int, help="continual: labelled images per class of the last domain (params)")
     exp.set_defaults(func=cmd_experiment)
 
     champ = sub.add_parser("champion", help="the champion's lineage: list, show one, roll back to an earlier one")
