@@ -75,7 +75,7 @@ def train_sequence(spec: dict) -> dict:
     replay_fraction, replay_strategy, replay_per_batch, few_shot_k, few_shot_epochs, tolerance."""
     from flows.lodo_cell import _all_images, _subset
     from mdcore.continual import (add_domain, few_shot_mask, gem_metrics, mixed_batches, nearest_domain,
-                                  recompute_domain_norm, refit_prototypes, replay_budget, restore_domains,
+                                  per_sample_losses, recompute_domain_norm, refit_prototypes, replay_budget, restore_domains,
                                   select_replay, train_only_domain_parts)
     from mdcore.promotion import decide
     from mdcore.sampler import domain_balanced_batches
@@ -132,7 +132,9 @@ def train_sequence(spec: dict) -> dict:
             model = add_domain(model, new, init_from=nearest)
             past = known(train, t - 1)
             budget = replay_budget(len(past), fraction)
-            keep = select_replay(past.domains, budget, spec["replay_strategy"], seed=seed * 31 + t)
+            losses = (per_sample_losses(model, past.images, past.labels, past.domains)
+                      if spec["replay_strategy"] == "hardest" and budget else None)
+            keep = select_replay(past.domains, budget, spec["replay_strategy"], seed=seed * 31 + t, losses=losses)
             ds = concat(train[new], past.subset(torch.isin(torch.arange(len(past)), keep)))
             new_idx = torch.arange(len(train[new]))
             replay_idx = torch.arange(len(train[new]), len(ds))

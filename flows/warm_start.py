@@ -36,8 +36,8 @@ def warm_start(paths, params, out: str | Path) -> dict:
     plus replay, and save the result (a candidate for the gate) in ``out``. ``params``: ContinualParams.
     Returns what was done; ``{"skipped": reason}`` when there is nothing new to learn."""
     from flows.continual_cell import concat, learn
-    from mdcore.continual import (add_domain, mixed_batches, nearest_domain, refit_prototypes, replay_budget,
-                                  select_replay)
+    from mdcore.continual import (add_domain, mixed_batches, nearest_domain, per_sample_losses, refit_prototypes,
+                                  replay_budget, select_replay)
     from mdcore.images import load_images, to_float
     from mdcore.manifest import read_manifest
     from mdcore.model import load_model, save_model
@@ -75,13 +75,7 @@ def warm_start(paths, params, out: str | Path) -> dict:
     domains = model.config.domains
     new = load_images(new_rows, roots, size, domains, classes)
     past = load_images(past_rows, roots, size, domains, classes)
-    losses = None
-    if params.replay_strategy == "hardest":
-        with torch.no_grad():
-            model.eval()
-            losses = torch.cat([torch.nn.functional.cross_entropy(
-                model(to_float(past.images[s : s + 256]), past.domains[s : s + 256]), past.labels[s : s + 256],
-                reduction="none") for s in range(0, len(past), 256)]) if len(past) else torch.empty(0)
+    losses = per_sample_losses(model, past.images, past.labels, past.domains) if params.replay_strategy == "hardest" else None
     budget = replay_budget(len(past), params.replay_fraction, params.replay_max_images)
     keep = select_replay(past.domains, budget, params.replay_strategy, seed=params.seed, losses=losses)
     ds = concat(new, past.subset(torch.isin(torch.arange(len(past)), keep)))

@@ -4,9 +4,9 @@ forgetting the old ones. Pure torch: GEM forgetting metrics, replay buffers, gro
 from mdcore.continual.grow import (add_domain, domain_part_names, nearest_domain, refit_prototypes, restore_domains,
                                    train_only_domain_parts)
 from mdcore.continual.metrics import gem_metrics
-from mdcore.continual.replay import REPLAY_STRATEGIES, mixed_batches, replay_budget, select_replay
+from mdcore.continual.replay import REPLAY_STRATEGIES, mixed_batches, per_sample_losses, replay_budget, select_replay
 from mdcore.continual.adapt import few_shot_mask, recompute_domain_norm
 
 __all__ = ["add_domain", "domain_part_names", "nearest_domain", "refit_prototypes", "restore_domains", "train_only_domain_parts",
-           "gem_metrics", "REPLAY_STRATEGIES", "mixed_batches", "replay_budget", "select_replay",
+           "gem_metrics", "REPLAY_STRATEGIES", "mixed_batches", "per_sample_losses", "replay_budget", "select_replay",
            "few_shot_mask", "recompute_domain_norm"]

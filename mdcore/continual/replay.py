@@ -87,3 +87,16 @@ def mixed_batches(new: torch.Tensor, replay: torch.Tensor, batch_size: int, repl
         if len(replay) and replay_per_batch > 0:
             idx = torch.cat([idx, replay[torch.randint(0, len(replay), (replay_per_batch,), generator=g)]])
         yield idx
+
+
+@torch.no_grad()
+def per_sample_losses(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor,
+                      batch_size: int = 256) -> torch.Tensor:
+    """Cross-entropy of every image under ``model`` (uint8 images, as stored): what ``hardest`` ranks by."""
+    from mdcore.images import to_float
+
+    model.eval()
+    out = [torch.nn.functional.cross_entropy(model(to_float(images[s : s + batch_size]), domains[s : s + batch_size]),
+                                             labels[s : s + batch_size], reduction="none")
+           for s in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
