@@ -81,3 +81,16 @@ def test_continual_params_file_is_valid_and_names_bad_fields(tmp_path):
         assert "continual.yaml" in str(e) and "replay_strategy" in str(e)
     else:
         raise AssertionError("an unknown replay strategy was accepted")
+
+
+def test_accept_domain_adds_a_named_folder_to_the_validated_domains(tmp_path):
+    from flows.retrain import accept_domains
+    from tasks.params import load_params
+
+    shutil.copy(REPO / "paths.yaml", tmp_path / "paths.yaml")
+    shutil.copytree(REPO / "params", tmp_path / "params")
+    profile = tmp_path / "registry/data_profiles/builtin"
+    profile.mkdir(parents=True)
+    (profile / "current.json").write_text(json.dumps({"domains": {"clean": {}, "ink": {}}}))
+    assert accept_domains(str(tmp_path), ["site_b"]) == ["clean", "ink", "site_b"]
+    assert load_params("validate", tmp_path / "params").known_domains == ["clean", "ink", "site_b"]
