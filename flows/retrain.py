@@ -1,8 +1,10 @@
-"""Continuous learning: rerun the pipeline when the data changed, and promote the new model to
-champion only if no domain gets worse than the current champion on the same evaluation data.
+"""Continuous learning: when the data changed, fine-tune the champion on the new data plus replay (warm
+start, ``flows/warm_start.py``) or rerun the pipeline, and promote the new model to champion only if no
+domain gets worse than the current champion on the same evaluation data.
 
 The champion lives in ``registry/champion/`` (outside the DVC graph, written atomically): the last good
-model users rely on is never a plain stage output, so a failed or worse run cannot replace it.
+model users rely on is never a plain stage output, so a failed or worse run cannot replace it. Every
+scored challenger is kept with its lineage and the decision (``flows/champion.py``).
 """
 from __future__ import annotations
 
