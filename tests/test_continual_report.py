@@ -6,12 +6,15 @@ import pytest
 from flows.continual import aggregate, markdown, metrics
 
 
-def cell(seed: int, drop: float) -> dict:
-    R = [[0.9, 0.2], [0.9 - drop, 0.8]]
-    steps = [{"train_s": 2.0, "gate_pass": drop < 0.02, "replay_images": 3, "past_images": 60}]
+def arm(drop: float) -> dict:
     from mdcore.continual import gem_metrics
 
-    arm = lambda d: {"R": [[0.9, 0.2], [0.9 - d, 0.8]], "steps": steps, "metrics": gem_metrics([[0.9, 0.2], [0.9 - d, 0.8]], [0.1, 0.1])}  # noqa: E731
+    R = [[0.9, 0.2], [0.9 - drop, 0.8]]
+    steps = [{"train_s": 2.0, "gate_pass": drop < 0.02, "replay_images": 3, "past_images": 60}]
+    return {"R": R, "steps": steps, "metrics": gem_metrics(R, [0.1, 0.1])}
+
+
+def cell(seed: int, drop: float) -> dict:
     return {"seed": seed, "arms": {"replay": arm(drop), "naive": arm(3 * drop)},
             "full_retrain": {"row": [0.9, 0.85], "train_s": 20.0},
             "add_domain": {"acc": 0.8, "full_acc": 0.85, "gap": -0.05, "train_s": 2.0, "time_share": 0.1,
