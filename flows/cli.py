@@ -3,7 +3,7 @@
     mdpipe run [--data PATH] [--holdout DOMAIN ...] [-S finetune.epochs=3 ...] [--force]
     mdpipe stage NAME [-S KEY=VALUE ...]
     mdpipe params [STAGE]
-    mdpipe retrain [--tolerance 0.01] [--force]
+    mdpipe retrain [--tolerance 0.01] [--force] [--accept-domain DOMAIN ...] [--no-warm-start]
     mdpipe serve [--cron "0 3 * * *"]
     mdpipe experiment synthetic|ablation [--seeds 0 1 2] [-S finetune.epochs=8]
     mdpipe experiment lodo [--data digits|glyphs|PATH] [--methods erm multidomain+randconv+swad] [--seeds 0 1 2]
