@@ -67,12 +67,14 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
                    method: str = "multidomain", epochs: int = 8, add_epochs: int = 3, batch_size: int = 32,
                    replay_fraction: float = 0.05, replay_strategy: str = "reservoir", replay_per_batch: int = 8,
                    few_shot_k: int = 10, few_shot_epochs: int = 20, tolerance: float = 0.02, threads: int = 2,
-                   limit: int | None = None, root: str = ".") -> dict:
+                   limit: int | None = None, add_mode: str = "joint", joint_lr_scale: float = 0.1,
+                   root: str = ".") -> dict:
     """Domains of ``data`` (``digits``, ``glyphs`` or a tree path) arrive in ``order`` (default: a fixed
     order for the built-in data, sorted names for a tree). ``epochs``: the first domain's and the full
     retrain's budget; ``add_epochs``: each arrival's; ``replay_fraction`` of past training images kept
     (``replay_strategy``), ``replay_per_batch`` of them in every batch; ``tolerance``: the gate's allowed
-    drop per old domain."""
+    drop per old domain; ``add_mode``: ``joint`` (every weight learns each arrival) or ``parts_first`` (the
+    new domain's parts alone first, then one joint epoch at ``joint_lr_scale`` x lr)."""
     from mdcore.continual import REPLAY_STRATEGIES
     from mdcore.io import atomic_write_json, atomic_write_text
     from mdcore.lodo import BUILTIN_DATASETS
@@ -80,6 +82,8 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
     from tasks.paths import load_paths
 
     t0 = time.perf_counter()
+    if add_mode not in ("joint", "parts_first"):
+        raise ValueError(f"add_mode {add_mode!r}: expected 'joint' or 'parts_first'")
     if replay_strategy not in REPLAY_STRATEGIES:
         raise ValueError(f"replay_strategy {replay_strategy!r}: expected one of {list(REPLAY_STRATEGIES)}")
     paths = load_paths(root)
@@ -101,7 +105,8 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
             "image_size": pre.image_size, "threads": threads, "protocol": PROTOCOL_VERSION, "order": order,
             "add_epochs": add_epochs, "replay_fraction": replay_fraction, "replay_strategy": replay_strategy,
             "replay_per_batch": replay_per_batch, "few_shot_k": few_shot_k, "few_shot_epochs": few_shot_epochs,
-            "tolerance": tolerance}
+            "tolerance": tolerance} | ({"add_mode": add_mode, "joint_lr_scale": joint_lr_scale}
+                                       if add_mode != "joint" else {})
     results, todo = [], []
     for s in seeds:
         spec = base | {"seed": int(s)}
@@ -117,7 +122,8 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
                "seeds": [r["seed"] for r in results],
                "config": {k: base[k] for k in ("add_epochs", "replay_fraction", "replay_strategy", "replay_per_batch",
                                                "few_shot_k", "few_shot_epochs", "tolerance", "backbone", "image_size",
-                                               "threads")} | {"method": method, "epochs": epochs, "batch_size": batch_size},
+                                               "threads")} | {"method": method, "epochs": epochs, "batch_size": batch_size,
+                                             "add_mode": add_mode},
                "aggregate": aggregate(results), "cells_run": len(todo), "cells_cached": len(results) - len(todo),
                "wall_s": round(time.perf_counter() - t0, 1)}
     report = markdown(summary)
@@ -178,6 +184,7 @@ def markdown(summary: dict) -> str:
              f"Domains arrive one at a time. The first trains `{cfg['method']}` from random weights for "
              f"{cfg['epochs']} epochs; each later one is added to the model (its per-domain parts copied from the "
              f"nearest known domain by feature prototype) and fine-tuned for {cfg['add_epochs']} epochs on its own "
+             f"{'(its own parts alone first, one joint epoch last) ' if cfg.get('add_mode') == 'parts_first' else ''}"
              f"training images, **with replay** ({cfg['replay_strategy']} buffer of {cfg['replay_fraction']:.0%} of "
              f"the past training images, {cfg['replay_per_batch']} per batch of {cfg['batch_size']}) or **without** "
              f"(naive fine-tuning). Selection: the known domains' validation split. R[i, j] = test accuracy (%) on "

@@ -122,6 +122,30 @@ def train_sequence(spec: dict) -> dict:
     refit_prototypes(first, to_float(train[order[0]].images), train[order[0]].domains)
     row0 = _row(first, tests, 1)
 
+    def fit_new_domain(model, ds, new_idx, replay_idx, val_t, t) -> dict:
+        """``joint``: every weight learns from new + replayed images for add_epochs. ``parts_first``: the new
+        domain's own parts learn alone first (add_epochs - 1 epochs, the other domains restored after),
+        then one joint epoch with replay at ``joint_lr_scale`` x the learning rate."""
+        def mixed(idx_replay, per_batch):
+            return lambda epoch: list(mixed_batches(new_idx, idx_replay, p.batch_size, per_batch, epoch=epoch,
+                                                    seed=seed))
+
+        replayed = mixed(replay_idx, int(spec["replay_per_batch"]))
+        if spec.get("add_mode", "joint") != "parts_first" or p_add.epochs < 2:
+            return learn(model, ds, val_t, p_add, replayed)
+        reference = {n: v.clone() for n, v in model.state_dict().items()}
+        train_only_domain_parts(model)
+        first = learn(model, ds, val_t, p_add.model_copy(update={"epochs": p_add.epochs - 1, "weight_decay": 0.0}),
+                      mixed(replay_idx[:0], 0))
+        restore_domains(model, reference, keep=t)
+        for q in model.parameters():
+            q.requires_grad_(True)
+        # the joint epoch at joint_lr_scale x lr: as gentle as the joint mode's warm-up epoch by default
+        second = learn(model, ds, val_t, p_add.model_copy(update={
+            "epochs": 1, "lr": p_add.lr * float(spec.get("joint_lr_scale", 0.1))}), replayed)
+        return {"train_s": first["train_s"] + second["train_s"],
+                "images_seen": first["images_seen"] + second["images_seen"]}
+
     arms = {}
     for arm, fraction in (("replay", float(spec["replay_fraction"])), ("naive", 0.0)):
         model, R, steps = copy.deepcopy(first), [row0], []
@@ -138,9 +162,7 @@ def train_sequence(spec: dict) -> dict:
             ds = concat(train[new], past.subset(torch.isin(torch.arange(len(past)), keep)))
             new_idx = torch.arange(len(train[new]))
             replay_idx = torch.arange(len(train[new]), len(ds))
-            info = learn(model, ds, known(val, t), p_add,
-                         lambda epoch: list(mixed_batches(new_idx, replay_idx, p.batch_size,
-                                                          int(spec["replay_per_batch"]), epoch=epoch, seed=seed)))
+            info = fit_new_domain(model, ds, new_idx, replay_idx, known(val, t), t)
             refit_prototypes(model, to_float(ds.images), ds.domains)
             R.append(_row(model, tests, t + 1))
             after_gate = gate_acc(model, t)
