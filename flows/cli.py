@@ -3,10 +3,12 @@
     mdpipe run [--data PATH] [--holdout DOMAIN ...] [-S finetune.epochs=3 ...] [--force]
     mdpipe stage NAME [-S KEY=VALUE ...]
     mdpipe params [STAGE]
-    mdpipe retrain [--tolerance 0.01] [--force]
+    mdpipe retrain [--tolerance 0.01] [--force] [--accept-domain DOMAIN ...] [--no-warm-start]
     mdpipe serve [--cron "0 3 * * *"]
     mdpipe experiment synthetic|ablation [--seeds 0 1 2] [-S finetune.epochs=8]
     mdpipe experiment lodo [--data digits|glyphs|PATH] [--methods erm multidomain+randconv+swad] [--seeds 0 1 2]
+    mdpipe experiment continual [--data digits|glyphs|PATH] [--order A B C] [--replay-fraction 0.05] [--seeds 0 1 2]
+    mdpipe champion list|show [ID]|rollback ID
 """
 from __future__ import annotations
 
@@ -97,10 +99,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_retrain(args) -> int:
-    from flows.retrain import retrain
+    from flows.retrain import accept_domains, retrain
     from tasks.paths import load_paths
 
-    result = retrain(root=str(load_paths(args.root).root), tolerance=args.tolerance, force=args.force)
+    if args.accept_domain:
+        print(f"validation accepts domains {accept_domains(str(load_paths(args.root).root), args.accept_domain)}")
+    result = retrain(root=str(load_paths(args.root).root), tolerance=args.tolerance, force=args.force,
+                     warm_start=args.warm_start)
     if not result["retrained"]:
         print(f"data unchanged (fingerprint {result['fingerprint']}): nothing retrained")
     else:
@@ -109,6 +114,10 @@ def cmd_retrain(args) -> int:
         print(f"new model {verdict}: {decision['reason']}")
         for domain, delta in decision["deltas"].items():
             print(f"  {domain:<16} {delta:+.3f}")
+        if decision.get("forgetting"):
+            f = decision["forgetting"]
+            print(f"forgetting on the gate split: BWT {f['BWT']:+.3f} over {sorted(f['per_domain'])}; new domains "
+                  f"{f['new_domains']}; model {decision['id']} ({result.get('run_record') or 'see mdpipe champion show'})")
     return 0
 
 
@@ -119,6 +128,19 @@ def cmd_experiment(args) -> int:
     import yaml
 
     root = str(load_paths(args.root).root)
+    if args.name == "continual":
+        from flows.continual import continual_flow
+        from tasks.params import load_params
+
+        cont = load_params("continual", Path(root) / "params")  # what the CLI leaves out
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        continual_flow(data=args.data, order=args.order, seeds=args.seeds, method=args.method, epochs=args.epochs,
+                       add_epochs=pick(args.add_epochs, cont.epochs), batch_size=args.batch_size,
+                       replay_fraction=pick(args.replay_fraction, cont.replay_fraction),
+                       replay_strategy=pick(args.replay_strategy, cont.replay_strategy),
+                       replay_per_batch=cont.replay_per_batch, few_shot_k=pick(args.few_shot_k, cont.few_shot_k),
+                       few_shot_epochs=cont.few_shot_epochs, threads=args.threads, add_mode=args.add_mode, root=root)
+        return 0
     if args.name == "lodo":
         from flows.lodo import DEFAULT_METHODS, lodo_flow
 
@@ -140,6 +162,32 @@ def cmd_experiment(args) -> int:
 
     ablation_flow(root=root, seeds=args.seeds, overrides=overrides or None)
     print((load_paths(root).experiments / "ablation.md").read_text())
+    return 0
+
+
+def cmd_champion(args) -> int:
+    """The champion's lineage: every scored challenger (promoted or rejected, with its reason), one record
+    in full, or putting an earlier champion back."""
+    import json
+
+    from flows.champion import RegistryError, format_list, list_models, rollback, show
+    from tasks.paths import load_paths
+
+    registry = load_paths(args.root).registry
+    try:
+        if args.action == "list":
+            records = list_models(registry)
+            print(format_list(records) if records else f"no model scored yet in {registry / 'models'}")
+        elif args.action == "show":
+            print(json.dumps(show(registry, args.id), indent=2, sort_keys=True))
+        else:
+            if not args.id:
+                raise RegistryError("rollback needs the id of an earlier champion (see `mdpipe champion list`)")
+            rec = rollback(registry, args.id, reason=args.reason)
+            print(f"champion is now {rec['id']} (was {rec['rolled_back_from']})")
+    except RegistryError as e:
+        print(f"mdpipe: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -193,11 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     again = sub.add_parser("retrain", help="continuous learning: retrain if the data changed, promote if no domain is worse")
     again.add_argument("--tolerance", type=float, default=0.0, help="accuracy drop allowed per domain")
     again.add_argument("--force", action="store_true", help="retrain even if the data did not change")
+    again.add_argument("--accept-domain", nargs="+", default=[], metavar="DOMAIN",
+                       help="new domain folders validation should accept (added to validate.known_domains)")
+    again.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,
+                       help="fine-tune the champion on new data + replay (default: params/continual.yaml)")
     again.set_defaults(func=cmd_retrain)
 
     exp = sub.add_parser("experiment", help="leave-one-domain-out protocol, with/without synthetic data, or the "
                                             "component ablation (several trainings each)")
-    exp.add_argument("name", choices=["lodo", "synthetic", "ablation"])
+    exp.add_argument("name", choices=["lodo", "synthetic", "ablation", "continual"])
     exp.add_argument("--data", default="digits", help="lodo: digits, glyphs, or ROOT/<domain>/<class>/<image> tree")
     exp.add_argument("--methods", nargs="+", metavar="METHOD", help="lodo: methods (default: erm, randconv, "
                                                                     "multidomain, multidomain+randconv+swad)")
@@ -209,7 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="claims rest on at least 3 seeds")
     exp.add_argument("-S", "--set", action="append", default=[], metavar="finetune.KEY=VALUE",
                      help="finetune parameters for every training of the experiment (e.g. finetune.epochs=8)")
+    exp.add_argument("--order", nargs="+", metavar="DOMAIN", help="continual: domains in arrival order")
+    exp.add_argument("--method", default="multidomain", help="continual: the method every training uses")
+    exp.add_argument("--add-epochs", type=int, help="continual: epochs per domain arrival (default: params/continual.yaml)")
+    exp.add_argument("--add-mode", choices=["joint", "parts_first"], default="joint",
+                     help="continual: each arrival trains every weight, or the new domain's parts first")
+    exp.add_argument("--replay-fraction", type=float, help="continual: share of past training images replayed (params)")
+    exp.add_argument("--replay-strategy", choices=["random", "reservoir", "hardest"], help="continual: buffer (params)")
+    exp.add_argument("--few-shot-k", type=int, help="continual: labelled images per class of the last domain (params)")
     exp.set_defaults(func=cmd_experiment)
+
+    champ = sub.add_parser("champion", help="the champion's lineage: list, show one, roll back to an earlier one")
+    champ.add_argument("action", choices=["list", "show", "rollback"])
+    champ.add_argument("id", nargs="?", help="a model id from `mdpipe champion list` (show: default the champion)")
+    champ.add_argument("--reason", default="manual rollback", help="rollback: recorded in registry/decisions/")
+    champ.set_defaults(func=cmd_champion)
 
     serve = sub.add_parser("serve", help="serve the Prefect deployments (needs PREFECT_API_URL or a local server)")
     serve.add_argument("--cron", default="0 3 * * *", help="schedule of the retraining deployment")

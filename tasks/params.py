@@ -270,6 +270,31 @@ class CompressParams(StageParams):
     seed: int = 0
 
 
+class ContinualParams(StageParams):
+    """Continual learning (``mdpipe retrain`` warm start, ``mdpipe experiment continual``): not a DVC stage,
+    its state (the champion) lives in the registry."""
+
+    warm_start: bool = Field(True, description="Retrain fine-tunes the champion on the new training images plus a "
+                                               "replay buffer of past ones (new domains get parts copied from the "
+                                               "nearest known domain); off = rerun the whole pipeline from scratch")
+    epochs: int = Field(3, ge=1, description="Warm start: epochs over the new images (each batch topped up with replay)")
+    lr: float = Field(1e-3, gt=0, description="Warm start: learning rate (one for all layers)")
+    batch_size: int = Field(32, ge=2, description="Warm start: images per step, replay included")
+    replay_fraction: float = Field(0.05, ge=0, le=1, description="Share of past training images kept for replay")
+    replay_max_images: int | None = Field(None, ge=0, description="Cap on the replay buffer; empty = no cap")
+    replay_strategy: Literal["random", "reservoir", "hardest"] = Field(
+        "reservoir", description="random: uniform over past images; reservoir: per-domain reservoir, equal share "
+                                 "per domain; hardest: per domain, the highest loss under the champion")
+    replay_per_batch: int = Field(8, ge=0, description="Replay images in every batch (drawn from the buffer)")
+    few_shot_k: int = Field(10, ge=1, description="Few-shot adaptation: labelled images per class of a new domain")
+    few_shot_epochs: int = Field(20, ge=1, description="Few-shot adaptation: epochs over the k-per-class images")
+    threads: int = Field(1, ge=1, description="Torch threads of the in-process warm start")
+    seed: int = 0
+
+
+# parameter files of flows that are not DVC stages (validated and loaded the same way)
+FLOW_SCHEMAS: dict[str, type[StageParams]] = {"continual": ContinualParams}
+
 SCHEMAS: dict[str, type[StageParams]] = {
     "ingest": IngestParams,
     "validate": ValidateParams,
@@ -294,10 +319,11 @@ def _explain(error: ValidationError, where: str) -> str:
 
 
 def validate_params(stage: str, data: dict, where: str) -> StageParams:
-    if stage not in SCHEMAS:
-        raise ParamsError(f"unknown stage {stage!r}; stages: {list(SCHEMAS)}")
+    schema = SCHEMAS.get(stage) or FLOW_SCHEMAS.get(stage)
+    if schema is None:
+        raise ParamsError(f"unknown stage {stage!r}; stages: {list(SCHEMAS)}, flows: {list(FLOW_SCHEMAS)}")
     try:
-        return SCHEMAS[stage].model_validate(data or {})
+        return schema.model_validate(data or {})
     except ValidationError as e:
         raise ParamsError(_explain(e, where)) from None
 

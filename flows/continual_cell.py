@@ -1,0 +1,233 @@
+"""One seed of the continual-learning experiment: domains arrive one at a time; each arrival grows the
+model by that domain (parts copied from the nearest known domain) and fine-tunes it on the new domain's
+data, with a replay buffer of past data or without (naive fine-tuning). Also, at the last arrival: a full
+retrain on every domain (the reference), few-shot adaptation (k per class, the new domain's parts only) and
+test-time normalization (no labels).
+
+Everything trains in this process with the finetune stage's builders (``tasks.model_setup``); selection
+uses the validation split of the domains the model knows, never test; the gate split scores the old
+domains before and after each arrival, as the promotion gate would.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Iterable
+
+import torch
+
+from mdcore.images import ImageSet, to_float
+
+
+def concat(a: ImageSet, b: ImageSet) -> ImageSet:
+    return ImageSet(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]),
+                    torch.cat([a.domains, b.domains]), a.domain_names, a.class_names)
+
+
+def learn(model, train: ImageSet, val: ImageSet, p, batches: Callable[[int], Iterable[torch.Tensor]], *,
+          method=None, select: bool = True) -> dict:
+    """Fine-tune ``model`` in place for ``p.epochs`` over ``batches(epoch)`` (index tensors into ``train``);
+    keep the epoch with the best accuracy on ``val`` (the known domains' validation split) when ``select``.
+    Frozen parameters (``requires_grad`` False) stay as they are. Returns timings and the history."""
+    from mdcore.train import evaluate_split, finetune_epoch, training_view_batches
+    from tasks.model_setup import build_method, build_optimizer
+
+    t0 = time.perf_counter()
+    method = method or build_method(p)
+    method.attach(model)
+    optimizer, scheduler = build_optimizer(p, model)
+    names = [val.domain_names[d] for d in val.domains]
+    history, best, best_state = [], -1.0, None
+    for epoch in range(p.epochs):
+        scheduler.step(epoch)
+        stats = finetune_epoch(model, train, optimizer, batches(epoch), epoch=epoch, seed=p.seed,
+                               label_smoothing=p.label_smoothing, method=method)
+        v = evaluate_split(model, val, names) if select else {"acc": float("nan"), "loss": float("nan")}
+        method.end_epoch(model, epoch, v)
+        history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_acc": v["acc"]})
+        if select and v["acc"] > best:
+            best, best_state = v["acc"], copy.deepcopy(model.state_dict())
+    if not method.selects_checkpoint():
+        method.finalize(model, lambda: training_view_batches(train, method, p.batch_size, seed=p.seed, epoch=10_000,
+                                                             mix=p.domain_mix, generator_seed=p.seed))
+    elif best_state is not None:
+        model.load_state_dict(best_state)
+    return {"train_s": time.perf_counter() - t0, "history": history,
+            "images_seen": sum(len(b) for e in range(p.epochs) for b in batches(e))}
+
+
+def _acc(model, data: ImageSet, known: bool) -> float:
+    from mdcore.train import evaluate_split
+
+    if len(data) == 0:
+        return float("nan")
+    return evaluate_split(model, data, [data.domain_names[0]] * len(data), use_domain=known)["acc"]
+
+
+def _row(model, tests: list[ImageSet], n_known: int) -> list[float]:
+    """Test accuracy on every domain of the sequence: known ones with their domain id, later ones routed."""
+    return [_acc(model, t, j < n_known) for j, t in enumerate(tests)]
+
+
+def train_sequence(spec: dict) -> dict:
+    """``spec``: manifest, image_root, image_size, backbone, order (domains in arrival order), seed, threads,
+    finetune (FinetuneParams fields: the budget of the first domain and of the full retrain), add_epochs,
+    replay_fraction, replay_strategy, replay_per_batch, few_shot_k, few_shot_epochs, tolerance."""
+    from flows.lodo_cell import _all_images, _subset
+    from mdcore.continual import (add_domain, few_shot_mask, gem_metrics, mixed_batches, nearest_domain,
+                                  per_sample_losses, recompute_domain_norm, refit_prototypes, replay_budget, restore_domains,
+                                  select_replay, train_only_domain_parts)
+    from mdcore.promotion import decide
+    from mdcore.sampler import domain_balanced_batches
+    from mdcore.train import evaluate_split
+    from tasks.model_setup import build_model
+    from tasks.params import FinetuneParams
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(int(spec.get("threads", 2)))
+    seed, order = int(spec["seed"]), list(spec["order"])
+    p = FinetuneParams.model_validate(spec["finetune"] | {"seed": seed})
+    p_add = p.model_copy(update={"epochs": int(spec["add_epochs"])})
+    frame, data = _all_images(spec["manifest"], spec["image_root"], int(spec["image_size"]))
+
+    def part(domain: str, split: str) -> ImageSet:
+        return _subset(frame, data, frame[(frame["domain"] == domain) & (frame["split"] == split)], order)
+
+    train = {d: part(d, "train") for d in order}
+    val = {d: part(d, "val") for d in order}
+    gate = {d: part(d, "gate") for d in order}
+    tests = [part(d, "test") for d in order]
+
+    def known(sets: dict, upto: int) -> ImageSet:
+        out = sets[order[0]]
+        for d in order[1 : upto + 1]:
+            out = concat(out, sets[d])
+        return out
+
+    def gate_acc(model, upto: int) -> dict[str, float]:
+        g = known(gate, upto)
+        return evaluate_split(model, g, [order[d] for d in g.domains])["per_domain"]
+
+    def balanced(ds: ImageSet, params) -> Callable[[int], Iterable[torch.Tensor]]:
+        return lambda epoch: list(domain_balanced_batches(ds.domains, params.batch_size, epoch=epoch, seed=seed,
+                                                           mix=params.domain_mix))
+
+    # the first domain: a model of one domain, from random weights
+    torch.manual_seed(seed)
+    t0 = train[order[0]]
+    first = build_model(p, ImageSet(t0.images, t0.labels, t0.domains, [order[0]], t0.class_names),
+                        spec["backbone"], int(spec["image_size"]))
+    baseline = _row(first, tests, 0)  # GEM's b: the untrained model, every domain routed
+    t0_info = learn(first, train[order[0]], val[order[0]], p, balanced(train[order[0]], p))
+    refit_prototypes(first, to_float(train[order[0]].images), train[order[0]].domains)
+    row0 = _row(first, tests, 1)
+
+    def fit_new_domain(model, ds, new_idx, replay_idx, val_t, t) -> dict:
+        """``joint``: every weight learns from new + replayed images for add_epochs. ``parts_first``: the new
+        domain's own parts learn alone first (add_epochs - 1 epochs, the other domains restored after),
+        then one joint epoch with replay at ``joint_lr_scale`` x the learning rate."""
+        def mixed(idx_replay, per_batch):
+            return lambda epoch: list(mixed_batches(new_idx, idx_replay, p.batch_size, per_batch, epoch=epoch,
+                                                    seed=seed))
+
+        replayed = mixed(replay_idx, int(spec["replay_per_batch"]))
+        if spec.get("add_mode", "joint") != "parts_first" or p_add.epochs < 2:
+            return learn(model, ds, val_t, p_add, replayed)
+        reference = {n: v.clone() for n, v in model.state_dict().items()}
+        train_only_domain_parts(model)
+        first = learn(model, ds, val_t, p_add.model_copy(update={"epochs": p_add.epochs - 1, "weight_decay": 0.0}),
+                      mixed(replay_idx[:0], 0))
+        restore_domains(model, reference, keep=t)
+        for q in model.parameters():
+            q.requires_grad_(True)
+        # the joint epoch at joint_lr_scale x lr: as gentle as the joint mode's warm-up epoch by default
+        second = learn(model, ds, val_t, p_add.model_copy(update={
+            "epochs": 1, "lr": p_add.lr * float(spec.get("joint_lr_scale", 0.1))}), replayed)
+        return {"train_s": first["train_s"] + second["train_s"],
+                "images_seen": first["images_seen"] + second["images_seen"]}
+
+    arms = {}
+    for arm, fraction in (("replay", float(spec["replay_fraction"])), ("naive", 0.0)):
+        model, R, steps = copy.deepcopy(first), [row0], []
+        for t in range(1, len(order)):
+            new = order[t]
+            nearest, sims = nearest_domain(model.eval(), to_float(train[new].images))
+            before_gate = gate_acc(model, t - 1)
+            model = add_domain(model, new, init_from=nearest)
+            past = known(train, t - 1)
+            budget = replay_budget(len(past), fraction)
+            losses = (per_sample_losses(model, past.images, past.labels, past.domains)
+                      if spec["replay_strategy"] == "hardest" and budget else None)
+            keep = select_replay(past.domains, budget, spec["replay_strategy"], seed=seed * 31 + t, losses=losses)
+            ds = concat(train[new], past.subset(torch.isin(torch.arange(len(past)), keep)))
+            new_idx = torch.arange(len(train[new]))
+            replay_idx = torch.arange(len(train[new]), len(ds))
+            info = fit_new_domain(model, ds, new_idx, replay_idx, known(val, t), t)
+            refit_prototypes(model, to_float(ds.images), ds.domains)
+            R.append(_row(model, tests, t + 1))
+            after_gate = gate_acc(model, t)
+            decision = decide(before_gate, after_gate, float(spec["tolerance"]))
+            steps.append({"domain": new, "init_from": order[nearest], "similarity": sims, "replay_images": len(keep),
+                          "past_images": len(past), "train_s": round(info["train_s"], 2),
+                          "images_seen": info["images_seen"], "gate_before": before_gate, "gate_after": after_gate,
+                          "gate_pass": decision.promote, "gate_reason": decision.reason})
+            if arm == "replay" and t == len(order) - 2:
+                before_last = copy.deepcopy(model)
+        arms[arm] = {"R": R, "steps": steps, "metrics": gem_metrics(R, baseline)}
+    if len(order) == 2:
+        before_last = copy.deepcopy(first)
+
+    # the reference: a full retrain on every domain, from random weights
+    last = order[-1]
+    torch.manual_seed(seed)
+    full = build_model(p, known(train, len(order) - 1), spec["backbone"], int(spec["image_size"]))
+    full_info = learn(full, known(train, len(order) - 1), known(val, len(order) - 1), p,
+                      balanced(known(train, len(order) - 1), p))
+    full_row = _row(full, tests, len(order))
+
+    # few-shot: k labelled images per class of the last domain, its own parts only
+    k = int(spec["few_shot_k"])
+    nearest, _ = nearest_domain(before_last.eval(), to_float(train[last].images))
+    fs = add_domain(before_last, last, init_from=nearest)
+    reference = {n: v.clone() for n, v in fs.state_dict().items()}
+    train_only_domain_parts(fs)
+    shots = train[last].subset(few_shot_mask(train[last].labels, k, seed=seed))
+    p_fs = p.model_copy(update={"epochs": int(spec["few_shot_epochs"]), "weight_decay": 0.0, "layer_decay": None})
+    fs_info = learn(fs, shots, val[last], p_fs, lambda epoch: list(mixed_batches(
+        torch.arange(len(shots)), torch.empty(0, dtype=torch.long), min(p.batch_size, len(shots)), 0,
+        epoch=epoch, seed=seed)), select=False)
+    restore_domains(fs, reference, keep=len(order) - 1)
+    fs_acc = _acc(fs, tests[-1], True)
+    fs_gate = decide(gate_acc(before_last, len(order) - 2), gate_acc(fs, len(order) - 1), float(spec["tolerance"]))
+
+    # test-time normalization: the last domain's batch-norm statistics from its unlabelled images
+    tt = add_domain(before_last, last, init_from=nearest).eval()
+    t_tt = time.perf_counter()
+    recompute_domain_norm(tt, to_float(train[last].images), len(order) - 1)
+    tt_s = time.perf_counter() - t_tt
+    tt_acc = _acc(tt, tests[-1], True)
+
+    before_acc = arms["replay"]["R"][-2][-1]  # the last domain, routed, before it arrived
+    gain = full_row[-1] - before_acc
+
+    def recovered(acc: float) -> float | None:
+        return (acc - before_acc) / gain if abs(gain) > 1e-9 else None
+
+    add_step = arms["replay"]["steps"][-1]
+    return {
+        "seed": seed, "order": order, "baseline": baseline, "arms": arms,
+        "first_domain": {"train_s": round(t0_info["train_s"], 2), "images_seen": t0_info["images_seen"]},
+        "full_retrain": {"row": full_row, "train_s": round(full_info["train_s"], 2),
+                         "images_seen": full_info["images_seen"], "metrics_last_row": sum(full_row) / len(full_row)},
+        "add_domain": {"domain": last, "acc": arms["replay"]["R"][-1][-1], "full_acc": full_row[-1],
+                       "gap": arms["replay"]["R"][-1][-1] - full_row[-1], "train_s": add_step["train_s"],
+                       "time_share": add_step["train_s"] / max(full_info["train_s"], 1e-9),
+                       "gate_pass": add_step["gate_pass"], "gate_reason": add_step["gate_reason"]},
+        "few_shot": {"k": k, "images": len(shots), "acc": fs_acc, "before_acc": before_acc, "full_acc": full_row[-1],
+                     "recovered": recovered(fs_acc), "train_s": round(fs_info["train_s"], 2),
+                     "gate_pass": fs_gate.promote},
+        "test_time_norm": {"acc": tt_acc, "recovered": recovered(tt_acc), "s": round(tt_s, 2),
+                           "unlabelled_images": len(train[last])},
+        "train_images": {d: len(train[d]) for d in order},
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }

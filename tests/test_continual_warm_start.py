@@ -1,0 +1,96 @@
+"""Warm start of the retrain flow: the champion learns the training rows it has not seen plus a replay
+buffer of those it has; a domain it does not know joins with parts copied from the nearest known one; the
+gate scores the candidate and the record carries the forgetting report."""
+import json
+import shutil
+
+import pandas as pd
+import torch
+
+from tests.conftest import REPO
+
+OLD = ["clean", "ink", "phone"]
+
+
+def _workspace(tmp_path):
+    from mdcore.builtin import BuiltinSpec, materialize
+    from mdcore.images import load_images, to_float
+    from mdcore.io import atomic_write_text
+    from mdcore.manifest import build_manifest, class_names, manifest_csv
+    from mdcore.model import ModelConfig, MultiDomainModel, save_model
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copy(REPO / "paths.yaml", ws / "paths.yaml")
+    shutil.copytree(REPO / "params", ws / "params")
+    materialize(ws / "data/raw", seed=0, spec=BuiltinSpec(limit=160))
+    frame = build_manifest(ws / "data/raw", gate_fraction=0.2, workers=1)
+    atomic_write_text(ws / "data/train_manifest.csv", manifest_csv(frame))
+    torch.manual_seed(0)
+    model = MultiDomainModel(ModelConfig("test_resnet", OLD, class_names(frame), domain_bn=True, adapter_dim=8))
+    old_train = frame[(frame["split"] == "train") & frame["domain"].isin(OLD)]
+    data = load_images(old_train, {"real": ws / "data/raw"}, 32, OLD)
+    model.fit_prototypes(to_float(data.images), data.domains)
+    save_model(model, ws / "registry/champion")
+    (ws / "registry/champion/trained_on.json").write_text(json.dumps(sorted(old_train["sha256"])))
+    (ws / "registry/champion/champion.json").write_text(json.dumps({"id": "first", "status": "promoted"}))
+    return ws, frame
+
+
+def test_warm_start_adds_the_new_domain_with_replay_and_the_gate_reports_forgetting(tmp_path):
+    from flows.retrain import promote
+    from flows.warm_start import warm_start
+    from mdcore.continual import replay_budget
+    from mdcore.model import load_model
+    from tasks.params import ContinualParams
+    from tasks.paths import load_paths
+
+    ws, frame = _workspace(tmp_path)
+    paths = load_paths(ws)
+    params = ContinualParams(epochs=2, batch_size=16, replay_fraction=0.25, replay_per_batch=4, replay_strategy="hardest")
+    result = warm_start(paths, params, ws / "cand")
+    new = frame[(frame["split"] == "train") & (frame["domain"] == "lowlight")]
+    past = frame[(frame["split"] == "train") & frame["domain"].isin(OLD)]
+    assert result["new_images"] == len(new) and result["past_images"] == len(past)
+    assert result["replay_images"] == replay_budget(len(past), 0.25)
+    assert list(result["new_domains"]) == ["lowlight"] and result["new_domains"]["lowlight"]["init_from"] in OLD
+    # every step saw new images topped up with replay, over the new data only (not a full retrain)
+    assert result["images_seen"] == 2 * (len(new) // 12) * 16
+    cand = load_model(ws / "cand")
+    assert cand.config.domains == [*OLD, "lowlight"]
+    assert set(json.loads((ws / "cand/trained_on.json").read_text())) == set(past["sha256"]) | set(new["sha256"])
+    assert not torch.equal(cand.state_dict()["head.weight"], load_model(ws / "registry/champion").state_dict()["head.weight"])
+
+    record = promote.fn(root=str(ws), candidate=str(ws / "cand"), lineage={"trained_by": "warm start"})
+    assert set(record["forgetting"]["per_domain"]) == set(OLD) and record["forgetting"]["new_domains"] == ["lowlight"]
+    kept = ws / "registry/models" / record["id"]
+    assert (kept / "trained_on.json").is_file() and json.loads((kept / "lineage.json").read_text())["trained_by"] == "warm start"
+    # nothing new since: the warm start has nothing to do (the retrain flow then runs the pipeline)
+    if record["promote"]:
+        assert "skipped" in warm_start(paths, params, ws / "cand2")
+
+
+def test_continual_params_file_is_valid_and_names_bad_fields(tmp_path):
+    from tasks.params import ContinualParams, ParamsError, load_params
+
+    assert isinstance(load_params("continual", REPO / "params"), ContinualParams)
+    (tmp_path / "continual.yaml").write_text("replay_strategy: newest\n")
+    try:
+        load_params("continual", tmp_path)
+    except ParamsError as e:
+        assert "continual.yaml" in str(e) and "replay_strategy" in str(e)
+    else:
+        raise AssertionError("an unknown replay strategy was accepted")
+
+
+def test_accept_domain_adds_a_named_folder_to_the_validated_domains(tmp_path):
+    from flows.retrain import accept_domains
+    from tasks.params import load_params
+
+    shutil.copy(REPO / "paths.yaml", tmp_path / "paths.yaml")
+    shutil.copytree(REPO / "params", tmp_path / "params")
+    profile = tmp_path / "registry/data_profiles/builtin"
+    profile.mkdir(parents=True)
+    (profile / "current.json").write_text(json.dumps({"domains": {"clean": {}, "ink": {}}}))
+    assert accept_domains(str(tmp_path), ["site_b"]) == ["clean", "ink", "site_b"]
+    assert load_params("validate", tmp_path / "params").known_domains == ["clean", "ink", "site_b"]
