@@ -74,8 +74,9 @@ def test_failed_ingest_keeps_the_previous_dataset(workspace, user_tree, tmp_path
     assert sorted(paths.raw.rglob("*.png")) == files
 
 
-def test_a_class_missing_from_a_domain_stops_validation(workspace):
-    apply_overrides(workspace / "params", {"ingest": {"builtin_limit": 120}, "validate": {"min_images_per_class": 2}})
+def test_a_class_missing_from_a_domain_stops_validation_when_made_critical(workspace):
+    apply_overrides(workspace / "params", {"ingest": {"builtin_limit": 120}, "validate": {
+        "min_images_per_class": 2, "severity": {"min_images_per_class": "critical"}}})
     execute("ingest", workspace)
     with pytest.raises(DataValidationError, match=r"min_images_per_class.*phone/\d+/"):
         execute("validate", workspace)
