@@ -86,7 +86,7 @@ def main() -> None:
         loader, n = args.one.split(":")
         print(json.dumps(measure(args.root, int(n), loader, args.steps, args.batch, args.image_size, args.workers)))
         return
-    make_tree(Path(args.root), max(args.sizes))
+    make_tree(Path(args.root), max(args.sizes), size=args.image_size)  # files at the size trained on
     for loader in args.loaders:
         for n in args.sizes:  # a fresh process each: peak memory is per run
             out = subprocess.run([sys.executable, "-m", "bench.bench_loading", "--root", args.root, "--one", f"{loader}:{n}",
