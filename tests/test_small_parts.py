@@ -135,3 +135,14 @@ def test_images_decoded_on_demand_equal_the_in_memory_ones_with_loader_workers_a
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 10
     assert torch.equal(lazy.images[torch.tensor([23, 0])], memory.images[torch.tensor([23, 0])])
     assert torch.equal(lazy.subset(memory.labels == 0).images[0:4], memory.images[0:4])
+
+
+def test_finetune_is_retried_only_on_transient_failures():
+    import ray.exceptions
+    from prefect.states import Failed
+
+    from tasks.finetune import transient
+
+    assert transient(None, None, Failed(data=ray.exceptions.ActorDiedError()))  # a lost worker: retry
+    assert transient(None, None, Failed(data=ConnectionError("lost the head node")))
+    assert not transient(None, None, Failed(data=ValueError("finetune.lr must be > 0")))  # fails at once
