@@ -49,8 +49,12 @@ def _setup_logging() -> None:
 def cmd_stage(args) -> int:
     from tasks.params import apply_overrides, parse_overrides
     from tasks.paths import load_paths
-    from tasks.stage import execute
+    from tasks.stage import PARAMS_OF, STAGES, execute
 
+    if args.name not in (*PARAMS_OF, *STAGES):
+        print(f"mdpipe: error: unknown stage {args.name!r}; stages: {', '.join([*PARAMS_OF, *STAGES])}",
+              file=sys.stderr)
+        return 2
     paths = load_paths(args.root)
     overrides = parse_overrides([f"{args.name}.{s}" for s in args.set])
     if overrides:

@@ -93,3 +93,11 @@ def test_run_form_leads_with_quick_settings_and_descriptions_survive_html():
     params = QuickSettings(data_root="/x", holdout_domains=["b"], epochs=3).apply(PipelineParams.from_files(REPO / "params"))
     assert params.ingest.data_root == "/x" and params.ingest.holdout_domains == ["b"] and params.finetune.epochs == 3
     assert params.finetune.num_workers == load_params("finetune", REPO / "params").num_workers  # left empty: kept
+
+
+def test_unknown_stage_is_a_one_line_error(capsys):
+    from flows.cli import main
+
+    assert main(["stage", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown stage 'nosuch'" in err and "source, ingest" in err and "Traceback" not in err
