@@ -34,18 +34,15 @@ def champion_dir(root: str | Path) -> Path:
 
 
 def data_fingerprint(root: Path) -> str:
-    """Cheap identity of the input data: the ingest params plus, for a user tree, each image's path,
-    size and modification time (content hashes are the manifest's job)."""
+    """Cheap identity of the input data: the ingest params plus the source stage's listing of a user tree
+    (each file's path, size and modification time; content hashes are the manifest's job)."""
     import hashlib
 
+    from tasks.source import fingerprint
+
     params = load_params("ingest", root / "params")
-    h = hashlib.sha256(params.model_dump_json().encode())
-    if params.data_root:
-        for p in sorted(Path(params.data_root).rglob("*")):
-            if p.is_file():
-                st = p.stat()
-                h.update(f"{p.relative_to(params.data_root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+    listing = json.dumps(fingerprint(params, root), sort_keys=True)
+    return hashlib.sha256((params.model_dump_json() + listing).encode()).hexdigest()[:16]
 
 
 @task(name="promote-if-no-domain-worse")

@@ -64,3 +64,16 @@ def test_dvc_bookkeeping_targets_the_workspace_not_the_current_directory(tmp_pat
     assert not dvc_sync.is_stale(ws, "ingest")
     assert dvc_sync.is_stale(ws, "validate")
     assert "ingest" in (ws / "dvc.lock").read_text()
+
+
+def test_retrain_fingerprint_follows_the_source_listing(tmp_path):
+    from flows.retrain import data_fingerprint
+
+    tree = tmp_path / "tree"
+    (tree / "a" / "x").mkdir(parents=True)
+    (tree / "a" / "x" / "1.png").write_bytes(b"1")
+    ws = make_workspace(tmp_path / "ws", ingest={"data_root": str(tree), "holdout_domains": []})
+    first = data_fingerprint(ws)
+    assert data_fingerprint(ws) == first
+    (tree / "a" / "x" / "2.png").write_bytes(b"2")
+    assert data_fingerprint(ws) != first
