@@ -2,7 +2,7 @@
 manifest, same held-out domains, same budget and cores): a plain single-process timm loop (about forty
 lines, no per-domain parts) and the same loop with RandConv (about ten lines more).
 
-    python -m bench.lodo_plain_loop --data digits --seeds 0 1 2 [--randconv]
+    python -m bench.lodo_plain_loop --data digits|glyphs|TREE --seeds 0 1 2 [--randconv] [--heldout D ...]
 
 Needs the protocol's data (``mdpipe experiment lodo --data NAME`` prepares it). Prints a markdown row per
 loop and writes bench/results/lodo_plain_<data>.json. The last epoch's model is scored, as a plain loop does.
@@ -38,9 +38,11 @@ def randconv(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, a * x + (1 - a) * out, x)
 
 
-def plain_cell(frame, root, heldout, seed, epochs, batch, use_randconv) -> dict:
+def plain_loop(frame, root, heldout: list[str], seed, epochs, batch, use_randconv) -> dict:
+    """Train on the other domains' train split, score the last epoch: {"heldout": {d: acc}, "seen": {d: acc}}
+    (held-out domains on every image, seen domains on their test split)."""
     classes = sorted(frame["label"].unique())
-    seen = frame[frame["domain"] != heldout]
+    seen = frame[~frame["domain"].isin(heldout)]
     x, y = load(seen[seen["split"] == "train"], root, classes)
     torch.manual_seed(seed), np.random.seed(seed)
     model = timm.create_model("resnet10t", num_classes=len(classes))
@@ -60,8 +62,14 @@ def plain_cell(frame, root, heldout, seed, epochs, batch, use_randconv) -> dict:
             return float((model(xs).argmax(1) == ys).float().mean())
 
     test = seen[seen["split"] == "test"]
-    return {"heldout_acc": acc(frame[frame["domain"] == heldout]),
-            "seen_acc": float(np.mean([acc(test[test["domain"] == d]) for d in sorted(test["domain"].unique())]))}
+    return {"heldout": {d: acc(frame[frame["domain"] == d]) for d in heldout},
+            "seen": {d: acc(test[test["domain"] == d]) for d in sorted(test["domain"].unique())}}
+
+
+def plain_cell(frame, root, heldout, seed, epochs, batch, use_randconv) -> dict:
+    """One LODO cell: ``heldout`` alone held out."""
+    out = plain_loop(frame, root, [heldout], seed, epochs, batch, use_randconv)
+    return {"heldout_acc": out["heldout"][heldout], "seen_acc": float(np.mean(list(out["seen"].values())))}
 
 
 def main() -> None:
@@ -72,27 +80,33 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--randconv", action="store_true")
+    ap.add_argument("--heldout", nargs="+", help="hold out only these domains (default: each in turn)")
     ap.add_argument("--root", default=".")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    folder = Path(args.root) / "reports/experiments/lodo" / args.data
+    from flows.lodo import dataset_folder
+    from mdcore.lodo import BUILTIN_DATASETS
+    from tasks.paths import load_paths
+
+    slug, folder = dataset_folder(load_paths(Path(args.root)), args.data)
     frame = pd.read_csv(folder / "manifest.csv", dtype={"label": str, "domain": str}, keep_default_na=False)
-    root = folder / "raw"
+    root = folder / "raw" if args.data in BUILTIN_DATASETS else Path(args.data).expanduser().resolve()
+    domains = sorted(frame["domain"].unique())
+    heldout = args.heldout or domains
     name = "plain timm loop" + (" + RandConv" if args.randconv else "")
     cells, t0 = [], time.perf_counter()
-    domains = sorted(frame["domain"].unique())
-    for d in domains:
+    for d in heldout:
         for s in args.seeds:
             cells.append({"heldout": d, "seed": s, **plain_cell(frame, root, d, s, args.epochs, args.batch, args.randconv)})
             print(cells[-1], flush=True)
     per_seed = [np.mean([c["heldout_acc"] for c in cells if c["seed"] == s]) for s in args.seeds]
     seen = [np.mean([c["seen_acc"] for c in cells if c["seed"] == s]) for s in args.seeds]
     ms = lambda v: f"{100 * np.mean(v):.1f} ± {100 * np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"  # noqa: E731
-    row = " | ".join(ms([c["heldout_acc"] for c in cells if c["heldout"] == d]) for d in domains)
+    row = " | ".join(ms([c["heldout_acc"] for c in cells if c["heldout"] == d]) for d in heldout)
     print(f"| {name} | {row} | **{ms(per_seed)}** | {ms(seen)} |")
-    out = Path(args.root) / "bench/results" / f"lodo_plain_{args.data}{'_randconv' if args.randconv else ''}.json"
+    out = Path(args.root) / "bench/results" / f"lodo_plain_{slug}{'_randconv' if args.randconv else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"loop": name, "domains": domains, "cells": cells, "wall_s": time.perf_counter() - t0,
+    out.write_text(json.dumps({"loop": name, "domains": domains, "heldout": heldout, "cells": cells, "wall_s": time.perf_counter() - t0,
                                "epochs": args.epochs, "batch": args.batch, "threads": args.threads}, indent=2))
 
 

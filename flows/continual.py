@@ -26,7 +26,7 @@ from flows.lodo import cell_hash, dataset_folder
 
 log = logging.getLogger("mdpipe.continual")
 PROTOCOL_VERSION = 1
-DEFAULT_ORDER = {"digits": ["clean", "phone", "ink", "lowlight"], "glyphs": ["sans", "serif", "mono", "roman"]}
+DEFAULT_ORDER = {"digits": ["clean", "phone", "ink", "lowlight"], "glyphs": ["sans", "serif", "mono", "roman", "outline"]}
 
 
 @task(name="continual-prepare-data", cache_policy=NO_CACHE)

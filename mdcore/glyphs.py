@@ -7,7 +7,9 @@ serifs, slant, letter construction such as a single- or double-storey ``a``/``g`
 - ``sans``:     DejaVu Sans (regular, bold, oblique, bold oblique);
 - ``serif``:    DejaVu Serif and STIX (regular, bold, italic);
 - ``mono``:     DejaVu Sans Mono and Computer Modern typewriter;
-- ``roman``:    Computer Modern roman, bold, italic and sans (TeX's typefaces).
+- ``roman``:    Computer Modern roman, bold, italic and sans (TeX's typefaces);
+- ``outline``:  line drawings: the letter's contour only, hollow inside, in a typeface drawn from all
+  four families (the "sketch" kind of shift of PACS or DomainNet: shape kept, fill and stroke gone).
 
 Every image is one lowercase letter at a random size, position and slight rotation, dark ink on light
 paper. Deterministic for a seed.
@@ -28,7 +30,8 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "mono": ("DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf", "cmtt10.ttf"),
     "roman": ("cmr10.ttf", "cmb10.ttf", "cmti10.ttf", "cmss10.ttf"),
 }
-DOMAINS = tuple(FAMILIES)
+OUTLINE = "outline"
+DOMAINS = (*FAMILIES, OUTLINE)
 
 
 def font_dir() -> Path:
@@ -37,8 +40,10 @@ def font_dir() -> Path:
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
 
-def render_glyph(char: str, font_file: Path, rng: np.random.Generator, size: int = 32) -> Image.Image:
-    """One letter, scaled to fill about 60-80 % of the canvas, jittered, on paper of random tone."""
+def render_glyph(char: str, font_file: Path, rng: np.random.Generator, size: int = 32,
+                 outline: bool = False) -> Image.Image:
+    """One letter, scaled to fill about 60-80 % of the canvas, jittered, on paper of random tone;
+    ``outline``: its contour only, a line of random width, hollow inside."""
     big = size * 4
     font = ImageFont.truetype(str(font_file), int(big * rng.uniform(0.55, 0.75)))
     canvas = Image.new("L", (big, big), 0)
@@ -46,7 +51,9 @@ def render_glyph(char: str, font_file: Path, rng: np.random.Generator, size: int
     left, top, right, bottom = draw.textbbox((0, 0), char, font=font)
     x = (big - (right - left)) / 2 - left + rng.uniform(-0.08, 0.08) * big
     y = (big - (bottom - top)) / 2 - top + rng.uniform(-0.08, 0.08) * big
-    draw.text((x, y), char, fill=255, font=font)
+    if outline:  # the stroked letter, then its inside erased: the contour is what is left
+        draw.text((x, y), char, fill=0, font=font, stroke_width=int(rng.integers(2, 5)), stroke_fill=255)
+    draw.text((x, y), char, fill=0 if outline else 255, font=font)
     canvas = canvas.rotate(rng.uniform(-8, 8), resample=Image.Resampling.BILINEAR)
     ink = np.asarray(canvas.resize((size, size), Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
     paper, ink_tone = rng.uniform(0.85, 1.0), rng.uniform(0.0, 0.2)
@@ -58,15 +65,17 @@ def render_glyph(char: str, font_file: Path, rng: np.random.Generator, size: int
 
 
 def per_class_for(limit: int | None) -> int:
-    """Images per (domain, letter) for about ``limit`` images in all (None: the full 2,000)."""
-    return max(4, (limit or 2000) // (len(DOMAINS) * len(CLASSES)))
+    """Images per (domain, letter) for about ``limit`` images in all (None: the full 2,500)."""
+    return max(4, (limit or 2500) // (len(DOMAINS) * len(CLASSES)))
 
 
 def materialize(root: str | Path, seed: int = 0, per_class: int = 50, size: int = 32,
                 domains: tuple[str, ...] = DOMAINS) -> dict[str, int]:
     """Write ``root/<domain>/<letter>/<id>.png`` (``per_class`` images per domain and letter)."""
     fonts = font_dir()
-    missing = [f for d in domains for f in FAMILIES[d] if not (fonts / f).is_file()]
+    all_faces = tuple(f for faces in FAMILIES.values() for f in faces)
+    faces_of = {**FAMILIES, OUTLINE: all_faces}
+    missing = [f for d in domains for f in faces_of[d] if not (fonts / f).is_file()]
     if missing:
         raise FileNotFoundError(f"typefaces {missing} not found in {fonts} (they ship with matplotlib)")
     root = Path(root)
@@ -77,7 +86,8 @@ def materialize(root: str | Path, seed: int = 0, per_class: int = 50, size: int 
             os.makedirs(out_dir, exist_ok=True)
             for i in range(per_class):
                 rng = np.random.default_rng([seed, di, ci, i])
-                face = FAMILIES[domain][int(rng.integers(len(FAMILIES[domain])))]
-                render_glyph(char, fonts / face, rng, size).save(out_dir / f"g{i:04d}.png", format="PNG")
+                face = faces_of[domain][int(rng.integers(len(faces_of[domain])))]
+                render_glyph(char, fonts / face, rng, size, outline=domain == OUTLINE).save(
+                    out_dir / f"g{i:04d}.png", format="PNG")
         counts[domain] = per_class * len(CLASSES)
     return counts

@@ -20,7 +20,7 @@ class IngestParams(StageParams):
     data_root: str | None = Field(None, description="Folder laid out as ROOT/DOMAIN/CLASS/IMAGE; empty = a built-in dataset")
     builtin: Literal["digits", "glyphs"] = Field(
         "digits", description="Built-in dataset when data_root is empty: digits (UCI scans, acquisition shifts) "
-                              "or glyphs (letters in four typeface families, a style shift)")
+                              "or glyphs (letters in four typeface families and as line drawings, a style shift)")
     holdout_domains: list[str] = Field(["lowlight"], description="Domains kept out of training and model selection")
     val_fraction: float = Field(0.15, ge=0, lt=1, description="Per-domain validation share (model selection); "
                                                                "a file's split follows from its content hash")

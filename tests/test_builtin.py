@@ -62,3 +62,29 @@ def test_deterministic_for_a_seed(tmp_path):
     assert hashes["a"] == hashes["b"]
     assert hashes["a"] != hashes["c"]
     assert a == b
+
+
+def test_glyphs_outline_domain_is_line_drawings_of_the_same_letters(tmp_path):
+    """The glyphs' ``outline`` domain keeps a letter's contour and drops its fill: inside a bold stroke
+    the outline rendering shows paper, along the contour it shows ink; and every domain has every letter."""
+    import numpy as np
+    from PIL import ImageFilter
+
+    from mdcore.glyphs import CLASSES, DOMAINS, font_dir, materialize, render_glyph
+
+    counts = materialize(tmp_path, per_class=4)
+    assert set(counts) == set(DOMAINS) and "outline" in DOMAINS
+    for domain in DOMAINS:
+        assert sorted(p.name for p in (tmp_path / domain).iterdir()) == sorted(CLASSES)
+
+    face = font_dir() / "DejaVuSans-Bold.ttf"
+    filled = render_glyph("o", face, np.random.default_rng(3), size=128).convert("L")
+    outline = render_glyph("o", face, np.random.default_rng(3), size=128, outline=True).convert("L")
+    ink = np.asarray(filled) < 128
+    core = np.asarray(filled.filter(ImageFilter.MaxFilter(5))) < 128  # well inside the stroke
+    contour = ~ink & (np.asarray(filled.filter(ImageFilter.MinFilter(3))) < 128)  # paper just outside the stroke
+    out = np.asarray(outline, dtype=np.float32)
+    paper = np.median(out)
+    assert core.sum() > 20 and contour.sum() > 20
+    assert abs(out[core].mean() - paper) < 40  # hollow inside
+    assert paper - out[contour].mean() > 60  # drawn along the contour

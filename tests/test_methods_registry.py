@@ -87,6 +87,21 @@ def test_randconv_changes_texture_not_shape_or_exposure():
     assert torch.equal(off.transform_input(x, None, torch.Generator()), x)
 
 
+def test_linedraw_turns_a_filled_shape_into_its_outline():
+    x = torch.ones(4, 3, 32, 32)  # white paper
+    x[:, :, 8:24, 8:24] = -1.0  # a filled black square
+    m = create_method("linedraw", {"linedraw_p": 1.0})
+    y = m.transform_input(x, torch.zeros(4, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert y.shape == x.shape
+    for img in y:
+        paper = img[:, 1, 1]
+        # the square's inside and the page far from it are the same paper; the border is drawn in ink
+        assert torch.allclose(img[:, 16, 16], paper, atol=0.05)
+        assert (img[:, 8, 16] - paper).abs().max() > 0.3 and (img[:, 16, 8] - paper).abs().max() > 0.3
+    off = create_method("linedraw", {"linedraw_p": 0.0})
+    assert torch.equal(off.transform_input(x, None, torch.Generator()), x)
+
+
 def test_mixstyle_acts_in_training_only():
     data = tiny()
     p = FinetuneParams(method="mixstyle", method_hparams={"mixstyle_p": 1.0})

@@ -5,9 +5,9 @@ with ``+`` where they can (``multidomain+randconv+swad``): the composite is a cl
 named ones, so each hook runs every component's version in turn.
 
     create_method("randconv+swad", {"randconv_p": 0.5})
-    list_methods()  # ["erm", "mixstyle", "multidomain", "randconv", "swad"]
+    list_methods()  # ["erm", "linedraw", "mixstyle", "multidomain", "randconv", "swad"]
 """
 from mdcore.methods.base import ERM, Method, create_method, list_methods, method_class, register_method
-from mdcore.methods import multidomain, randconv, mixstyle, swad  # noqa: F401  (register them)
+from mdcore.methods import multidomain, randconv, linedraw, mixstyle, swad  # noqa: F401  (register them)
 
 __all__ = ["ERM", "Method", "create_method", "list_methods", "method_class", "register_method"]
