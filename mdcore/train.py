@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mdcore.augment import fourier_domain_mix, ssl_view, train_view
-from mdcore.images import ImageSet, standardize, to_float
+from mdcore.images import ImageSet, to_float
 from mdcore.losses import classification_loss, distillation_loss, nt_xent
 
 if TYPE_CHECKING:
@@ -165,17 +165,19 @@ def training_view_batches(data: ImageSet, method: "Method", batch_size: int, *, 
 class ContrastiveNet(nn.Module):
     """Backbone + MLP projector for SimCLR; only the backbone is kept after pretraining."""
 
-    def __init__(self, backbone: nn.Module, proj_dim: int = 128, input_norm: str = "image"):
+    def __init__(self, backbone: nn.Module, proj_dim: int = 128, input_norm="image"):
+        """``input_norm``: a kind name or an ``mdcore.input_norm.InputNorm`` (what the fine-tuned model will use)."""
         super().__init__()
+        from mdcore.input_norm import as_norm
+
         self.backbone = backbone
-        self.input_norm = input_norm
+        self.input_norm = as_norm(input_norm)
         dim = backbone.num_features
         self.projector = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_norm == "image":  # the same input path as MultiDomainModel.features
-            x = standardize(x)
-        return self.projector(self.backbone(x))
+        # the same input path as MultiDomainModel.features
+        return self.projector(self.backbone(self.input_norm(x)))
 
 
 def contrastive_epoch(

@@ -143,6 +143,10 @@ class PretrainParams(StageParams):
                           "e.g. models/pretrained/backbone.safetensors of another run); or a timm pretrained tag "
                           "of the backbone ('default', 'a1_in1k', ...; downloaded to the Hugging Face cache)")
     image_size: int = Field(32, ge=8)
+    input_norm: Literal["auto", "image", "pretrained", "none"] = Field(
+        "auto", description="What the backbone sees: image = per-image standardization; pretrained = the mean/std "
+                            "of timm's pretrained_cfg; none; auto = pretrained when backbone_weights come with a "
+                            "pretrained_cfg (a timm tag, or a file whose config.json records one), else image")
     epochs: int = Field(5, ge=0)
     batch_size: int = Field(128, ge=4)
     lr: float = Field(2e-3, gt=0)
@@ -180,6 +184,11 @@ class FinetuneParams(StageParams):
     loader_workers: int = Field(2, ge=0, description="stream: DataLoader processes decoding the next batches")
     decoded_cache: bool = Field(False, description="stream: keep decoded images on disk (~/.cache/mdpipe/decoded, "
                                                    "or MDPIPE_DECODED_CACHE) for later epochs and runs")
+    input_norm: Literal["auto", "image", "pretrained", "none"] = Field(
+        "auto", description="What the backbone sees: image = per-image standardization; pretrained = the mean/std "
+                            "of timm's pretrained_cfg (stored in the model config: evaluate and the ONNX export "
+                            "apply it too); none; auto = pretrained when the starting weights come with a "
+                            "pretrained_cfg, else the method's own choice")
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(128, ge=2, description="Global batch (split across workers)")
     lr: float = Field(2e-3, gt=0)
