@@ -142,10 +142,12 @@ def evaluate_split(model: nn.Module, data: ImageSet, names: list[str], batch_siz
 
 
 def accuracy_by_domain(
-    model: nn.Module, data: ImageSet, names: list[str], batch_size: int = 256, use_domain: bool = True
+    model: nn.Module, data: ImageSet, names: list[str], batch_size: int = 256, use_domain: bool = True,
+    device="cpu",
 ) -> dict[str, float]:
-    """Accuracy per domain name (``names`` gives each row's domain, whether the model knows it or not)."""
-    return evaluate_split(model, data, names, batch_size, use_domain=use_domain)["per_domain"]
+    """Accuracy per domain name (``names`` gives each row's domain, whether the model knows it or not);
+    ``model`` must already be on ``device``."""
+    return evaluate_split(model, data, names, batch_size, device=device, use_domain=use_domain)["per_domain"]
 
 
 def training_view_batches(data: ImageSet, method: "Method", batch_size: int, *, seed: int, epoch: int,
@@ -192,8 +194,10 @@ def contrastive_epoch(
     domains: torch.Tensor | None = None,
     fourier_mix_prob: float = 0.0,
     fourier_mix_strength: float = 1.0,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """One SimCLR epoch. With ``domains`` and ``fourier_mix_prob`` > 0 each view first gets, with that
+    """One SimCLR epoch (views drawn on CPU from the seeded generator, then moved to ``device``, so a run
+    draws the same views on any device). With ``domains`` and ``fourier_mix_prob`` > 0 each view first gets, with that
     probability per image, the Fourier amplitude spectrum of an image of *another* domain mixed in
     (a domain-aware view: the positives differ by domain style, not only by generic jitter)."""
     net.train()
@@ -208,7 +212,7 @@ def contrastive_epoch(
                 v = fourier_domain_mix(v, domains[idx], g, p=fourier_mix_prob, strength=fourier_mix_strength)
             return ssl_view(v, g)
 
-        loss = nt_xent(net(view()), net(view()), temperature)
+        loss = nt_xent(net(view().to(device)), net(view().to(device)), temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

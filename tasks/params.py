@@ -158,6 +158,8 @@ class PretrainParams(StageParams):
                                      "image of another domain (0 = off)")
     fourier_mix_strength: float = Field(0.8, ge=0, le=1, description="Largest amplitude-mixing weight (uniform draw)")
     linear_probe: bool = Field(True, description="Report per-domain linear-probe accuracy before and after pretraining")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where SimCLR and the probe's features run: auto = cuda when available, else cpu")
     threads: int = Field(2, ge=1)
     seed: int = 0
 
@@ -254,6 +256,8 @@ class FinetuneParams(StageParams):
 
 class EvaluateParams(StageParams):
     batch_size: int = Field(256, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the model scores: auto = cuda when available, else cpu")
 
 
 class CompressParams(StageParams):
@@ -276,6 +280,8 @@ class CompressParams(StageParams):
     latency_repeats: int = Field(30, ge=3, description="Timed calls at batch 1 (a third of them at batch 64), after warm-up")
     corruption_images: int = Field(200, ge=1, description="Seen test images scored under the 15 corruptions (seeded draw)")
     batch_size: int = Field(256, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where distillation (pruned recovery, student) trains: auto = cuda when available, else cpu; export, int8 quantization, scoring and latency stay on CPU (ONNX Runtime CPU, the deployed runtime)")
     seed: int = 0
 
 

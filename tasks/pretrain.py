@@ -20,6 +20,7 @@ import torch
 from prefect import task
 from safetensors.torch import save_file
 
+from mdcore.accel import resolve_device
 from mdcore.input_norm import InputNorm, cfg_norm, recorded_norm, resolve
 from mdcore.io import atomic_dir
 from mdcore.model import WEIGHT_FILE_SUFFIXES, create_backbone
@@ -42,26 +43,27 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
     data, rows = load_split(paths.train_manifest, roots, params.image_size, splits)
     if not params.include_holdout_unlabelled:  # generalization, not adaptation: nothing of them is seen
         guard_holdout(paths.train_manifest, {"pretraining": rows})
-    backbone = create_backbone(params.backbone, weights=params.backbone_weights)
+    device = resolve_device(params.device, "pretrain.device")
+    backbone = create_backbone(params.backbone, weights=params.backbone_weights).to(device)
     weights_norm = _weights_norm(params.backbone_weights, backbone)
     kind, mean, std = resolve(params.input_norm, weights_norm, "image", params.backbone, "pretrain.input_norm")
-    norm = InputNorm(kind, mean, std)
+    norm = InputNorm(kind, mean, std).to(device)
     probe_data = _probe_data(paths, params, data, rows) if params.linear_probe else None
-    probe_before = _probe(backbone, probe_data, params.seed, norm) if probe_data else None
+    probe_before = _probe(backbone, probe_data, params.seed, norm, device) if probe_data else None
     history = []
     if params.enabled and params.epochs > 0:
-        net = ContrastiveNet(backbone, input_norm=norm)
+        net = ContrastiveNet(backbone, input_norm=norm).to(device)
         optimizer = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
         for epoch in range(params.epochs):
             stats = contrastive_epoch(net, data.images, optimizer, batch_size=params.batch_size, epoch=epoch,
                                       seed=params.seed, temperature=params.temperature, domains=data.domains,
                                       fourier_mix_prob=params.fourier_mix_prob,
-                                      fourier_mix_strength=params.fourier_mix_strength)
+                                      fourier_mix_strength=params.fourier_mix_strength, device=device)
             history.append(stats)
             log.info("pretrain epoch %d/%d: ssl_loss %.4f", epoch + 1, params.epochs, stats["ssl_loss"])
-    probe_after = _probe(backbone, probe_data, params.seed, norm) if probe_data else None
+    probe_after = _probe(backbone, probe_data, params.seed, norm, device) if probe_data else None
     with atomic_dir(paths.pretrained) as tmp:
-        state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
         # a timm-loadable file: other runs pass it as pretrain.backbone_weights
         save_file(state, str(tmp / BACKBONE_WEIGHTS), metadata={"format": "pt", "architecture": params.backbone})
         (tmp / "config.json").write_text(json.dumps({
@@ -75,7 +77,7 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
             probe = {"before": probe_before, "after": probe_after, "kinds": probe_data["kinds"]}
             (tmp / "probe.json").write_text(json.dumps(probe, indent=2) + "\n")
             (tmp / "probe.md").write_text(probe_markdown(probe_before, probe_after, probe_data["kinds"]))
-    metrics = {"images": len(data), "epochs": params.epochs if params.enabled else 0,
+    metrics = {"images": len(data), "epochs": params.epochs if params.enabled else 0, "device": str(device),
                "backbone_weights": params.backbone_weights,
                "final_ssl_loss": history[-1]["ssl_loss"] if history else None, "backbone": params.backbone}
     if probe_data:
@@ -121,10 +123,10 @@ def _exported_norm(kind: str, mean, std, weights_norm: dict | None, trained: boo
     return None if trained else weights_norm
 
 
-def _probe(backbone, probe_data: dict, seed: int, norm) -> dict:
+def _probe(backbone, probe_data: dict, seed: int, norm, device) -> dict:
     return probe_backbone(backbone, probe_data["train_images"], probe_data["train_labels"],
                           probe_data["test_images"], probe_data["test_labels"], probe_data["test_domains"],
-                          input_norm=norm, seed=seed)
+                          input_norm=norm, seed=seed, device=device)
 
 
 @task(name="pretrain")
