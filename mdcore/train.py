@@ -11,6 +11,7 @@ from mdcore.images import ImageSet, to_float
 from mdcore.losses import classification_loss, distillation_loss, nt_xent
 
 if TYPE_CHECKING:
+    from mdcore.lazy_images import BatchLoader
     from mdcore.methods import Method
     from mdcore.transfer import DomainWeighting
 
@@ -47,9 +48,12 @@ def finetune_epoch(
     kd_temperature: float = 4.0,
     method: "Method | None" = None,
     loader_workers: int = 0,
+    loader: "BatchLoader | None" = None,
 ) -> dict[str, float]:
     """One pass over ``batches`` (index tensors into ``data``: this worker's shard). Images decoded on
-    demand decode ``loader_workers`` batches ahead in DataLoader worker processes.
+    demand decode ahead in DataLoader worker processes: those of ``loader`` (a
+    :class:`mdcore.lazy_images.BatchLoader` over ``data.images``, made once per run so its workers live
+    across epochs), or else ``loader_workers`` processes started for this epoch alone.
 
     The model is called as ``model(x, domains, return_aux=True, labels=y)``, so extra loss terms (load
     balancing, alignment, supervised contrastive, ...) are computed inside forward, where DDP sees them.
@@ -67,7 +71,8 @@ def finetune_epoch(
         teacher.eval()
     from mdcore.lazy_images import batch_images
 
-    for idx, raw in batch_images(data.images, batches, workers=loader_workers):
+    pairs = loader(batches) if loader is not None else batch_images(data.images, batches, workers=loader_workers)
+    for idx, raw in pairs:
         x = to_float(raw)
         y, d = data.labels[idx].to(device), data.domains[idx].to(device)
         # the method decides what the model trains on; without one, the mild default augmentation
