@@ -4,7 +4,9 @@
 For each (loader, dataset size) a fresh process builds the training ImageSet the way a finetune worker
 does, then runs ``--steps`` training steps of a timm model on domain-balanced batches; it reports peak
 resident memory (the process and its loader workers), images/s and the share of step time spent waiting
-for data. Usage: python -m bench.bench_loading --sizes 5000 50000 --loaders stream [--steps 20]
+for data. With ``--epochs`` > 1 the epochs go through one ``BatchLoader`` (the finetune worker's): its
+decoding processes start once and stay alive across epochs.
+Usage: python -m bench.bench_loading --sizes 5000 50000 --loaders stream [--steps 20] [--epochs 3]
 """
 from __future__ import annotations
 
@@ -33,16 +35,17 @@ def make_tree(root: Path, n: int, size: int = 224, domains: int = 4, classes: in
         img.resize((size, size), Image.Resampling.BICUBIC).save(folder / f"{i:06d}.jpg", quality=90)
 
 
-def measure(root: str, n: int, loader: str, steps: int, batch: int, size: int, workers: int) -> dict:
+def measure(root: str, n: int, loader: str, steps: int, batch: int, size: int, workers: int, epochs: int = 1,
+            threads: int = 2) -> dict:
     import pandas as pd
     import timm
     import torch
 
     from mdcore.images import load_images, to_float
-    from mdcore.lazy_images import batch_images
+    from mdcore.lazy_images import BatchLoader
     from mdcore.sampler import domain_balanced_batches
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     paths = sorted(Path(root).rglob("*.jpg"))[:n]
     frame = pd.DataFrame({"path": [str(p.relative_to(root)) for p in paths], "domain": [p.parts[-3] for p in paths],
                           "label": [p.parts[-2] for p in paths], "source": "real"})
@@ -51,23 +54,29 @@ def measure(root: str, n: int, loader: str, steps: int, batch: int, size: int, w
     setup_s = time.perf_counter() - t0
     model = timm.create_model("resnet10t", num_classes=10)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batches = list(domain_balanced_batches(data.domains, batch, epoch=0, seed=0))[:steps]
     wait = train = 0.0
-    t = time.perf_counter()
-    for idx, raw in batch_images(data.images, batches, workers=workers if loader == "stream" else 0):
-        t1 = time.perf_counter()
-        wait += t1 - t
-        loss = torch.nn.functional.cross_entropy(model(to_float(raw)), data.labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        t = time.perf_counter()
-        train += t - t1
+    images, per_epoch = 0, []
+    with BatchLoader(data.images, workers if loader == "stream" else 0) as batch_loader:
+        for epoch in range(epochs):
+            batches = list(domain_balanced_batches(data.domains, batch, epoch=epoch, seed=0))[:steps]
+            images += len(batches) * batch
+            t = start = time.perf_counter()
+            for idx, raw in batch_loader(batches):
+                t1 = time.perf_counter()
+                wait += t1 - t
+                loss = torch.nn.functional.cross_entropy(model(to_float(raw)), data.labels[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                t = time.perf_counter()
+                train += t - t1
+            per_epoch.append(round(len(batches) * batch / (time.perf_counter() - start), 1))
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"loader": loader, "images": n, "size": size, "setup_s": round(setup_s, 1),
+    return {"loader": loader, "images": n, "size": size, "epochs": epochs, "threads": threads,
+            "setup_s": round(setup_s, 1),
             "peak_rss_mb": round(peak_self, 1), "peak_loader_worker_rss_mb": round(peak_children, 1),
-            "images_per_s": round(len(batches) * batch / (wait + train), 1),
+            "images_per_s": round(images / (wait + train), 1), "epoch_images_per_s": per_epoch,
             "wait_share": round(wait / (wait + train), 3)}
 
 
@@ -80,18 +89,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=1, help="epochs of --steps steps each, through one loader")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the training process")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         loader, n = args.one.split(":")
-        print(json.dumps(measure(args.root, int(n), loader, args.steps, args.batch, args.image_size, args.workers)))
+        print(json.dumps(measure(args.root, int(n), loader, args.steps, args.batch, args.image_size, args.workers,
+                                 args.epochs, args.threads)))
         return
     make_tree(Path(args.root), max(args.sizes), size=args.image_size)  # files at the size trained on
     for loader in args.loaders:
         for n in args.sizes:  # a fresh process each: peak memory is per run
             out = subprocess.run([sys.executable, "-m", "bench.bench_loading", "--root", args.root, "--one", f"{loader}:{n}",
                                   "--steps", str(args.steps), "--batch", str(args.batch),
-                                  "--image-size", str(args.image_size), "--workers", str(args.workers)],
+                                  "--image-size", str(args.image_size), "--workers", str(args.workers),
+                                  "--epochs", str(args.epochs), "--threads", str(args.threads)],
                                  capture_output=True, text=True, check=True)
             print(out.stdout.strip().splitlines()[-1], flush=True)
 

@@ -1,8 +1,26 @@
-"""Speed options that wrap a model without changing it: autocast (bf16) and channels-last inputs."""
+"""Where a model runs and how fast: the ``device`` choice of the in-process stages (one helper, so pretrain,
+evaluate and compress read ``device: auto|cpu|cuda`` the same way), and speed options that wrap a model
+without changing it: autocast (bf16) and channels-last inputs."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(choice: str, where: str = "device") -> torch.device:
+    """The torch device of a ``device`` param: auto = cuda when available, else cpu. ``cuda`` on a machine
+    without one is an error naming the param (``where``), never a silent fall back to CPU."""
+    if choice not in DEVICES:
+        raise ValueError(f"{where}={choice!r}: expected one of {list(DEVICES)}")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{where}=cuda, but torch sees no CUDA device here (torch {torch.__version__}, "
+                         f"built for CUDA {torch.version.cuda}); use auto or cpu")
+    return torch.device(choice)
 
 
 class FastForward(nn.Module):

@@ -19,7 +19,7 @@ from torch import nn
 
 from mdcore.adapters import BottleneckAdapter, StageAdapterBank
 from mdcore.domain_norm import DomainBatchNorm2d, Routed, convert_to_domain_bn, require_batchnorm
-from mdcore.images import standardize
+from mdcore.input_norm import InputNorm, check as check_input_norm
 from mdcore.losses import domain_alignment, load_balancing_loss, supcon_loss
 from mdcore.moe import MoEHead
 from mdcore.io import atomic_dir
@@ -39,7 +39,9 @@ class ModelConfig:
     adapters: bool = True
     adapter_dim: int = 64
     routing_temperature: float = 0.1
-    input_norm: str = "image"  # "image": standardize each image by its own statistics; "none"
+    input_norm: str = "image"  # "image": standardize each image; "pretrained": timm mean/std below; "none"
+    input_mean: list[float] | None = None  # input_norm "pretrained": timm pretrained_cfg mean (pixels in 0..1)
+    input_std: list[float] | None = None
     backbone_kwargs: dict = field(default_factory=dict)
     # per-domain components inside the backbone (all off by default, so older configs load unchanged)
     stage_adapters: list[int] = field(default_factory=list)  # feature_info indices hosting conv adapters
@@ -114,6 +116,7 @@ class MultiDomainModel(nn.Module):
         super().__init__()
         _check_config(config)
         self.config = config
+        self.input_norm = InputNorm(config.input_norm, config.input_mean, config.input_std)
         self.backbone = create_backbone(config.backbone, **config.backbone_kwargs)
         dim = self.backbone.num_features
         n_domains, n_classes = len(config.domains), len(config.classes)
@@ -177,8 +180,7 @@ class MultiDomainModel(nn.Module):
         return bool(self._routed)
 
     def _backbone(self, images: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        if self.config.input_norm == "image":
-            images = standardize(images)
+        images = self.input_norm(images)
         if not self._routed:
             return self.backbone(images)
         if weights is None:  # routing features: every domain's parts mixed equally
@@ -300,8 +302,7 @@ class MultiDomainModel(nn.Module):
 
 
 def _check_config(config: ModelConfig) -> None:
-    if config.input_norm not in ("image", "none"):
-        raise ValueError(f"model config input_norm={config.input_norm!r}: expected 'image' or 'none'")
+    check_input_norm(config.input_norm, config.input_mean, config.input_std)
     if config.head not in ("linear", "moe"):
         raise ValueError(f"model config head={config.head!r}: expected 'linear' or 'moe'")
     if config.align not in ("none", "coral", "mmd"):

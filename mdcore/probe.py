@@ -9,21 +9,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from mdcore.images import standardize, to_float
+from mdcore.images import to_float
+from mdcore.input_norm import as_norm
 
 
 @torch.no_grad()
 def frozen_features(backbone: nn.Module, images: torch.Tensor, batch_size: int = 256,
-                    input_norm: str = "image") -> np.ndarray:
-    """Pooled features of uint8 ``images`` (N,3,H,W), backbone in eval mode (restored afterwards)."""
+                    input_norm="image", device="cpu") -> np.ndarray:
+    """Pooled features of uint8 ``images`` (N,3,H,W), backbone in eval mode (restored afterwards);
+    ``input_norm``: a kind name or an ``mdcore.input_norm.InputNorm``."""
     was_training = backbone.training
     backbone.eval()
+    norm = as_norm(input_norm).to(device)
     out = []
     for start in range(0, len(images), batch_size):
-        x = to_float(images[start : start + batch_size])
-        if input_norm == "image":
-            x = standardize(x)
-        out.append(backbone(x).float().cpu())
+        x = to_float(images[start : start + batch_size]).to(device)
+        out.append(backbone(norm(x)).float().cpu())
     backbone.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, getattr(backbone, "num_features", 0)), np.float32)
 
@@ -48,10 +49,11 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
 
 def probe_backbone(backbone: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
                    test_images: torch.Tensor, test_labels: torch.Tensor, test_domains: list[str],
-                   input_norm: str = "image", seed: int = 0) -> dict:
-    """Features of both splits through the frozen ``backbone``, then ``linear_probe``."""
-    return linear_probe(frozen_features(backbone, train_images, input_norm=input_norm), train_labels.numpy(),
-                        frozen_features(backbone, test_images, input_norm=input_norm), test_labels.numpy(),
+                   input_norm="image", seed: int = 0, device="cpu") -> dict:
+    """Features of both splits through the frozen ``backbone`` (on ``device``), then ``linear_probe``."""
+    kw = dict(input_norm=input_norm, device=device)
+    return linear_probe(frozen_features(backbone, train_images, **kw), train_labels.numpy(),
+                        frozen_features(backbone, test_images, **kw), test_labels.numpy(),
                         test_domains, seed=seed)
 
 

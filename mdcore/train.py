@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 from mdcore.augment import fourier_domain_mix, ssl_view, train_view
-from mdcore.images import ImageSet, standardize, to_float
+from mdcore.images import ImageSet, to_float
 from mdcore.losses import classification_loss, distillation_loss, nt_xent
 
 if TYPE_CHECKING:
+    from mdcore.lazy_images import BatchLoader
     from mdcore.methods import Method
     from mdcore.transfer import DomainWeighting
 
@@ -47,9 +48,12 @@ def finetune_epoch(
     kd_temperature: float = 4.0,
     method: "Method | None" = None,
     loader_workers: int = 0,
+    loader: "BatchLoader | None" = None,
 ) -> dict[str, float]:
     """One pass over ``batches`` (index tensors into ``data``: this worker's shard). Images decoded on
-    demand decode ``loader_workers`` batches ahead in DataLoader worker processes.
+    demand decode ahead in DataLoader worker processes: those of ``loader`` (a
+    :class:`mdcore.lazy_images.BatchLoader` over ``data.images``, made once per run so its workers live
+    across epochs), or else ``loader_workers`` processes started for this epoch alone.
 
     The model is called as ``model(x, domains, return_aux=True, labels=y)``, so extra loss terms (load
     balancing, alignment, supervised contrastive, ...) are computed inside forward, where DDP sees them.
@@ -67,7 +71,8 @@ def finetune_epoch(
         teacher.eval()
     from mdcore.lazy_images import batch_images
 
-    for idx, raw in batch_images(data.images, batches, workers=loader_workers):
+    pairs = loader(batches) if loader is not None else batch_images(data.images, batches, workers=loader_workers)
+    for idx, raw in pairs:
         x = to_float(raw)
         y, d = data.labels[idx].to(device), data.domains[idx].to(device)
         # the method decides what the model trains on; without one, the mild default augmentation
@@ -142,10 +147,12 @@ def evaluate_split(model: nn.Module, data: ImageSet, names: list[str], batch_siz
 
 
 def accuracy_by_domain(
-    model: nn.Module, data: ImageSet, names: list[str], batch_size: int = 256, use_domain: bool = True
+    model: nn.Module, data: ImageSet, names: list[str], batch_size: int = 256, use_domain: bool = True,
+    device="cpu",
 ) -> dict[str, float]:
-    """Accuracy per domain name (``names`` gives each row's domain, whether the model knows it or not)."""
-    return evaluate_split(model, data, names, batch_size, use_domain=use_domain)["per_domain"]
+    """Accuracy per domain name (``names`` gives each row's domain, whether the model knows it or not);
+    ``model`` must already be on ``device``."""
+    return evaluate_split(model, data, names, batch_size, device=device, use_domain=use_domain)["per_domain"]
 
 
 def training_view_batches(data: ImageSet, method: "Method", batch_size: int, *, seed: int, epoch: int,
@@ -165,17 +172,19 @@ def training_view_batches(data: ImageSet, method: "Method", batch_size: int, *, 
 class ContrastiveNet(nn.Module):
     """Backbone + MLP projector for SimCLR; only the backbone is kept after pretraining."""
 
-    def __init__(self, backbone: nn.Module, proj_dim: int = 128, input_norm: str = "image"):
+    def __init__(self, backbone: nn.Module, proj_dim: int = 128, input_norm="image"):
+        """``input_norm``: a kind name or an ``mdcore.input_norm.InputNorm`` (what the fine-tuned model will use)."""
         super().__init__()
+        from mdcore.input_norm import as_norm
+
         self.backbone = backbone
-        self.input_norm = input_norm
+        self.input_norm = as_norm(input_norm)
         dim = backbone.num_features
         self.projector = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_norm == "image":  # the same input path as MultiDomainModel.features
-            x = standardize(x)
-        return self.projector(self.backbone(x))
+        # the same input path as MultiDomainModel.features
+        return self.projector(self.backbone(self.input_norm(x)))
 
 
 def contrastive_epoch(
@@ -190,8 +199,10 @@ def contrastive_epoch(
     domains: torch.Tensor | None = None,
     fourier_mix_prob: float = 0.0,
     fourier_mix_strength: float = 1.0,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """One SimCLR epoch. With ``domains`` and ``fourier_mix_prob`` > 0 each view first gets, with that
+    """One SimCLR epoch (views drawn on CPU from the seeded generator, then moved to ``device``, so a run
+    draws the same views on any device). With ``domains`` and ``fourier_mix_prob`` > 0 each view first gets, with that
     probability per image, the Fourier amplitude spectrum of an image of *another* domain mixed in
     (a domain-aware view: the positives differ by domain style, not only by generic jitter)."""
     net.train()
@@ -206,7 +217,7 @@ def contrastive_epoch(
                 v = fourier_domain_mix(v, domains[idx], g, p=fourier_mix_prob, strength=fourier_mix_strength)
             return ssl_view(v, g)
 
-        loss = nt_xent(net(view()), net(view()), temperature)
+        loss = nt_xent(net(view().to(device)), net(view().to(device)), temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

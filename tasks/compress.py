@@ -1,7 +1,10 @@
 """compress: deployable variants of the fine-tuned model (fp32 ONNX, int8 ONNX, channel-pruned with a
 distilled recovery, a distilled timm student, and int8 versions of those), each scored through ONNX
 Runtime beside the fp32 PyTorch model; the accepted variant ships as ``model.onnx`` with its recipe and
-model card. The work is ``mdcore.deploy.run.compress``; this module reads params and data."""
+model card. The work is ``mdcore.deploy.run.compress``; this module reads params and data.
+
+``device`` moves only the distillation training (pruned recovery, student); ONNX export, int8
+quantization, scoring and latency run on the CPU, where ONNX Runtime (CPUExecutionProvider) deploys them."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +13,7 @@ import pandas as pd
 import torch
 from prefect import task
 
+from mdcore.accel import resolve_device
 from mdcore.deploy.distill import DistillConfig
 from mdcore.deploy.run import SHIPPED, ScoreConfig, compress
 from mdcore.deploy.scoring import EvalSets
@@ -35,7 +39,8 @@ def build_config(p: CompressParams) -> BuildConfig:
                        prune_ratio=p.prune_ratio,
                        recovery=DistillConfig(epochs=p.recovery_epochs, **distill),
                        student_backbone=p.student_backbone or None,
-                       student=DistillConfig(epochs=p.student_epochs, **distill), seed=p.seed)
+                       student=DistillConfig(epochs=p.student_epochs, **distill), seed=p.seed,
+                       device=str(resolve_device(p.device, "compress.device")))
 
 
 def load_sets(paths: Paths, cfg, p: CompressParams):

@@ -7,6 +7,7 @@ import logging
 import pandas as pd
 from prefect import task
 
+from mdcore.accel import resolve_device
 from mdcore.io import atomic_dir
 from mdcore.model import MultiDomainModel, load_model
 from mdcore.train import accuracy_by_domain
@@ -19,9 +20,10 @@ log = logging.getLogger("mdpipe.evaluate")
 
 
 def per_domain_accuracy(model: MultiDomainModel, paths: Paths, batch_size: int,
-                        splits: tuple[str, ...] = ("test", "holdout")) -> pd.DataFrame:
+                        splits: tuple[str, ...] = ("test", "holdout"), device="cpu") -> pd.DataFrame:
     """One row per domain: kind (seen/held-out), images, accuracy with its domain id and without it,
-    on ``splits`` (reporting: test + held-out; the promotion gate: its own ``gate`` split)."""
+    on ``splits`` (reporting: test + held-out; the promotion gate: its own ``gate`` split); the model
+    moves to ``device`` and every batch with it."""
     cfg = model.config
     data, rows = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), cfg.image_size,
                             splits, synthetic=False, domains=cfg.domains, classes=cfg.classes)
@@ -29,8 +31,9 @@ def per_domain_accuracy(model: MultiDomainModel, paths: Paths, batch_size: int,
         raise ValueError(f"{paths.train_manifest} has no rows in splits {list(splits)} to score on"
                          + (" (set ingest.gate_fraction > 0)" if "gate" in splits else ""))
     names = list(rows["domain"])
-    with_id = accuracy_by_domain(model, data, names, batch_size, use_domain=True)
-    without_id = accuracy_by_domain(model, data, names, batch_size, use_domain=False)
+    model.to(device)
+    with_id = accuracy_by_domain(model, data, names, batch_size, use_domain=True, device=device)
+    without_id = accuracy_by_domain(model, data, names, batch_size, use_domain=False, device=device)
     counts = rows.groupby("domain").size()
     table = pd.DataFrame({
         "domain": list(with_id),
@@ -76,15 +79,16 @@ def plot_accuracy(table: pd.DataFrame, out) -> None:
 
 
 def run(params: EvaluateParams, paths: Paths) -> StageResult:
+    device = resolve_device(params.device, "evaluate.device")
     model = load_model(paths.finetuned)
-    table = per_domain_accuracy(model, paths, params.batch_size)
+    table = per_domain_accuracy(model, paths, params.batch_size, device=device)
     with atomic_dir(paths.evaluation) as tmp:
         table.to_csv(tmp / "per_domain.csv", index=False, float_format="%.4f")
         plot_accuracy(table, tmp / "accuracy.png")
     for r in table.itertuples():
         log.info("%-12s %-8s n=%-5d acc %.3f (unknown-domain %.3f)", r.domain, r.kind, r.images, r.accuracy,
                  r.accuracy_unknown_domain)
-    return StageResult({"evaluation": str(paths.evaluation)}, summarize(table))
+    return StageResult({"evaluation": str(paths.evaluation)}, summarize(table) | {"device": str(device)})
 
 
 @task(name="evaluate")

@@ -89,6 +89,7 @@ def train_worker(cfg: dict, worker) -> None:
 
     from mdcore.accel import FastForward
     from mdcore.checkpoint import load_training_state
+    from mdcore.lazy_images import BatchLoader
     from mdcore.sampler import domain_balanced_batches
     from mdcore.train import evaluate_split, finetune_epoch, training_view_batches
     from tasks.data import guard_holdout, load_split
@@ -131,6 +132,9 @@ def train_worker(cfg: dict, worker) -> None:
     stopper = early_stopping(p)
     for row in history:  # after a resume, replay the epochs already done
         stopper.step(row["val_acc"], row["epoch"] - 1)
+    # stream: one loader for the run, its decoding processes kept across epochs (stopped at the end, or when
+    # garbage-collected after an error)
+    loader = BatchLoader(train.images, p.loader_workers if p.loader == "stream" else 0)
     for epoch in range(start_epoch, p.epochs):
         if cfg.get("kill_at_epoch") == epoch and attempt == 0 and rank == world - 1:
             _barrier(world)  # let rank 0 finish its checkpoint first
@@ -144,8 +148,8 @@ def train_worker(cfg: dict, worker) -> None:
         batches = domain_balanced_batches(train.domains, p.batch_size, rank=rank, world=world, epoch=epoch,
                                           seed=p.seed, mix=mix)
         stats = finetune_epoch(ddp_model, train, optimizer, batches, epoch=epoch, seed=p.seed, rank=rank,
-                               label_smoothing=p.label_smoothing, device=device, method=method,
-                               loader_workers=p.loader_workers if p.loader == "stream" else 0, **extra)
+                               label_smoothing=p.label_smoothing, device=device, method=method, loader=loader,
+                               **extra)
         totals = _all_reduce_sum([stats["loss"] * stats["images"], stats["train_acc"] * stats["images"],
                                   stats["images"]], world, device)
         elapsed = time.perf_counter() - t0
@@ -187,6 +191,7 @@ def train_worker(cfg: dict, worker) -> None:
         _report(worker, metrics, history, model, optimizer, epoch, p.epochs, best, extra, cfg.get("progress_file"))
         if stop:
             break
+    loader.close()
 
 
 class Selection:

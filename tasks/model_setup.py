@@ -31,11 +31,18 @@ def build_method(p: FinetuneParams) -> Method:
 
 
 def model_config(p: FinetuneParams, domains: list[str], classes: list[str], backbone: str,
-                 image_size: int) -> ModelConfig:
+                 image_size: int, weights_norm: dict | None = None) -> ModelConfig:
     """The ModelConfig the finetune params select: the per-domain parts and the weights of their losses,
-    as the method keeps or removes them (``erm`` and its children have none, and no standardization)."""
+    as the method keeps or removes them (``erm`` and its children have none, and no standardization).
+
+    ``weights_norm``: the starting weights' pretrained_cfg mean/std (``mdcore.input_norm.recorded_norm``);
+    with ``input_norm: auto`` the model then normalizes with it instead of the method's own choice."""
+    from mdcore.input_norm import resolve
+
     method = create_method(p.method, p.method_hparams)
-    return ModelConfig(**method.configure(asdict(_component_config(p, domains, classes, backbone, image_size))))
+    cfg = method.configure(asdict(_component_config(p, domains, classes, backbone, image_size)))
+    kind, mean, std = resolve(p.input_norm, weights_norm, cfg["input_norm"], backbone, "finetune.input_norm")
+    return ModelConfig(**(cfg | {"input_norm": kind, "input_mean": mean, "input_std": std}))
 
 
 def _component_config(p: FinetuneParams, domains: list[str], classes: list[str], backbone: str,
@@ -53,8 +60,12 @@ def _component_config(p: FinetuneParams, domains: list[str], classes: list[str],
 
 def build_model(p: FinetuneParams, train: ImageSet, backbone: str, image_size: int,
                 backbone_weights: str | None = None, method: Method | None = None) -> MultiDomainModel:
-    """The model of the params; ``method`` (from :func:`build_method`) attaches its training-only hooks."""
-    model = MultiDomainModel(model_config(p, train.domain_names, train.class_names, backbone, image_size))
+    """The model of the params; ``method`` (from :func:`build_method`) attaches its training-only hooks.
+    A ``backbone_weights`` file exported by the pretrain stage brings its recorded pretrained_cfg along."""
+    from mdcore.input_norm import recorded_norm
+
+    model = MultiDomainModel(model_config(p, train.domain_names, train.class_names, backbone, image_size,
+                                          recorded_norm(backbone_weights)))
     if backbone_weights:
         model.load_backbone(load_file(backbone_weights))
     if method is not None:

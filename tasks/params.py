@@ -143,6 +143,10 @@ class PretrainParams(StageParams):
                           "e.g. models/pretrained/backbone.safetensors of another run); or a timm pretrained tag "
                           "of the backbone ('default', 'a1_in1k', ...; downloaded to the Hugging Face cache)")
     image_size: int = Field(32, ge=8)
+    input_norm: Literal["auto", "image", "pretrained", "none"] = Field(
+        "auto", description="What the backbone sees: image = per-image standardization; pretrained = the mean/std "
+                            "of timm's pretrained_cfg; none; auto = pretrained when backbone_weights come with a "
+                            "pretrained_cfg (a timm tag, or a file whose config.json records one), else image")
     epochs: int = Field(5, ge=0)
     batch_size: int = Field(128, ge=4)
     lr: float = Field(2e-3, gt=0)
@@ -154,6 +158,8 @@ class PretrainParams(StageParams):
                                      "image of another domain (0 = off)")
     fourier_mix_strength: float = Field(0.8, ge=0, le=1, description="Largest amplitude-mixing weight (uniform draw)")
     linear_probe: bool = Field(True, description="Report per-domain linear-probe accuracy before and after pretraining")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where SimCLR and the probe's features run: auto = cuda when available, else cpu")
     threads: int = Field(2, ge=1)
     seed: int = 0
 
@@ -180,6 +186,11 @@ class FinetuneParams(StageParams):
     loader_workers: int = Field(2, ge=0, description="stream: DataLoader processes decoding the next batches")
     decoded_cache: bool = Field(False, description="stream: keep decoded images on disk (~/.cache/mdpipe/decoded, "
                                                    "or MDPIPE_DECODED_CACHE) for later epochs and runs")
+    input_norm: Literal["auto", "image", "pretrained", "none"] = Field(
+        "auto", description="What the backbone sees: image = per-image standardization; pretrained = the mean/std "
+                            "of timm's pretrained_cfg (stored in the model config: evaluate and the ONNX export "
+                            "apply it too); none; auto = pretrained when the starting weights come with a "
+                            "pretrained_cfg, else the method's own choice")
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(128, ge=2, description="Global batch (split across workers)")
     lr: float = Field(2e-3, gt=0)
@@ -245,6 +256,8 @@ class FinetuneParams(StageParams):
 
 class EvaluateParams(StageParams):
     batch_size: int = Field(256, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the model scores: auto = cuda when available, else cpu")
 
 
 class CompressParams(StageParams):
@@ -267,6 +280,8 @@ class CompressParams(StageParams):
     latency_repeats: int = Field(30, ge=3, description="Timed calls at batch 1 (a third of them at batch 64), after warm-up")
     corruption_images: int = Field(200, ge=1, description="Seen test images scored under the 15 corruptions (seeded draw)")
     batch_size: int = Field(256, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where distillation (pruned recovery, student) trains: auto = cuda when available, else cpu; export, int8 quantization, scoring and latency stay on CPU (ONNX Runtime CPU, the deployed runtime)")
     seed: int = 0
 
 

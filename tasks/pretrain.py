@@ -5,18 +5,25 @@ One of the view transforms is domain-aware: Fourier amplitude mixing with an ima
 (``fourier_mix_prob``). With ``linear_probe`` on, the stage reports the per-domain accuracy of a logistic
 regression on the frozen features, before and after pretraining (``probe.json``/``probe.md`` beside the
 weights, and in the metrics); labels are used only by that report, never by the pretraining.
+
+``input_norm`` (auto: timm's pretrained_cfg mean/std when the starting weights come with one) is what
+SimCLR and the probe feed the backbone; ``config.json`` records it, and records as ``pretrained_cfg`` the
+normalization the exported weights expect, so a run starting from the file normalizes the same way.
 """
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import torch
 from prefect import task
 from safetensors.torch import save_file
 
+from mdcore.accel import resolve_device
+from mdcore.input_norm import InputNorm, cfg_norm, recorded_norm, resolve
 from mdcore.io import atomic_dir
-from mdcore.model import create_backbone
+from mdcore.model import WEIGHT_FILE_SUFFIXES, create_backbone
 from mdcore.probe import probe_backbone, probe_markdown
 from mdcore.train import ContrastiveNet, contrastive_epoch
 from tasks.data import guard_holdout, image_roots, load_split
@@ -36,37 +43,41 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
     data, rows = load_split(paths.train_manifest, roots, params.image_size, splits)
     if not params.include_holdout_unlabelled:  # generalization, not adaptation: nothing of them is seen
         guard_holdout(paths.train_manifest, {"pretraining": rows})
-    backbone = create_backbone(params.backbone, weights=params.backbone_weights)
+    device = resolve_device(params.device, "pretrain.device")
+    backbone = create_backbone(params.backbone, weights=params.backbone_weights).to(device)
+    weights_norm = _weights_norm(params.backbone_weights, backbone)
+    kind, mean, std = resolve(params.input_norm, weights_norm, "image", params.backbone, "pretrain.input_norm")
+    norm = InputNorm(kind, mean, std).to(device)
     probe_data = _probe_data(paths, params, data, rows) if params.linear_probe else None
-    probe_before = _probe(backbone, probe_data, params.seed) if probe_data else None
+    probe_before = _probe(backbone, probe_data, params.seed, norm, device) if probe_data else None
     history = []
     if params.enabled and params.epochs > 0:
-        net = ContrastiveNet(backbone)
+        net = ContrastiveNet(backbone, input_norm=norm).to(device)
         optimizer = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
         for epoch in range(params.epochs):
             stats = contrastive_epoch(net, data.images, optimizer, batch_size=params.batch_size, epoch=epoch,
                                       seed=params.seed, temperature=params.temperature, domains=data.domains,
                                       fourier_mix_prob=params.fourier_mix_prob,
-                                      fourier_mix_strength=params.fourier_mix_strength)
+                                      fourier_mix_strength=params.fourier_mix_strength, device=device)
             history.append(stats)
             log.info("pretrain epoch %d/%d: ssl_loss %.4f", epoch + 1, params.epochs, stats["ssl_loss"])
-    probe_after = _probe(backbone, probe_data, params.seed) if probe_data else None
+    probe_after = _probe(backbone, probe_data, params.seed, norm, device) if probe_data else None
     with atomic_dir(paths.pretrained) as tmp:
-        state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
         # a timm-loadable file: other runs pass it as pretrain.backbone_weights
         save_file(state, str(tmp / BACKBONE_WEIGHTS), metadata={"format": "pt", "architecture": params.backbone})
-        cfg = getattr(backbone, "pretrained_cfg", {}) or {}
         (tmp / "config.json").write_text(json.dumps({
             "backbone": params.backbone, "image_size": params.image_size,
             "pretrained": bool(params.enabled and params.epochs > 0) or bool(params.backbone_weights),
             "backbone_weights": params.backbone_weights, "self_supervised_epochs": len(history),
-            "pretrained_cfg": {k: cfg.get(k) for k in ("mean", "std", "input_size")} if params.backbone_weights else None,
+            "input_norm": kind,
+            "pretrained_cfg": _exported_norm(kind, mean, std, weights_norm, trained=bool(history)),
             "images": len(data), "history": history}, indent=2) + "\n")
         if probe_data:
             probe = {"before": probe_before, "after": probe_after, "kinds": probe_data["kinds"]}
             (tmp / "probe.json").write_text(json.dumps(probe, indent=2) + "\n")
             (tmp / "probe.md").write_text(probe_markdown(probe_before, probe_after, probe_data["kinds"]))
-    metrics = {"images": len(data), "epochs": params.epochs if params.enabled else 0,
+    metrics = {"images": len(data), "epochs": params.epochs if params.enabled else 0, "device": str(device),
                "backbone_weights": params.backbone_weights,
                "final_ssl_loss": history[-1]["ssl_loss"] if history else None, "backbone": params.backbone}
     if probe_data:
@@ -94,10 +105,28 @@ def _probe_data(paths: Paths, params: PretrainParams, data, rows) -> dict | None
             "test_images": test.images, "test_labels": test.labels, "test_domains": names, "kinds": kinds}
 
 
-def _probe(backbone, probe_data: dict, seed: int) -> dict:
+def _weights_norm(weights: str | None, backbone) -> dict | None:
+    """The starting weights' pretrained_cfg: recorded beside a file, or timm's for a tag."""
+    if not weights:
+        return None
+    path = Path(weights).expanduser()
+    if path.suffix in WEIGHT_FILE_SUFFIXES or path.exists():
+        return recorded_norm(path)
+    return cfg_norm(getattr(backbone, "pretrained_cfg", None))
+
+
+def _exported_norm(kind: str, mean, std, weights_norm: dict | None, trained: bool) -> dict | None:
+    """The normalization the exported weights expect: the one SimCLR used if it ran with pretrained mean/std;
+    the starting weights' own if nothing trained them; None (per-image standardization or none) otherwise."""
+    if kind == "pretrained":
+        return {"mean": mean, "std": std, "input_size": (weights_norm or {}).get("input_size")}
+    return None if trained else weights_norm
+
+
+def _probe(backbone, probe_data: dict, seed: int, norm, device) -> dict:
     return probe_backbone(backbone, probe_data["train_images"], probe_data["train_labels"],
                           probe_data["test_images"], probe_data["test_labels"], probe_data["test_domains"],
-                          seed=seed)
+                          input_norm=norm, seed=seed, device=device)
 
 
 @task(name="pretrain")

@@ -35,12 +35,25 @@ def student_model(teacher: MultiDomainModel, backbone: str, backbone_kwargs: dic
     return MultiDomainModel(ModelConfig.from_dict(data))
 
 
-def distill(student: MultiDomainModel, teacher: MultiDomainModel, train: ImageSet, cfg: DistillConfig) -> list[dict]:
+def distill(student: MultiDomainModel, teacher: MultiDomainModel, train: ImageSet, cfg: DistillConfig,
+            device: torch.device | str = "cpu") -> list[dict]:
     """Train ``student`` on ``train`` (seen domains, domain-balanced batches) with cross-entropy plus
     ``kd_weight`` x KL towards the teacher's logits on the same augmented images; then refit its
-    unknown-domain prototypes on ``train``. Returns the per-epoch training stats."""
+    unknown-domain prototypes on ``train``. Returns the per-epoch training stats.
+
+    Both models train on ``device`` and come back to the CPU (export, int8 and scoring run there)."""
     if (train.domains < 0).any():
         raise ValueError("distillation data must come from seen domains (domain index >= 0)")
+    try:
+        student.to(device)
+        teacher.to(device)
+        return _distill(student, teacher, train, cfg, device)
+    finally:
+        student.cpu()
+        teacher.cpu()
+
+
+def _distill(student, teacher, train: ImageSet, cfg: DistillConfig, device) -> list[dict]:
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -52,7 +65,7 @@ def distill(student: MultiDomainModel, teacher: MultiDomainModel, train: ImageSe
         batches = domain_balanced_batches(train.domains, cfg.batch_size, epoch=epoch, seed=cfg.seed)
         stats = finetune_epoch(student, train, optimizer, batches, epoch=epoch, seed=cfg.seed,
                                label_smoothing=cfg.label_smoothing, teacher=teacher, kd_weight=cfg.kd_weight,
-                               kd_temperature=cfg.kd_temperature)
+                               kd_temperature=cfg.kd_temperature, device=device)
         history.append({"epoch": epoch + 1, **stats})
     student.eval()
     student.fit_prototypes(to_float(train.images), train.domains)

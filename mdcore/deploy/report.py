@@ -68,15 +68,23 @@ def plot_variants(table: pd.DataFrame, out: Path) -> None:
     plt.close(fig)
 
 
+def _graph_norm(config) -> str:
+    """What the exported graph does to the uint8 pixels (the model config's input_norm)."""
+    if config.input_norm == "image":
+        return "scales to [-1, 1] and standardizes each image"
+    if config.input_norm == "pretrained":
+        return (f"scales to [0, 1] and normalizes with timm's pretrained_cfg mean {list(config.input_mean)} and "
+                f"std {list(config.input_std)}")
+    return "scales to [-1, 1]"
+
+
 def model_card(row: dict, config, provenance: dict, machine: dict) -> str:
     """Markdown model card of the shipped variant."""
     lines = [f"# Model card: `{row['name']}` (mdpipe compress)", "",
              "## Inputs and outputs",
              f"- `images`: uint8 tensor (N, 3, {config.image_size}, {config.image_size}), RGB pixels 0..255, NCHW. "
              f"Preprocessing before the model: decode, convert to RGB (EXIF rotation applied, alpha on white), "
-             f"resize to {config.image_size}x{config.image_size} (bilinear). The graph itself scales to [-1, 1] and "
-             f"standardizes each image." if config.input_norm == "image" else
-             f"- `images`: uint8 tensor (N, 3, {config.image_size}, {config.image_size}), RGB 0..255, NCHW; the graph scales to [-1, 1].",
+             f"resize to {config.image_size}x{config.image_size} (bilinear). The graph itself {_graph_norm(config)}.",
              "- `domain`: int64 tensor (N,): the index of the image's domain (below), or -1 when unknown "
              "(the model then routes the image on its features: the unknown-domain fallback).",
              f"- `logits`: float32 (N, {len(config.classes)}); argmax = class index (below).",

@@ -35,6 +35,7 @@ class BuildConfig:
     student_backbone: str | None = None
     student: DistillConfig = field(default_factory=lambda: DistillConfig(epochs=20))
     seed: int = 0
+    device: str = "cpu"  # where distillation trains; export, int8 and scoring stay on CPU
 
 
 @dataclass
@@ -82,7 +83,7 @@ def build_variants(teacher: MultiDomainModel, train: ImageSet, folder: Path, cfg
         pruned = copy.deepcopy(teacher)
         example = to_float(train.images[:2]), train.domains[:2]
         summary = prune_channels(pruned, cfg.prune_ratio, *example)
-        history = distill(pruned, teacher, train, cfg.recovery)
+        history = distill(pruned, teacher, train, cfg.recovery, cfg.device)
         log.info("pruned %.0f%% of channels: %d -> %d parameters; recovery %s", 100 * cfg.prune_ratio,
                  summary["params_before"], summary["params_after"], history[-1] if history else "none")
         bases.append(_variant("pruned", pruned, folder, base | {
@@ -93,7 +94,7 @@ def build_variants(teacher: MultiDomainModel, train: ImageSet, folder: Path, cfg
     if cfg.student_backbone:
         torch.manual_seed(cfg.seed)
         student = student_model(teacher, cfg.student_backbone)
-        history = distill(student, teacher, train, cfg.student)
+        history = distill(student, teacher, train, cfg.student, cfg.device)
         log.info("student %s distilled: %s", cfg.student_backbone, history[-1] if history else "no epochs")
         bases.append(_variant("student", student, folder, base | {
             "steps": ["distill", "export"], "student": {"backbone": cfg.student_backbone, "init": "random"},

@@ -1,0 +1,148 @@
+"""Transfer recipes (issue 13): which way of fine-tuning a pretrained backbone works on a new dataset.
+
+Source: the pretrain stage (SimCLR, ``tasks.pretrain.run`` through ``tasks.stage.execute``) on the built-in
+``digits``, exported as ``backbone.safetensors``. Target: the built-in ``glyphs`` (letters by typeface
+family: another source, other classes), whose pretrain stage passes the exported file on unchanged. Each
+recipe fine-tunes in this process with the finetune worker function (``tasks.finetune.train_worker`` on a
+``LocalWorker``: no Ray), from the file or from scratch, and is scored per domain on the glyphs test split:
+
+- ``linear_probe``: backbone frozen (batch-norm statistics too), no per-domain parts: only the head trains;
+- ``adapters_only``: backbone frozen, per-domain batch-norm affine + adapters + head train;
+- ``gradual_ld``: gradual unfreezing from the top (one group per epoch) + layer-wise lr decay 0.7;
+- ``full``: every weight trains at one learning rate;
+- ``scratch``: ``full`` from random weights (the control).
+
+Usage: python -m bench.bench_transfer [--epochs 5] [--seeds 0 1 2] [--pretrain-epochs 8] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = {
+    "linear_probe": {"adapters": False, "domain_bn": False, "adapters_only": True, "layer_decay": None},
+    "adapters_only": {"adapters_only": True, "layer_decay": None},
+    "gradual_ld": {"gradual_unfreeze_every": 1, "layer_decay": 0.7},
+    "full": {"layer_decay": None},
+    "scratch": {"layer_decay": None},
+}
+
+
+def workspace(dest: Path, **overrides: dict) -> Path:
+    """A throwaway workspace (paths.yaml + params/) with ``overrides`` validated and written."""
+    from tasks.params import apply_overrides
+
+    (dest / "params").mkdir(parents=True)
+    shutil.copy(REPO / "paths.yaml", dest / "paths.yaml")
+    for f in (REPO / "params").glob("*.yaml"):
+        shutil.copy(f, dest / "params" / f.name)
+    apply_overrides(dest / "params", overrides)
+    return dest
+
+
+def prepare(root: Path, pretrain_epochs: int, threads: int) -> tuple[Path, dict]:
+    """Pretrain on digits and export; set up glyphs starting from the file. Returns (target, timings)."""
+    from tasks.stage import execute
+
+    quick = {"validate": {"min_images_per_class": 0}, "synthesize": {"enabled": False}}
+    stages = ("ingest", "validate", "synthesize", "pretrain")
+    t0 = time.perf_counter()
+    source = workspace(root / "digits", **quick, pretrain={"epochs": pretrain_epochs, "linear_probe": False,
+                                                          "threads": threads, "device": "cpu"})
+    for stage in stages:
+        execute(stage, source)
+    exported = source / "models/pretrained/backbone.safetensors"
+    t1 = time.perf_counter()
+    target = workspace(root / "glyphs", **quick, ingest={"builtin": "glyphs", "holdout_domains": []},
+                       pretrain={"enabled": False, "backbone_weights": str(exported), "linear_probe": False})
+    for stage in stages:
+        execute(stage, target)
+    return target, {"source_s": round(t1 - t0, 1), "target_setup_s": round(time.perf_counter() - t1, 1)}
+
+
+def finetune(target: Path, recipe: str, seed: int, epochs: int, threads: int) -> dict:
+    """One recipe and seed: the finetune worker function in this process; test accuracy per domain."""
+    from mdcore.model import load_model
+    from tasks.evaluate import per_domain_accuracy
+    from tasks.finetune import LocalWorker, train_worker, worker_config
+    from tasks.params import FinetuneParams, load_params
+    from tasks.paths import load_paths
+
+    paths = load_paths(target)
+    base = load_params("finetune", paths.root / "params").model_dump()
+    params = FinetuneParams.model_validate(base | {
+        "method": "multidomain", "method_hparams": {}, "epochs": epochs, "batch_size": 64, "num_workers": 1,
+        "cpus_per_worker": threads, "use_synthetic": False, "seed": seed} | RECIPES[recipe])
+    pre_config = json.loads((paths.pretrained / "config.json").read_text())
+    cfg = worker_config(params, paths, pre_config, use_pretrained=recipe != "scratch")
+    with tempfile.TemporaryDirectory() as out:
+        worker = LocalWorker("cpu", out)
+        t0 = time.perf_counter()
+        train_worker(cfg, worker)
+        wall = time.perf_counter() - t0
+        model = load_model(sorted(Path(out).glob("checkpoint_*"))[-1] / "model")
+    table = per_domain_accuracy(model, paths, 256, splits=("test",))
+    return {"recipe": recipe, "seed": seed, "epochs": epochs, "wall_s": round(wall, 1),
+            "selected_epoch": worker.reports[-1].get("shipped/selected_epoch"),
+            "test_acc": {r.domain: round(float(r.accuracy), 4) for r in table.itertuples()}}
+
+
+def summary(rows: list[dict]) -> str:
+    """Markdown table: per recipe, test accuracy per domain and their mean (mean ± sd over seeds), time."""
+    domains = sorted(rows[0]["test_acc"])
+    ms = lambda v: f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}"  # noqa: E731
+    lines = ["| recipe | " + " | ".join(domains) + " | mean | fine-tune time (s) |",
+             "|---|" + "---:|" * (len(domains) + 2)]
+    for recipe in RECIPES:
+        mine = [r for r in rows if r["recipe"] == recipe]
+        if not mine:
+            continue
+        per = [ms([r["test_acc"][d] for r in mine]) for d in domains]
+        mean = ms([statistics.mean(r["test_acc"].values()) for r in mine])
+        wall = [r["wall_s"] for r in mine]
+        lines.append(f"| {recipe} | " + " | ".join(per) + f" | **{mean}** | {statistics.mean(wall):.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs of every recipe")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--pretrain-epochs", type=int, default=8, help="SimCLR epochs on digits (the source)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (2 on a busy 2-core machine spin: 10x slower)")
+    ap.add_argument("--root", help="work folder (default: a temporary one, removed at the end); one already "
+                                   "prepared is reused as it is")
+    ap.add_argument("--out", help="write every row and the timings as JSON here")
+    args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.root) if args.root else Path(tmp)
+        if (root / "glyphs/models/pretrained/config.json").is_file():  # a prepared --root: reuse its source
+            target, timings = root / "glyphs", {"reused": str(root)}
+        else:
+            target, timings = prepare(root, args.pretrain_epochs, args.threads)
+        print(json.dumps(timings), flush=True)
+        rows = []
+        for seed in args.seeds:
+            for recipe in args.recipes:
+                rows.append(finetune(target, recipe, seed, args.epochs, args.threads))
+                print(json.dumps(rows[-1]), flush=True)
+    timings["total_s"] = round(time.perf_counter() - t0, 1)
+    print(summary(rows))
+    print(json.dumps(timings))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "timings": timings, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
