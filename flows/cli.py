@@ -6,7 +6,7 @@
     mdpipe retrain [--tolerance 0.01] [--force] [--accept-domain DOMAIN ...] [--no-warm-start]
     mdpipe serve [--cron "0 3 * * *"]
     mdpipe experiment synthetic|ablation [--seeds 0 1 2] [-S finetune.epochs=8]
-    mdpipe experiment lodo [--data digits|glyphs|PATH] [--methods erm multidomain+randconv+swad] [--seeds 0 1 2]
+    mdpipe experiment lodo [--data digits|glyphs|PATH] [--methods erm multidomain+randconv+linedraw+swad] [--seeds 0 1 2]
     mdpipe experiment continual [--data digits|glyphs|PATH] [--order A B C] [--replay-fraction 0.05] [--seeds 0 1 2]
     mdpipe champion list|show [ID]|rollback ID
 """
@@ -147,10 +147,14 @@ def cmd_experiment(args) -> int:
         return 0
     if args.name == "lodo":
         from flows.lodo import DEFAULT_METHODS, lodo_flow
+        from tasks.params import ParamsError, parse_overrides
 
+        overrides = parse_overrides(args.set)
+        if set(overrides) - {"finetune"}:
+            raise ParamsError(f"lodo: -S sets finetune params only (finetune.KEY=VALUE), got {sorted(overrides)}")
         lodo_flow(data=args.data, methods=args.methods or DEFAULT_METHODS, seeds=args.seeds, epochs=args.epochs,
                   batch_size=args.batch_size, heldout=args.heldout, threads=args.threads, workers=args.workers,
-                  root=root)
+                  root=root, finetune_overrides=overrides.get("finetune"))
         return 0
     overrides = {}
     for item in args.set:
@@ -256,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("name", choices=["lodo", "synthetic", "ablation", "continual"])
     exp.add_argument("--data", default="digits", help="lodo: digits, glyphs, or ROOT/<domain>/<class>/<image> tree")
     exp.add_argument("--methods", nargs="+", metavar="METHOD", help="lodo: methods (default: erm, randconv, "
-                                                                    "multidomain, multidomain+randconv+swad)")
+                                                                    "multidomain+randconv+swad, "
+                                                                    "multidomain+randconv+linedraw+swad)")
     exp.add_argument("--heldout", nargs="+", metavar="DOMAIN", help="lodo: hold out only these domains")
     exp.add_argument("--epochs", type=int, default=8, help="lodo: epochs per cell")
     exp.add_argument("--batch-size", type=int, default=32, help="lodo: batch per step")

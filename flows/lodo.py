@@ -26,7 +26,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 log = logging.getLogger("mdpipe.lodo")
 
 # The protocol's documented budget on 2 cores (BENCHMARKS.md): short runs, the same for every method.
-DEFAULT_METHODS = ["erm", "randconv", "multidomain", "multidomain+randconv+swad"]
+DEFAULT_METHODS = ["erm", "randconv", "multidomain+randconv+swad", "multidomain+randconv+linedraw+swad"]
 PROTOCOL_VERSION = 1
 
 
@@ -62,7 +62,12 @@ def prepare_data(data: str, folder: str, split_seed: int = 0, limit: int | None 
 
 
 def cell_hash(spec: dict) -> str:
+    """Key of a cell: everything that decides its result (not where the data lies, nor threads)."""
     keep = {k: v for k, v in spec.items() if k not in ("manifest", "image_root", "threads")}
+    finetune = dict(keep.get("finetune", {}))
+    if finetune.get("input_norm") == "auto":  # cells start from random weights: auto is the method's own choice,
+        finetune.pop("input_norm")  # which the method name in the key already fixes
+        keep["finetune"] = finetune
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -97,15 +102,17 @@ def _parallel_cells(threads: int, workers: int) -> int:
 def lodo_flow(data: str = "digits", methods: list[str] = DEFAULT_METHODS,  # noqa: B006 (UI form default)
               seeds: list[int] = [0, 1, 2], epochs: int = 8, batch_size: int = 32,  # noqa: B006
               heldout: list[str] | None = None, threads: int = 2, workers: int = 0, limit: int | None = None,
-              root: str = ".") -> dict:
+              root: str = ".", finetune_overrides: dict | None = None) -> dict:
     """Leave-one-domain-out over every domain of ``data`` (``digits``, ``glyphs`` or a tree path) for each
     method and seed; ``heldout`` restricts the held-out domains. ``epochs``/``batch_size`` are the budget
-    every cell gets (other finetune params from params/finetune.yaml); ``threads`` per cell; ``workers``
-    cells at once (0: every core / a cluster; more than one runs them as Ray tasks)."""
+    every cell gets (other finetune params from params/finetune.yaml, then ``finetune_overrides``, such as
+    ``{"method_hparams": {"linedraw_p": 0.15}}``: they enter every cell's key, so overridden cells never
+    mix with others); ``threads`` per cell; ``workers`` cells at once (0: every core / a cluster; more than
+    one runs them as Ray tasks)."""
     from mdcore import lodo
     from mdcore.io import atomic_write_json, atomic_write_text
     from mdcore.methods import method_class
-    from tasks.params import load_params, validate_params
+    from tasks.params import load_params, merge_fields, validate_params
     from tasks.paths import load_paths
 
     t0 = time.perf_counter()
@@ -123,7 +130,10 @@ def lodo_flow(data: str = "digits", methods: list[str] = DEFAULT_METHODS,  # noq
     finetune = load_params("finetune", paths.root / "params").model_dump() | {
         "epochs": epochs, "batch_size": batch_size, "layer_decay": None, "gradual_unfreeze_every": 0,
         "freeze_stages": 0, "adapters_only": False, "early_stopping_patience": 0}
-    validate_params("finetune", finetune, "lodo budget (epochs, batch_size)")
+    if finetune_overrides:
+        finetune = merge_fields(finetune, finetune_overrides)
+    for m in methods:  # hyper-parameters must fit every method they are given to
+        validate_params("finetune", finetune | {"method": m}, f"lodo budget and overrides for method {m!r}")
     pre = load_params("pretrain", paths.root / "params")
     base = {"manifest": info["manifest"], "image_root": info["image_root"], "dataset_version": info["dataset_version"],
             "finetune": {k: v for k, v in finetune.items() if k not in ("seed", "method")},
@@ -155,7 +165,8 @@ def lodo_flow(data: str = "digits", methods: list[str] = DEFAULT_METHODS,  # noq
     summary = {"dataset": name, "data": data, "dataset_version": info["dataset_version"], "domains": domains,
                "seeds": list(seeds), "methods": list(methods),
                "config": {"epochs": epochs, "batch_size": batch_size, "threads": threads, "backbone": pre.backbone,
-                          "image_size": pre.image_size},
+                          "image_size": pre.image_size, **({"finetune_overrides": finetune_overrides}
+                                                            if finetune_overrides else {})},
                "aggregate": lodo.aggregate([r for r in results if r["method"] in methods]),
                "cells_run": len(todo), "cells_cached": len(results) - len(todo),
                "wall_s": round(time.perf_counter() - t0, 1)}

@@ -166,9 +166,9 @@ class PretrainParams(StageParams):
 
 class FinetuneParams(StageParams):
     method: str = Field(
-        "multidomain+randconv+swad", description="Domain-generalization method from the registry (mdcore.methods): erm, "
-                                   "multidomain, randconv, mixstyle, swad, or several joined by + "
-                                   "(e.g. multidomain+randconv+swad)")
+        "multidomain+randconv+linedraw+swad", description="Domain-generalization method from the registry "
+                                   "(mdcore.methods): erm, multidomain, randconv, linedraw, mixstyle, swad, or several "
+                                   "joined by + (e.g. multidomain+randconv+linedraw+swad)")
     method_hparams: dict[str, float | int | bool | list[int]] = Field(
         {}, description="Hyper-parameters of the method's components (e.g. randconv_p: 0.5); unknown keys are errors")
     num_workers: int = Field(2, ge=1, description="Ray Train workers")

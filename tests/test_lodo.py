@@ -75,7 +75,7 @@ def test_protocol_runs_erm_and_the_default_method_and_reruns_only_missing_cells(
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.lodo import lodo_flow
-    from tasks.params import load_params
+    from tasks.params import ParamsError, load_params
     from tests.conftest import make_workspace
 
     ws = make_workspace(tmp_path / "ws")
@@ -88,6 +88,13 @@ def test_protocol_runs_erm_and_the_default_method_and_reruns_only_missing_cells(
         again = lodo_flow(**kwargs)
         # one more seed, two cells at a time: only the new cells train, as Ray tasks
         more = lodo_flow(**(kwargs | {"seeds": [0, 1], "workers": 2, "threads": 1}))
+        out = ws / "reports/experiments/lodo/digits"
+        written = {name: (out / name).read_text() for name in ("lodo.md", "metrics.json", "lodo.json")}
+        # overridden finetune params make their own cells, never reusing the plain ones
+        changed = lodo_flow(**(kwargs | {"methods": ["erm"], "finetune_overrides": {"label_smoothing": 0.0}}))
+        with pytest.raises(ParamsError, match="method 'erm'.*linedraw_p"):
+            lodo_flow(**(kwargs | {"methods": ["erm"], "finetune_overrides": {"method_hparams": {"linedraw_p": 0.2}}}))
+    assert changed["cells_run"] == 1 and changed["config"]["finetune_overrides"] == {"label_smoothing": 0.0}
     assert first["cells_run"] == 2 and again["cells_run"] == 0 and again["cells_cached"] == 2
     assert more["cells_run"] == 2 and more["cells_cached"] == 2
     assert all(row["seeds"] == [0, 1] for row in more["aggregate"]["table"].values())
@@ -97,9 +104,8 @@ def test_protocol_runs_erm_and_the_default_method_and_reruns_only_missing_cells(
     # and the default transfers to the held-out domain (erm need not: ink is a hard shift for it)
     assert table[default]["heldout"]["ink"]["mean"] >= 0.3, table[default]["heldout"]
     assert again["aggregate"] == first["aggregate"]
-    out = ws / "reports/experiments/lodo/digits"
-    assert "| erm |" in (out / "lodo.md").read_text() and (out / "lodo.png").stat().st_size > 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    assert "| erm |" in written["lodo.md"] and (out / "lodo.png").stat().st_size > 0
+    metrics = json.loads(written["metrics.json"])
     assert set(metrics) == set(methods) and 0 <= metrics["erm"]["heldout_acc/ink"] <= 1
-    cells = json.loads((out / "lodo.json").read_text())["cells"]
+    cells = json.loads(written["lodo.json"])["cells"]
     assert all(c["heldout"] == "ink" and "ink" not in c["seen_per_domain"] for c in cells)
