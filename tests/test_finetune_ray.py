@@ -25,7 +25,8 @@ def prepared(tmp_path_factory):
 def finetune(ws, kill_at_epoch=None, **overrides):
     from tasks import finetune as stage
 
-    base = {"epochs": 3, "batch_size": 64, "lr": 0.003, "seed": 0, "max_failures": 1}
+    # a method without input randomization: 3 short epochs must learn enough to compare layouts
+    base = {"method": "multidomain", "epochs": 3, "batch_size": 64, "lr": 0.003, "seed": 0, "max_failures": 1}
     params = FinetuneParams(**(base | overrides))
     return stage.run(params, load_paths(ws), kill_at_epoch=kill_at_epoch).metrics
 
