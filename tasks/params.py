@@ -192,7 +192,7 @@ class FinetuneParams(StageParams):
                             "apply it too); none; auto = pretrained when the starting weights come with a "
                             "pretrained_cfg, else the method's own choice")
     epochs: int = Field(15, ge=1)
-    batch_size: int = Field(128, ge=2, description="Global batch (split across workers)")
+    batch_size: int = Field(64, ge=2, description="Global batch (split across workers)")
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     layer_decay: float | None = Field(0.8, gt=0, le=1, description="timm layer-wise lr decay; empty = off")
