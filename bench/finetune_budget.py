@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mdcore.lodo import percent_mean_sd
+
 
 def parse_budget(text: str) -> tuple[int, int]:
     try:
@@ -81,13 +83,12 @@ def main() -> None:
                 out.write_text(json.dumps({"workspace": str(ws), "rows": rows}, indent=2))
     finally:
         params_file.write_text(original)
-    ms = lambda v: f"{100 * np.mean(v):.1f} ± {100 * np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"  # noqa: E731
     print("| budget (batch x epochs) | val, training domains (selects) | test, seen | held-out (mean) | fit s |")
     print("|---|---:|---:|---:|---:|")
     for budget, runs in rows.items():
         held = [np.mean(list(r["heldout"].values())) for r in runs if r["heldout"]]
-        print(f"| {budget} | {ms([r['val_seen'] for r in runs])} | {ms([r['test_seen'] for r in runs])} | "
-              f"{ms(held) if held else '-'} | {np.mean([r['fit_wall_s'] or 0 for r in runs]):.0f} |")
+        print(f"| {budget} | {percent_mean_sd([r['val_seen'] for r in runs])} | {percent_mean_sd([r['test_seen'] for r in runs])} | "
+              f"{percent_mean_sd(held) if held else '-'} | {np.mean([r['fit_wall_s'] or 0 for r in runs]):.0f} |")
 
 
 if __name__ == "__main__":

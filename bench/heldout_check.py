@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mdcore.lodo import percent_mean_sd
+
 from bench.lodo_plain_loop import plain_loop
 
 
@@ -57,11 +59,10 @@ def main() -> None:
         for name, rc in (("plain timm loop", False), ("plain loop + RandConv", True)):
             rows[name].append(plain_loop(frame, ws / "data/raw", args.holdout, seed, args.epochs, args.batch, rc))
             print(name, rows[name][-1], flush=True)
-    ms = lambda v: f"{100 * np.mean(v):.1f} ± {100 * np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"  # noqa: E731
     print(f"| | {' | '.join(args.holdout)} | seen (mean) |\n|---|{'---:|' * (len(args.holdout) + 1)}")
     for name, runs in rows.items():
-        cols = [ms([r["heldout"][d] for r in runs]) for d in args.holdout]
-        print(f"| {name} | {' | '.join(cols)} | {ms([np.mean(list(r['seen'].values())) for r in runs])} |")
+        cols = [percent_mean_sd([r["heldout"][d] for r in runs]) for d in args.holdout]
+        print(f"| {name} | {' | '.join(cols)} | {percent_mean_sd([np.mean(list(r['seen'].values())) for r in runs])} |")
     out = Path(__file__).resolve().parent / "results" / f"heldout_check_{tree.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"tree": str(tree), "holdout": args.holdout, "seeds": args.seeds, "rows": rows,

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mdcore.lodo import percent_mean_sd
+
 
 def load(frame: pd.DataFrame, root: Path, classes: list[str]):
     x = torch.from_numpy(np.stack([np.asarray(Image.open(root / p).convert("RGB")) for p in frame["path"]]))
@@ -101,9 +103,8 @@ def main() -> None:
             print(cells[-1], flush=True)
     per_seed = [np.mean([c["heldout_acc"] for c in cells if c["seed"] == s]) for s in args.seeds]
     seen = [np.mean([c["seen_acc"] for c in cells if c["seed"] == s]) for s in args.seeds]
-    ms = lambda v: f"{100 * np.mean(v):.1f} ± {100 * np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"  # noqa: E731
-    row = " | ".join(ms([c["heldout_acc"] for c in cells if c["heldout"] == d]) for d in heldout)
-    print(f"| {name} | {row} | **{ms(per_seed)}** | {ms(seen)} |")
+    row = " | ".join(percent_mean_sd([c["heldout_acc"] for c in cells if c["heldout"] == d]) for d in heldout)
+    print(f"| {name} | {row} | **{percent_mean_sd(per_seed)}** | {percent_mean_sd(seen)} |")
     out = Path(args.root) / "bench/results" / f"lodo_plain_{slug}{'_randconv' if args.randconv else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"loop": name, "domains": domains, "heldout": heldout, "cells": cells, "wall_s": time.perf_counter() - t0,

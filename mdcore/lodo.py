@@ -122,6 +122,11 @@ def aggregate(cells: list[dict]) -> dict:
     return {"methods": methods, "domains": domains, "table": table}
 
 
+def percent_mean_sd(values) -> str:
+    """Accuracies (0-1) over seeds as "mean ± sd" in percent, the format of every table in BENCHMARKS.md."""
+    return _f(_ms(values))
+
+
 def _f(ms: dict | None, pct: bool = True) -> str:
     if not ms:
         return "-"
