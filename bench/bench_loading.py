@@ -36,11 +36,17 @@ def make_tree(root: Path, n: int, size: int = 224, domains: int = 4, classes: in
 
 
 def measure(root: str, n: int, loader: str, steps: int, batch: int, size: int, workers: int, epochs: int = 1,
-            threads: int = 2) -> dict:
+            threads: int = 2, device: str = "cpu", precision: str = "fp32", backbone: str = "resnet10t",
+            method: str | None = None) -> dict:
+    """One run; on ``device`` "cuda" each step ends with a synchronize, so the wait share is time the GPU
+    had nothing to do (bf16 autocast, channels-last and pinned batches there, as the finetune worker runs).
+    ``method`` (an ``mdcore.methods`` spec): each batch gets that method's training view on the device, as
+    the finetune loop does; none: the raw images."""
     import pandas as pd
     import timm
     import torch
 
+    from mdcore.accel import FastForward
     from mdcore.images import load_images, to_float
     from mdcore.lazy_images import BatchLoader
     from mdcore.sampler import domain_balanced_batches
@@ -52,32 +58,52 @@ def measure(root: str, n: int, loader: str, steps: int, batch: int, size: int, w
     t0 = time.perf_counter()
     data = load_images(frame, {"real": Path(root)}, size, lazy=loader == "stream")
     setup_s = time.perf_counter() - t0
-    model = timm.create_model("resnet10t", num_classes=10)
+    dev = torch.device(device)
+    net = timm.create_model(backbone, num_classes=10).to(dev)
+    model = FastForward(net, precision, channels_last=dev.type == "cuda", device_type=dev.type)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    labels = data.labels.to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    view = None
+    if method:
+        from mdcore.methods import create_method
+
+        view, g = create_method(method), torch.Generator().manual_seed(0)
+    first_batch_s = None
     wait = train = 0.0
-    images, per_epoch = 0, []
-    with BatchLoader(data.images, workers if loader == "stream" else 0) as batch_loader:
+    images, per_epoch, wait_per_epoch = 0, [], []
+    with BatchLoader(data.images, workers if loader == "stream" else 0, pin_memory=dev.type == "cuda") as batch_loader:
         for epoch in range(epochs):
             batches = list(domain_balanced_batches(data.domains, batch, epoch=epoch, seed=0))[:steps]
             images += len(batches) * batch
             t = start = time.perf_counter()
+            epoch_wait = 0.0
             for idx, raw in batch_loader(batches):
                 t1 = time.perf_counter()
                 wait += t1 - t
-                loss = torch.nn.functional.cross_entropy(model(to_float(raw)), data.labels[idx])
+                epoch_wait += t1 - t
+                first_batch_s = first_batch_s if first_batch_s is not None else round(t1 - t0 - setup_s, 1)
+                x = to_float(raw.to(dev, non_blocking=True))
+                if view is not None:
+                    x = view.training_view(x, data.domains[idx], g)
+                loss = torch.nn.functional.cross_entropy(model(x), labels[torch.as_tensor(idx, device=dev)])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                sync()
                 t = time.perf_counter()
                 train += t - t1
             per_epoch.append(round(len(batches) * batch / (time.perf_counter() - start), 1))
+            wait_per_epoch.append(round(epoch_wait / (time.perf_counter() - start), 3))
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"loader": loader, "images": n, "size": size, "epochs": epochs, "threads": threads,
+    return {"loader": loader, "images": n, "size": size, "epochs": epochs, "threads": threads, "device": device,
+            "precision": precision, "backbone": backbone, "batch": batch, "loader_workers": workers,
+            "method": method, "first_batch_s": first_batch_s,
             "setup_s": round(setup_s, 1),
             "peak_rss_mb": round(peak_self, 1), "peak_loader_worker_rss_mb": round(peak_children, 1),
             "images_per_s": round(images / (wait + train), 1), "epoch_images_per_s": per_epoch,
-            "wait_share": round(wait / (wait + train), 3)}
+            "wait_share": round(wait / (wait + train), 3), "epoch_wait_share": wait_per_epoch}
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 Source: the pretrain stage (SimCLR, ``tasks.pretrain.run`` through ``tasks.stage.execute``) on the built-in
 ``digits``, exported as ``backbone.safetensors``. Target: the built-in ``glyphs`` (letters by typeface
 family: another source, other classes), whose pretrain stage passes the exported file on unchanged. Each
-recipe fine-tunes in this process with the finetune worker function (``tasks.finetune.train_worker`` on a
+recipe fine-tunes in this process with the finetune worker function (``tasks.finetune_ray.train_worker`` on a
 ``LocalWorker``: no Ray), from the file or from scratch, and is scored per domain on the glyphs test split:
 
 - ``linear_probe``: backbone frozen (batch-norm statistics too), no per-domain parts: only the head trains;
@@ -70,7 +70,7 @@ def finetune(target: Path, recipe: str, seed: int, epochs: int, threads: int) ->
     """One recipe and seed: the finetune worker function in this process; test accuracy per domain."""
     from mdcore.model import load_model
     from tasks.evaluate import per_domain_accuracy
-    from tasks.finetune import LocalWorker, train_worker, worker_config
+    from tasks.finetune_ray import LocalWorker, train_worker, worker_config
     from tasks.params import FinetuneParams, load_params
     from tasks.paths import load_paths
 

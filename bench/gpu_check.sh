@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU path for real, on a GPU machine: the finetune stage as a Ray Train job with one GPU per worker,
 # first 1 worker, then N (every GPU), bf16 autocast and channels-last; prints images/s and accuracy of each.
-# Not run in CI (no GPU there). Usage, from the project root after `make install`:
+# Not run in CI (no GPU there). On a GPU machine without Prefect or DVC, `python -m bench.gpu_check` runs
+# the same Ray job (and the pretrain and evaluate GPU code) directly. Usage, from the project root after
+# `make install`:
 #   bench/gpu_check.sh [N_GPUS]     (default: every GPU nvidia-smi lists)
 set -euo pipefail
 N=${1:-$(nvidia-smi -L | wc -l)}

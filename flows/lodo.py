@@ -155,7 +155,7 @@ def lodo_flow(data: str = "digits", methods: list[str] = DEFAULT_METHODS,  # noq
           f"{len(results)} cells already done, {len(todo)} to train ({parallel} at a time"
           f"{' as Ray tasks' if use_ray else ', in process'})")
     if use_ray and todo:
-        from tasks.finetune import init_ray
+        from tasks.finetune_ray import init_ray
 
         init_ray()
         futures = [run_cell.submit(spec, str(out), True) for spec, out in todo]

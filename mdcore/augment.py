@@ -24,8 +24,8 @@ def random_affine(x: torch.Tensor, g: torch.Generator | None, scale=(0.75, 1.05)
 
 def color_jitter(x: torch.Tensor, g: torch.Generator | None, strength: float = 0.4, p_gray: float = 0.2):
     n = x.shape[0]
-    brightness = torch.empty(n, 1, 1, 1).uniform_(-strength, strength, generator=g)
-    contrast = torch.empty(n, 1, 1, 1).uniform_(1 - strength, 1 + strength, generator=g)
+    brightness = torch.empty(n, 1, 1, 1).uniform_(-strength, strength, generator=g).to(x)
+    contrast = torch.empty(n, 1, 1, 1).uniform_(1 - strength, 1 + strength, generator=g).to(x)
     channel_gain = torch.empty(n, 3, 1, 1).uniform_(1 - strength / 2, 1 + strength / 2, generator=g)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * contrast + mean + brightness
@@ -38,7 +38,22 @@ def color_jitter(x: torch.Tensor, g: torch.Generator | None, strength: float = 0
 
 def gaussian_noise(x: torch.Tensor, g: torch.Generator | None, max_std: float = 0.15):
     std = torch.empty(x.shape[0], 1, 1, 1).uniform_(0, max_std, generator=g)
-    return x + torch.randn(x.shape, generator=g) * std.to(x)
+    return x + randn_like_on_device(x, g) * std.to(x)
+
+
+def randn_like_on_device(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    """Per-pixel noise shaped like ``x``. On CPU it comes from ``g`` itself; on a GPU from a generator there,
+    seeded by one draw of ``g``, so no image-sized tensor is drawn on the CPU and copied over, and a run
+    stays reproducible on its device. (Every other random parameter here is one number per image, drawn
+    from ``g`` on the CPU and moved.)"""
+    if x.device.type == "cpu":
+        return torch.randn(x.shape, generator=g)
+    device_g = torch.Generator(x.device)
+    if g is None:
+        device_g.seed()
+    else:
+        device_g.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+    return torch.randn(x.shape, generator=device_g, device=x.device, dtype=x.dtype)
 
 
 def blur(x: torch.Tensor, g: torch.Generator | None, p: float = 0.3):

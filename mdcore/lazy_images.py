@@ -107,7 +107,9 @@ class BatchLoader:
     (``persistent_workers``); starting them (a forkserver, importing torch) every epoch cost a third of a
     32-px epoch. ``close()`` (or the end of a ``with`` block) stops them."""
 
-    def __init__(self, images, workers: int = 0, prefetch: int = 2):
+    def __init__(self, images, workers: int = 0, prefetch: int = 2, pin_memory: bool = False):
+        """``pin_memory`` (training on a GPU): batches arrive in page-locked memory, copied by a thread of
+        this process while the GPU works, so their transfer to the device can run asynchronously."""
         from mdcore.pool import _context
 
         self.images, self._loader = images, None
@@ -118,7 +120,8 @@ class BatchLoader:
             self._sampler = EpochBatches()
             self._loader = torch.utils.data.DataLoader(
                 _Decode(images), sampler=self._sampler, batch_size=None, shuffle=False, num_workers=workers,
-                prefetch_factor=prefetch, persistent_workers=True, multiprocessing_context=context)
+                prefetch_factor=prefetch, persistent_workers=True, multiprocessing_context=context,
+                pin_memory=pin_memory)
 
     def __call__(self, batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._loader is None:

@@ -73,10 +73,12 @@ def finetune_epoch(
 
     pairs = loader(batches) if loader is not None else batch_images(data.images, batches, workers=loader_workers)
     for idx, raw in pairs:
-        x = to_float(raw)
+        # uint8 to the device first (a quarter of float32's bytes), then augment there: on a GPU the
+        # per-pixel work (jitter, noise, random convolutions, line drawings) must not run on the CPU
+        x = to_float(raw.to(device, non_blocking=True))
         y, d = data.labels[idx].to(device), data.domains[idx].to(device)
         # the method decides what the model trains on; without one, the mild default augmentation
-        x = (train_view(x, g) if method is None else method.training_view(x, data.domains[idx], g)).to(device)
+        x = train_view(x, g) if method is None else method.training_view(x, data.domains[idx], g)
         out = model(x, d, return_aux=True, labels=y)
         logits, aux = out if isinstance(out, tuple) else (out, {})
         if domain_weighting is None:
@@ -115,7 +117,7 @@ def predict(
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = to_float(images[start : start + batch_size]).to(device)
+        x = to_float(images[start : start + batch_size].to(device))
         d = None if domains is None else domains[start : start + batch_size].to(device)
         out.append(model(x, d).argmax(1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
@@ -130,7 +132,7 @@ def evaluate_split(model: nn.Module, data: ImageSet, names: list[str], batch_siz
     model.eval()
     losses, preds = [], []
     for start in range(0, len(data), batch_size):
-        x = to_float(data.images[start : start + batch_size]).to(device)
+        x = to_float(data.images[start : start + batch_size].to(device))
         d = data.domains[start : start + batch_size].to(device) if use_domain else None
         logits = model(x, d).float()
         losses.append(F.cross_entropy(logits, data.labels[start : start + batch_size].to(device), reduction="none").cpu())
@@ -165,8 +167,8 @@ def training_view_batches(data: ImageSet, method: "Method", batch_size: int, *, 
     g = torch.Generator().manual_seed(generator_seed)
     for idx in domain_balanced_batches(data.domains, batch_size, rank=rank, world=world, epoch=epoch, seed=seed,
                                        mix=mix):
-        x = method.training_view(to_float(data.images[idx]), data.domains[idx], g)
-        yield x.to(device), data.domains[idx].to(device)
+        x = method.training_view(to_float(data.images[idx].to(device)), data.domains[idx], g)
+        yield x, data.domains[idx].to(device)
 
 
 class ContrastiveNet(nn.Module):
@@ -201,15 +203,15 @@ def contrastive_epoch(
     fourier_mix_strength: float = 1.0,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """One SimCLR epoch (views drawn on CPU from the seeded generator, then moved to ``device``, so a run
-    draws the same views on any device). With ``domains`` and ``fourier_mix_prob`` > 0 each view first gets, with that
+    """One SimCLR epoch (views drawn on ``device``, their random parameters from the seeded generator; see
+    ``mdcore.augment.randn_like_on_device`` for the per-pixel noise). With ``domains`` and ``fourier_mix_prob`` > 0 each view first gets, with that
     probability per image, the Fourier amplitude spectrum of an image of *another* domain mixed in
     (a domain-aware view: the positives differ by domain style, not only by generic jitter)."""
     net.train()
     g = torch.Generator().manual_seed(seed * 104_729 + epoch)
     total, steps = 0.0, 0
     for idx in shard_batches(len(images), batch_size, epoch=epoch, seed=seed):
-        x = to_float(images[idx])
+        x = to_float(images[idx].to(device))
 
         def view():
             v = x
@@ -217,7 +219,7 @@ def contrastive_epoch(
                 v = fourier_domain_mix(v, domains[idx], g, p=fourier_mix_prob, strength=fourier_mix_strength)
             return ssl_view(v, g)
 
-        loss = nt_xent(net(view().to(device)), net(view().to(device)), temperature)
+        loss = nt_xent(net(view()), net(view()), temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -14,7 +14,10 @@ from pathlib import Path
 
 
 def _prefect_run_active() -> bool:
-    from prefect.context import FlowRunContext, TaskRunContext
+    try:  # the Ray job also runs where Prefect is not installed (bench/gpu_check.py)
+        from prefect.context import FlowRunContext, TaskRunContext
+    except ImportError:
+        return False
 
     return TaskRunContext.get() is not None or FlowRunContext.get() is not None
 

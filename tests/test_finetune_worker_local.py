@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tasks.finetune import LocalWorker, train_worker, worker_config
+from tasks.finetune_ray import LocalWorker, train_worker, worker_config
 from tasks.params import FinetuneParams
 from tasks.paths import load_paths
 from tasks.stage import execute

@@ -5,7 +5,7 @@ import json
 import torch
 
 from mdcore.transfer import DomainWeighting
-from tasks.finetune import RUN_STATE, Selection, _load_run_state
+from tasks.finetune_ray import RUN_STATE, Selection, _load_run_state
 
 
 def test_selection_keeps_the_best_epoch_and_survives_a_checkpoint(tmp_path):

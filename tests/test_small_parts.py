@@ -146,3 +146,19 @@ def test_finetune_is_retried_only_on_transient_failures():
     assert transient(None, None, Failed(data=ray.exceptions.ActorDiedError()))  # a lost worker: retry
     assert transient(None, None, Failed(data=ConnectionError("lost the head node")))
     assert not transient(None, None, Failed(data=ValueError("finetune.lr must be > 0")))  # fails at once
+
+
+def test_the_ray_job_imports_without_prefect():
+    """bench/gpu_check.py runs the finetune job on GPU machines that hold torch, timm and Ray alone: the job
+    module must not need Prefect (the driver's progress reporter then reports to the console only)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.modules['prefect'] = None\n"
+            "import tasks.finetune_ray, tasks.progress\n"
+            "assert not tasks.progress._prefect_run_active()\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
