@@ -1,5 +1,6 @@
-"""Fine-tuning throughput: our Ray Train loop against a plain single-process PyTorch loop on the same
-model, batch, sampler and data, plus Ray's start-up/tear-down overhead and the 1 vs 2 worker layouts.
+"""Fine-tuning throughput: the finetune stage's Ray Train job against the plain timm loop a user would write
+(same backbone, batch, data and cores) and against its own step run in one process (same model, method,
+batch, sampler and data), plus Ray's start-up/tear-down overhead and the 1 vs 2 worker layouts.
 
     python -m bench.bench_finetune [--epochs 3] [--root .]
 
@@ -19,19 +20,21 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def plain_loop(paths, params, threads: int) -> float:
-    """images/s of finetune_epoch in this process with ``threads`` torch threads (no Ray, no DDP)."""
+    """images/s of finetune_epoch in this process with ``threads`` torch threads (no Ray, no DDP): the
+    stage's own step (its method's views, its model and optimizer) without the job around it."""
     import torch
 
     from mdcore.sampler import domain_balanced_batches
     from mdcore.train import finetune_epoch
     from tasks.data import image_roots, load_split
-    from tasks.model_setup import build_model, build_optimizer
+    from tasks.model_setup import build_method, build_model, build_optimizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(params.seed)
     pre = json.loads((paths.pretrained / "config.json").read_text())
     train, _ = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), pre["image_size"], ("train",))
-    model = build_model(params, train, pre["backbone"], pre["image_size"])
+    method = build_method(params)
+    model = build_model(params, train, pre["backbone"], pre["image_size"], method=method)
     optimizer, _ = build_optimizer(params, model)
     rates = []
     for epoch in range(params.epochs):
@@ -39,14 +42,14 @@ def plain_loop(paths, params, threads: int) -> float:
                                           mix=params.domain_mix)
         t0 = time.perf_counter()
         stats = finetune_epoch(model, train, optimizer, batches, epoch=epoch, seed=params.seed,
-                               label_smoothing=params.label_smoothing)
+                               label_smoothing=params.label_smoothing, method=method)
         rates.append(stats["images"] / (time.perf_counter() - t0))
     return sum(rates[1:]) / max(len(rates) - 1, 1)
 
 
 def ray_layout(paths, params) -> dict:
     """One real finetune stage run; images/s from the workers' own timing, and the wall time around it."""
-    from tasks import finetune
+    from tasks import finetune_ray as finetune
 
     t0 = time.perf_counter()
     result = finetune.fit(params, paths)
@@ -56,6 +59,38 @@ def ray_layout(paths, params) -> dict:
     rates = [row["images_per_s"] for row in history]
     steady = sum(rates[1:]) / max(len(rates) - 1, 1)
     return {"images_per_s": steady, "fit_wall_s": wall, "epochs": len(rates)}
+
+
+def timm_loop(paths, params, threads: int) -> float:
+    """images/s of the loop a user would write instead: the same timm backbone (``num_classes`` set), AdamW,
+    cross-entropy, shuffled batches of the same size from the same in-memory images; no augmentation, no
+    per-domain parts, no sampler, no Ray."""
+    import timm
+    import torch
+
+    from mdcore.images import to_float
+    from tasks.data import image_roots, load_split
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(params.seed)
+    pre = json.loads((paths.pretrained / "config.json").read_text())
+    train, _ = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), pre["image_size"], ("train",))
+    model = timm.create_model(pre["backbone"], num_classes=len(train.class_names))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    rates = []
+    for _ in range(params.epochs):
+        model.train()
+        order, seen = torch.randperm(len(train)), 0
+        t0 = time.perf_counter()
+        for start in range(0, len(order) - params.batch_size + 1, params.batch_size):
+            idx = order[start:start + params.batch_size]
+            loss = torch.nn.functional.cross_entropy(model(to_float(train.images[idx])), train.labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(idx)
+        rates.append(seen / (time.perf_counter() - t0))
+    return sum(rates[1:]) / max(len(rates) - 1, 1)
 
 
 def ray_startup() -> dict:
@@ -73,33 +108,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch (default: params/finetune.yaml)")
     args = parser.parse_args()
 
     from tasks.params import load_params
     from tasks.paths import load_paths
 
     paths = load_paths(args.root)
-    base = load_params("finetune", paths.root / "params").model_copy(
-        update={"epochs": args.epochs, "batch_size": args.batch_size, "max_failures": 0})
-    results = {"startup": ray_startup()}
+    base = load_params("finetune", paths.root / "params")
+    base = base.model_copy(update={"epochs": args.epochs, "batch_size": args.batch_size or base.batch_size,
+                                   "max_failures": 0})
+    results = {"startup": ray_startup(), "batch_size": base.batch_size, "method": base.method}
+    results["timm_2_threads"] = timm_loop(paths, base, threads=2)
     results["plain_2_threads"] = plain_loop(paths, base, threads=2)
     results["plain_1_thread"] = plain_loop(paths, base, threads=1)
     import ray
 
-    from tasks.finetune import init_ray
+    from tasks.finetune_ray import init_ray
 
     init_ray()
     for name, workers, cpus in (("ray_1x2", 1, 2), ("ray_2x1", 2, 1)):
         results[name] = ray_layout(paths, base.model_copy(update={"num_workers": workers, "cpus_per_worker": cpus}))
     ray.shutdown()
     plain = results["plain_2_threads"]
-    lines = ["| loop | images/s | vs plain (2 threads) | fit wall s |", "|---|---|---|---|",
-             f"| plain PyTorch, 2 threads | {plain:.0f} | 1.00 | |",
-             f"| plain PyTorch, 1 thread | {results['plain_1_thread']:.0f} | {results['plain_1_thread'] / plain:.2f} | |"]
+    timm_rate = results["timm_2_threads"]
+    lines = ["| loop | images/s | vs plain (2 threads) | vs timm loop | fit wall s |", "|---|---|---|---|---|",
+             f"| plain timm loop a user writes, 2 threads | {timm_rate:.0f} | {timm_rate / plain:.2f} | 1.00 | |",
+             f"| our epoch in one process, 2 threads | {plain:.0f} | 1.00 | {plain / timm_rate:.2f} | |",
+             f"| our epoch in one process, 1 thread | {results['plain_1_thread']:.0f} | "
+             f"{results['plain_1_thread'] / plain:.2f} | {results['plain_1_thread'] / timm_rate:.2f} | |"]
     for name, label in (("ray_1x2", "Ray Train, 1 worker x 2 CPUs"), ("ray_2x1", "Ray Train, 2 workers x 1 CPU")):
         r = results[name]
-        lines.append(f"| {label} | {r['images_per_s']:.0f} | {r['images_per_s'] / plain:.2f} | {r['fit_wall_s']:.1f} |")
+        lines.append(f"| {label} | {r['images_per_s']:.0f} | {r['images_per_s'] / plain:.2f} | "
+                     f"{r['images_per_s'] / timm_rate:.2f} | {r['fit_wall_s']:.1f} |")
     s = results["startup"]
     lines.append(f"\nray.init {s['ray_init_s']:.1f} s, ray.shutdown {s['ray_shutdown_s']:.1f} s; "
                  f"{args.epochs} epochs, global batch {args.batch_size}, first epoch not counted.")

@@ -64,6 +64,14 @@ def blur(x: torch.Tensor, g: torch.Generator | None, p: float = 0.3):
     return torch.where(pick.to(x.device), blurred, x)
 
 
+def replace_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``x`` with ``x[rows] = values``, as a new tensor: a view randomization computed for the picked images
+    only (``rows``) goes back in its place."""
+    out = x.clone()
+    out[rows.to(x.device)] = values
+    return out
+
+
 def ssl_view(x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
     """One strong view for contrastive pretraining (SimCLR-style, shifts seen across our domains)."""
     x = random_affine(x, g)

@@ -137,3 +137,35 @@ def test_pretrained_plain_backbone_loads_into_domain_bn():
     model.load_backbone(plain.backbone.state_dict())
     bn = next(m for m in model.backbone.modules() if isinstance(m, DomainBatchNorm2d))
     assert bn.weight.shape[0] == 3
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_domain_bn_fast_path_matches_the_routed_path(momentum):
+    """Training on one-hot routes takes torch's batch-norm kernel per domain; it must give the routed
+    computation's outputs, gradients and running statistics (a domain absent from the batch included)."""
+    torch.manual_seed(0)
+    fast = DomainBatchNorm2d(8, 3, momentum=momentum)
+    with torch.no_grad():
+        fast.weight.uniform_(0.5, 1.5)
+        fast.bias.uniform_(-0.5, 0.5)
+    routed = copy.deepcopy(fast)
+    routed._hard_domains = lambda w, x: None  # the general (routed) computation
+    weights = torch.linspace(0, 1, 12 * 8 * 25).reshape(12, 8, 5, 5)
+    for _ in range(3):
+        x = torch.randn(12, 8, 5, 5) * 2 + 1
+        route = torch.nn.functional.one_hot(torch.tensor([0, 2])[torch.randint(0, 2, (12,))], 3).float()
+        results = []
+        for m in (fast, routed):
+            m.train()
+            m.set_route(route)
+            xx = x.clone().requires_grad_(True)
+            y = m(xx)
+            (y * weights).sum().backward()
+            results.append([y.detach(), xx.grad, m.weight.grad.clone(), m.bias.grad.clone()])
+            m.weight.grad = m.bias.grad = None
+        for a, b in zip(*results):
+            assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+        assert fast._hard_domains(route, x) is not None  # the fast path was taken
+    assert torch.allclose(fast.running_mean, routed.running_mean, atol=1e-5)
+    assert torch.allclose(fast.running_var, routed.running_var, atol=1e-5)
+    assert torch.equal(fast.running_mean[1], torch.zeros(8))  # domain 1 never came: untouched
