@@ -107,7 +107,7 @@ def part_pretrain(ws: str, device: str, epochs: int = 3) -> dict:
     paths, pre = _workspace(ws)
     p = load_params("pretrain", Path(_ROOT) / "params")
     torch.manual_seed(p.seed)
-    data, _ = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), p.image_size, ("train",))
+    data, _ = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), pre["image_size"], ("train",))
     device = torch.device(device)
     net = ContrastiveNet(create_backbone(p.backbone), input_norm=InputNorm("image")).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=p.lr, weight_decay=p.weight_decay)

@@ -76,6 +76,7 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
     drop per old domain; ``add_mode``: ``joint`` (every weight learns each arrival) or ``parts_first`` (the
     new domain's parts alone first, then one joint epoch at ``joint_lr_scale`` x lr)."""
     from mdcore.continual import REPLAY_STRATEGIES
+    from mdcore.input_norm import input_size
     from mdcore.io import atomic_write_json, atomic_write_text
     from mdcore.lodo import BUILTIN_DATASETS
     from tasks.params import load_params, validate_params
@@ -100,9 +101,10 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
         "gradual_unfreeze_every": 0, "freeze_stages": 0, "adapters_only": False, "early_stopping_patience": 0}
     validate_params("finetune", finetune, "continual budget (method, epochs, batch_size)")
     pre = load_params("pretrain", paths.root / "params")
+    image_size = input_size(pre.image_size, None, "pretrain.image_size")  # cells train from random init
     base = {"manifest": info["manifest"], "image_root": info["image_root"], "dataset_version": info["dataset_version"],
             "finetune": {k: v for k, v in finetune.items() if k != "seed"}, "backbone": pre.backbone,
-            "image_size": pre.image_size, "threads": threads, "protocol": PROTOCOL_VERSION, "order": order,
+            "image_size": image_size, "threads": threads, "protocol": PROTOCOL_VERSION, "order": order,
             "add_epochs": add_epochs, "replay_fraction": replay_fraction, "replay_strategy": replay_strategy,
             "replay_per_batch": replay_per_batch, "few_shot_k": few_shot_k, "few_shot_epochs": few_shot_epochs,
             "tolerance": tolerance} | ({"add_mode": add_mode, "joint_lr_scale": joint_lr_scale}

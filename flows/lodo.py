@@ -111,6 +111,7 @@ def lodo_flow(data: str = "digits", methods: list[str] = DEFAULT_METHODS,  # noq
     one runs them as Ray tasks)."""
     from mdcore import lodo
     from mdcore.io import atomic_write_json, atomic_write_text
+    from mdcore.input_norm import input_size
     from mdcore.methods import method_class
     from tasks.params import load_params, merge_fields, validate_params
     from tasks.paths import load_paths
@@ -135,9 +136,10 @@ def lodo_flow(data: str = "digits", methods: list[str] = DEFAULT_METHODS,  # noq
     for m in methods:  # hyper-parameters must fit every method they are given to
         validate_params("finetune", finetune | {"method": m}, f"lodo budget and overrides for method {m!r}")
     pre = load_params("pretrain", paths.root / "params")
+    image_size = input_size(pre.image_size, None, "pretrain.image_size")  # cells train from random init
     base = {"manifest": info["manifest"], "image_root": info["image_root"], "dataset_version": info["dataset_version"],
             "finetune": {k: v for k, v in finetune.items() if k not in ("seed", "method")},
-            "backbone": pre.backbone, "image_size": pre.image_size, "threads": threads, "protocol": PROTOCOL_VERSION}
+            "backbone": pre.backbone, "image_size": image_size, "threads": threads, "protocol": PROTOCOL_VERSION}
     cells_dir = folder / "cells"
     results, todo = [], []
     for m in methods:
@@ -165,7 +167,7 @@ def lodo_flow(data: str = "digits", methods: list[str] = DEFAULT_METHODS,  # noq
     summary = {"dataset": name, "data": data, "dataset_version": info["dataset_version"], "domains": domains,
                "seeds": list(seeds), "methods": list(methods),
                "config": {"epochs": epochs, "batch_size": batch_size, "threads": threads, "backbone": pre.backbone,
-                          "image_size": pre.image_size, **({"finetune_overrides": finetune_overrides}
+                          "image_size": image_size, **({"finetune_overrides": finetune_overrides}
                                                             if finetune_overrides else {})},
                "aggregate": lodo.aggregate([r for r in results if r["method"] in methods]),
                "cells_run": len(todo), "cells_cached": len(results) - len(todo),

@@ -80,6 +80,21 @@ def cfg_norm(cfg) -> dict | None:
             "input_size": list(size) if size is not None else None}
 
 
+def input_size(choice: int | str, weights_norm: dict | None, where: str = "image_size") -> int:
+    """The image side a run uses: ``choice`` itself, or with "auto" the starting weights' pretrained_cfg
+    input size (``weights_norm`` from :func:`cfg_norm` / :func:`recorded_norm`); "auto" without one is an
+    error naming the param."""
+    if choice != "auto":
+        if int(choice) < 8:
+            raise ValueError(f"{where}={choice}: expected at least 8 pixels, or auto")
+        return int(choice)
+    size = (weights_norm or {}).get("input_size")
+    if not size:
+        raise ValueError(f"{where}=auto takes the input size of the starting weights' pretrained_cfg, but "
+                         "backbone_weights are empty or carry none: set a number")
+    return int(size[-1])
+
+
 def recorded_norm(weights: str | Path | None) -> dict | None:
     """The ``pretrained_cfg`` recorded beside a weights file the pretrain stage exported (its config.json),
     i.e. the normalization those weights expect; None when nothing is recorded."""

@@ -142,7 +142,9 @@ class PretrainParams(StageParams):
         None, description="Starting weights: empty = random init; a file (safetensors, or a PyTorch state dict, "
                           "e.g. models/pretrained/backbone.safetensors of another run); or a timm pretrained tag "
                           "of the backbone ('default', 'a1_in1k', ...; downloaded to the Hugging Face cache)")
-    image_size: int = Field(32, ge=8)
+    image_size: int | Literal["auto"] = Field(
+        32, description="Side of the square images the model sees; auto = the input size of the starting "
+                        "weights' pretrained_cfg (backbone_weights must carry one)")
     input_norm: Literal["auto", "image", "pretrained", "none"] = Field(
         "auto", description="What the backbone sees: image = per-image standardization; pretrained = the mean/std "
                             "of timm's pretrained_cfg; none; auto = pretrained when backbone_weights come with a "

@@ -21,7 +21,7 @@ from prefect import task
 from safetensors.torch import save_file
 
 from mdcore.accel import resolve_device
-from mdcore.input_norm import InputNorm, cfg_norm, recorded_norm, resolve
+from mdcore.input_norm import InputNorm, cfg_norm, input_size, recorded_norm, resolve
 from mdcore.io import atomic_dir
 from mdcore.model import WEIGHT_FILE_SUFFIXES, create_backbone
 from mdcore.probe import probe_backbone, probe_markdown
@@ -40,15 +40,16 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
     torch.set_num_threads(params.threads)
     splits = ("train", "holdout") if params.include_holdout_unlabelled else ("train",)
     roots = image_roots(paths.raw, paths.synthetic)
-    data, rows = load_split(paths.train_manifest, roots, params.image_size, splits)
-    if not params.include_holdout_unlabelled:  # generalization, not adaptation: nothing of them is seen
-        guard_holdout(paths.train_manifest, {"pretraining": rows})
     device = resolve_device(params.device, "pretrain.device")
     backbone = create_backbone(params.backbone, weights=params.backbone_weights).to(device)
     weights_norm = _weights_norm(params.backbone_weights, backbone)
+    image_size = input_size(params.image_size, weights_norm, "pretrain.image_size")
+    data, rows = load_split(paths.train_manifest, roots, image_size, splits)
+    if not params.include_holdout_unlabelled:  # generalization, not adaptation: nothing of them is seen
+        guard_holdout(paths.train_manifest, {"pretraining": rows})
     kind, mean, std = resolve(params.input_norm, weights_norm, "image", params.backbone, "pretrain.input_norm")
     norm = InputNorm(kind, mean, std).to(device)
-    probe_data = _probe_data(paths, params, data, rows) if params.linear_probe else None
+    probe_data = _probe_data(paths, data, rows, image_size) if params.linear_probe else None
     probe_before = _probe(backbone, probe_data, params.seed, norm, device) if probe_data else None
     history = []
     if params.enabled and params.epochs > 0:
@@ -67,7 +68,7 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
         # a timm-loadable file: other runs pass it as pretrain.backbone_weights
         save_file(state, str(tmp / BACKBONE_WEIGHTS), metadata={"format": "pt", "architecture": params.backbone})
         (tmp / "config.json").write_text(json.dumps({
-            "backbone": params.backbone, "image_size": params.image_size,
+            "backbone": params.backbone, "image_size": image_size,
             "pretrained": bool(params.enabled and params.epochs > 0) or bool(params.backbone_weights),
             "backbone_weights": params.backbone_weights, "self_supervised_epochs": len(history),
             "input_norm": kind,
@@ -91,10 +92,10 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
     return StageResult({"pretrained": str(paths.pretrained)}, metrics)
 
 
-def _probe_data(paths: Paths, params: PretrainParams, data, rows) -> dict | None:
+def _probe_data(paths: Paths, data, rows, image_size: int) -> dict | None:
     """Labelled train rows (seen domains) and the test rows of seen domains + all held-out rows."""
     train_mask = torch.from_numpy((rows["split"] == "train").to_numpy(copy=True))
-    test, test_rows = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), params.image_size,
+    test, test_rows = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), image_size,
                                  ("test", "holdout"), synthetic=False, domains=data.domain_names,
                                  classes=data.class_names)
     if not len(test) or not bool(train_mask.any()):

@@ -60,3 +60,29 @@ def test_missing_file_and_offline_tag_are_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match=r"(?s)resnet10t.a1_in1k.*Hugging Face.*pass a file"):
         create_backbone("resnet10t", weights="a1_in1k")
+
+
+def test_image_size_auto_takes_the_weights_input_size(tmp_path):
+    """pretrain.image_size: auto = the input size recorded in the starting weights' pretrained_cfg; the
+    stage decodes at that size and records it for every later stage; auto without one is a clear error."""
+    import timm
+    from safetensors.torch import save_file
+
+    from mdcore.input_norm import input_size
+
+    weights = tmp_path / "weights" / "backbone.safetensors"
+    weights.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in timm.create_model("resnet10t", num_classes=0).state_dict().items()},
+              str(weights))
+    (weights.parent / "config.json").write_text(json.dumps({"pretrained_cfg": {
+        "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "input_size": [3, 40, 40]}}))
+    ws = make_workspace(tmp_path / "ws", ingest={"builtin_limit": 200}, validate={"min_images_per_class": 0},
+                        pretrain={"enabled": False, "backbone_weights": str(weights), "image_size": "auto",
+                                  "linear_probe": False})
+    for stage in ("ingest", "validate", "synthesize", "pretrain"):
+        execute(stage, ws)
+    config = json.loads((ws / "models/pretrained/config.json").read_text())
+    assert config["image_size"] == 40 and config["input_norm"] == "pretrained"
+    assert input_size(64, None) == 64
+    with pytest.raises(ValueError, match="pretrain.image_size=auto"):
+        input_size("auto", None, "pretrain.image_size")
