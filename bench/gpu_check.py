@@ -35,10 +35,10 @@ def _workspace(ws: str):
     return paths, json.loads((paths.pretrained / "config.json").read_text())
 
 
-def _params(epochs: int, **update):
+def _params(ws: str, epochs: int, **update):
     from tasks.params import load_params
 
-    p = load_params("finetune", Path(_ROOT) / "params")  # the workspace's params/finetune.yaml: the defaults users run
+    p = load_params("finetune", Path(ws) / "params")  # the workspace's params/finetune.yaml: the defaults users run
     return p.model_copy(update={"epochs": epochs, "num_workers": 1, "cpus_per_worker": 4, **update})
 
 
@@ -49,7 +49,7 @@ def part_worker(ws: str, out: Path, epochs: int, device: str) -> dict:
     res = {}
     for name, update in (("fp32", {"precision": "fp32", "channels_last": False}),
                          ("bf16_channels_last", {"precision": "bf16", "channels_last": True})):
-        p = _params(epochs, **update)
+        p = _params(ws, epochs, **update)
         worker = LocalWorker(device, out / name)
         t0 = time.perf_counter()
         train_worker(worker_config(p, paths, pre, use_pretrained=False), worker)
@@ -61,7 +61,7 @@ def part_worker(ws: str, out: Path, epochs: int, device: str) -> dict:
                      "val_acc_best": round(max(r["val_acc"] for r in reports), 4),
                      "train_loss_first_last": [round(reports[0]["train_loss"], 4), round(reports[-1]["train_loss"], 4)]}
         print(f"[gpu_check] worker {name}: {res[name]}", flush=True)
-    p = _params(epochs + 1, precision="bf16", channels_last=True)
+    p = _params(ws, epochs + 1, precision="bf16", channels_last=True)
     again = LocalWorker(device, out / "resumed", resume_from=out / "bf16_channels_last" / "checkpoint_000002")
     train_worker(worker_config(p, paths, pre, use_pretrained=False), again)
     res["resumed"] = {"epochs_run": [r["epoch"] for r in again.reports], "attempt": again.reports[0]["attempt"],
@@ -105,7 +105,7 @@ def part_pretrain(ws: str, device: str, epochs: int = 3) -> dict:
     from tasks.params import load_params
 
     paths, pre = _workspace(ws)
-    p = load_params("pretrain", Path(_ROOT) / "params")
+    p = load_params("pretrain", Path(ws) / "params")
     torch.manual_seed(p.seed)
     data, _ = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), pre["image_size"], ("train",))
     device = torch.device(device)
@@ -147,7 +147,7 @@ def part_ray(ws: str, epochs: int) -> dict:
 
     paths, _ = _workspace(ws)
     gpus = torch.cuda.device_count()
-    p = _params(epochs, num_workers=gpus, use_gpu=True, precision="bf16", channels_last=True, max_failures=0)
+    p = _params(ws, epochs, num_workers=gpus, use_gpu=True, precision="bf16", channels_last=True, max_failures=0)
     t0 = time.perf_counter()
     result = fit(p, paths)
     with result.checkpoint.as_directory() as folder:
@@ -161,11 +161,7 @@ def part_ray(ws: str, epochs: int) -> dict:
     return res
 
 
-_ROOT = "."
-
-
 def main() -> None:
-    global _ROOT
     ap = argparse.ArgumentParser()
     ap.add_argument("--workspace", required=True)
     ap.add_argument("--out", required=True, help="JSON file of the figures")
@@ -183,7 +179,6 @@ def main() -> None:
     import timm
     import torch
 
-    _ROOT = args.workspace
     out = Path(args.out)
     runs = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     report = json.loads(out.read_text()) if out.is_file() else {}

@@ -85,8 +85,6 @@ def input_size(choice: int | str, weights_norm: dict | None, where: str = "image
     input size (``weights_norm`` from :func:`cfg_norm` / :func:`recorded_norm`); "auto" without one is an
     error naming the param."""
     if choice != "auto":
-        if int(choice) < 8:
-            raise ValueError(f"{where}={choice}: expected at least 8 pixels, or auto")
         return int(choice)
     size = (weights_norm or {}).get("input_size")
     if not size:

@@ -6,7 +6,7 @@ An override is written back into ``params/NAME.yaml`` so DVC sees exactly what r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -142,7 +142,7 @@ class PretrainParams(StageParams):
         None, description="Starting weights: empty = random init; a file (safetensors, or a PyTorch state dict, "
                           "e.g. models/pretrained/backbone.safetensors of another run); or a timm pretrained tag "
                           "of the backbone ('default', 'a1_in1k', ...; downloaded to the Hugging Face cache)")
-    image_size: int | Literal["auto"] = Field(
+    image_size: Annotated[int, Field(ge=8)] | Literal["auto"] = Field(
         32, description="Side of the square images the model sees; auto = the input size of the starting "
                         "weights' pretrained_cfg (backbone_weights must carry one)")
     input_norm: Literal["auto", "image", "pretrained", "none"] = Field(
