@@ -2,7 +2,7 @@
 (same backbone, batch, data and cores) and against its own step run in one process (same model, method,
 batch, sampler and data), plus Ray's start-up/tear-down overhead and the 1 vs 2 worker layouts.
 
-    python -m bench.bench_finetune [--epochs 3] [--root .]
+    python -m bench.bench_finetune [--epochs 3] [--rounds 3] [--root .]
 
 Needs the pipeline's data (run `mdpipe run` or `dvc repro synthesize pretrain` first). Prints a
 markdown table and writes bench/results/finetune.json. Epoch 1 is warm-up and not counted.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -48,14 +49,24 @@ def plain_loop(paths, params, threads: int) -> float:
 
 
 def ray_layout(paths, params) -> dict:
-    """One real finetune stage run; images/s from the workers' own timing, and the wall time around it."""
+    """One real finetune stage run; images/s from the workers' own timing, and the wall time around it.
+
+    Each run trains from scratch in a storage folder of its own: a run of the same params left in Ray's
+    storage would otherwise be resumed from its last checkpoint, and its old history read back."""
+    import tempfile
+
     from tasks import finetune_ray as finetune
 
+    storage = tempfile.mkdtemp(prefix="bench-finetune-ray-")
+    os.environ["MDPIPE_RAY_STORAGE"] = storage
     t0 = time.perf_counter()
     result = finetune.fit(params, paths)
     wall = time.perf_counter() - t0
     with result.checkpoint.as_directory() as folder:
         history = json.loads((Path(folder) / "history.json").read_text())
+    shutil.rmtree(storage, ignore_errors=True)
+    if len(history) != params.epochs or any(row.get("attempt", 0) for row in history):
+        raise RuntimeError(f"expected {params.epochs} freshly trained epochs, got {len(history)} rows: {history}")
     rates = [row["images_per_s"] for row in history]
     steady = sum(rates[1:]) / max(len(rates) - 1, 1)
     return {"images_per_s": steady, "fit_wall_s": wall, "epochs": len(rates)}
@@ -108,8 +119,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every loop; medians reported")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch (default: params/finetune.yaml)")
     args = parser.parse_args()
+
+    import statistics
 
     from tasks.params import load_params
     from tasks.paths import load_paths
@@ -118,18 +132,29 @@ def main() -> None:
     base = load_params("finetune", paths.root / "params")
     base = base.model_copy(update={"epochs": args.epochs, "batch_size": args.batch_size or base.batch_size,
                                    "max_failures": 0})
-    results = {"startup": ray_startup(), "batch_size": base.batch_size, "method": base.method}
-    results["timm_2_threads"] = timm_loop(paths, base, threads=2)
-    results["plain_2_threads"] = plain_loop(paths, base, threads=2)
-    results["plain_1_thread"] = plain_loop(paths, base, threads=1)
+    results = {"startup": ray_startup(), "batch_size": base.batch_size, "method": base.method, "rounds": []}
     import ray
 
     from tasks.finetune_ray import init_ray
 
-    init_ray()
-    for name, workers, cpus in (("ray_1x2", 1, 2), ("ray_2x1", 2, 1)):
-        results[name] = ray_layout(paths, base.model_copy(update={"num_workers": workers, "cpus_per_worker": cpus}))
-    ray.shutdown()
+    # every loop once per round, in the same order, so a slow spell of this shared machine hits all of them
+    for _ in range(args.rounds):
+        row = {"timm_2_threads": timm_loop(paths, base, threads=2),
+               "plain_2_threads": plain_loop(paths, base, threads=2),
+               "plain_1_thread": plain_loop(paths, base, threads=1)}
+        init_ray()
+        for name, workers, cpus in (("ray_1x2", 1, 2), ("ray_2x1", 2, 1)):
+            row[name] = ray_layout(paths, base.model_copy(update={"num_workers": workers, "cpus_per_worker": cpus}))
+        ray.shutdown()
+        results["rounds"].append(row)
+
+    def median(name: str, key: str | None = None) -> float:
+        return statistics.median(r[name][key] if key else r[name] for r in results["rounds"])
+
+    for name in ("timm_2_threads", "plain_2_threads", "plain_1_thread"):
+        results[name] = median(name)
+    for name in ("ray_1x2", "ray_2x1"):
+        results[name] = {"images_per_s": median(name, "images_per_s"), "fit_wall_s": median(name, "fit_wall_s")}
     plain = results["plain_2_threads"]
     timm_rate = results["timm_2_threads"]
     lines = ["| loop | images/s | vs plain (2 threads) | vs timm loop | fit wall s |", "|---|---|---|---|---|",
@@ -142,8 +167,12 @@ def main() -> None:
         lines.append(f"| {label} | {r['images_per_s']:.0f} | {r['images_per_s'] / plain:.2f} | "
                      f"{r['images_per_s'] / timm_rate:.2f} | {r['fit_wall_s']:.1f} |")
     s = results["startup"]
-    lines.append(f"\nray.init {s['ray_init_s']:.1f} s, ray.shutdown {s['ray_shutdown_s']:.1f} s; "
-                 f"{args.epochs} epochs, global batch {args.batch_size}, first epoch not counted.")
+    per_round = "; ".join(f"round {i + 1}: timm {r['timm_2_threads']:.0f}, ours {r['plain_2_threads']:.0f}, "
+                          f"1x2 {r['ray_1x2']['images_per_s']:.0f}, 2x1 {r['ray_2x1']['images_per_s']:.0f}"
+                          for i, r in enumerate(results["rounds"]))
+    lines.append(f"\nMedians over {args.rounds} interleaved rounds ({per_round}). ray.init {s['ray_init_s']:.1f} s, "
+                 f"ray.shutdown {s['ray_shutdown_s']:.1f} s; {args.epochs} epochs, global batch {base.batch_size}, "
+                 "first epoch not counted.")
     print("\n".join(lines))
     out = Path(__file__).parent / "results" / "finetune.json"
     out.parent.mkdir(exist_ok=True)

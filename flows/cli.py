@@ -143,7 +143,8 @@ def cmd_experiment(args) -> int:
                        replay_fraction=pick(args.replay_fraction, cont.replay_fraction),
                        replay_strategy=pick(args.replay_strategy, cont.replay_strategy),
                        replay_per_batch=cont.replay_per_batch, few_shot_k=pick(args.few_shot_k, cont.few_shot_k),
-                       few_shot_epochs=cont.few_shot_epochs, threads=args.threads, add_mode=args.add_mode, root=root)
+                       few_shot_epochs=cont.few_shot_epochs, threads=args.threads, add_mode=args.add_mode,
+                       add_warmup_epochs=args.add_warmup_epochs, root=root)
         return 0
     if args.name == "lodo":
         from flows.lodo import DEFAULT_METHODS, lodo_flow
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--add-epochs", type=int, help="continual: epochs per domain arrival (default: params/continual.yaml)")
     exp.add_argument("--add-mode", choices=["joint", "parts_first"], default="joint",
                      help="continual: each arrival trains every weight, or the new domain's parts first")
+    exp.add_argument("--add-warmup-epochs", type=int, help="continual: epochs at 0.1 x lr that start each joint "
+                                                           "arrival (default: 1 when --add-epochs > 2)")
     exp.add_argument("--replay-fraction", type=float, help="continual: share of past training images replayed (params)")
     exp.add_argument("--replay-strategy", choices=["random", "reservoir", "hardest"], help="continual: buffer (params)")
     exp.add_argument("--few-shot-k", type=int, help="continual: labelled images per class of the last domain (params)")

@@ -25,17 +25,18 @@ def concat(a: ImageSet, b: ImageSet) -> ImageSet:
 
 
 def learn(model, train: ImageSet, val: ImageSet, p, batches: Callable[[int], Iterable[torch.Tensor]], *,
-          method=None, select: bool = True) -> dict:
+          method=None, select: bool = True, warmup_epochs: int | None = None) -> dict:
     """Fine-tune ``model`` in place for ``p.epochs`` over ``batches(epoch)`` (index tensors into ``train``);
     keep the epoch with the best accuracy on ``val`` (the known domains' validation split) when ``select``.
-    Frozen parameters (``requires_grad`` False) stay as they are. Returns timings and the history."""
+    Frozen parameters (``requires_grad`` False) stay as they are; ``warmup_epochs``: as in
+    ``build_optimizer`` (None: its default). Returns timings and the history."""
     from mdcore.train import evaluate_split, finetune_epoch, training_view_batches
     from tasks.model_setup import build_method, build_optimizer
 
     t0 = time.perf_counter()
     method = method or build_method(p)
     method.attach(model)
-    optimizer, scheduler = build_optimizer(p, model)
+    optimizer, scheduler = build_optimizer(p, model, warmup_epochs=warmup_epochs)
     names = [val.domain_names[d] for d in val.domains]
     history, best, best_state = [], -1.0, None
     for epoch in range(p.epochs):
@@ -72,7 +73,8 @@ def _row(model, tests: list[ImageSet], n_known: int) -> list[float]:
 def train_sequence(spec: dict) -> dict:
     """``spec``: manifest, image_root, image_size, backbone, order (domains in arrival order), seed, threads,
     finetune (FinetuneParams fields: the budget of the first domain and of the full retrain), add_epochs,
-    replay_fraction, replay_strategy, replay_per_batch, few_shot_k, few_shot_epochs, tolerance."""
+    replay_fraction, replay_strategy, replay_per_batch, few_shot_k, few_shot_epochs, tolerance; optional:
+    add_mode, joint_lr_scale, add_warmup_epochs (the joint add step's warm-up; absent = build_optimizer's)."""
     from flows.lodo_cell import _all_images, _subset
     from mdcore.continual import (add_domain, few_shot_mask, gem_metrics, mixed_batches, nearest_domain,
                                   per_sample_losses, recompute_domain_norm, refit_prototypes, replay_budget, restore_domains,
@@ -132,7 +134,7 @@ def train_sequence(spec: dict) -> dict:
 
         replayed = mixed(replay_idx, int(spec["replay_per_batch"]))
         if spec.get("add_mode", "joint") != "parts_first" or p_add.epochs < 2:
-            return learn(model, ds, val_t, p_add, replayed)
+            return learn(model, ds, val_t, p_add, replayed, warmup_epochs=spec.get("add_warmup_epochs"))
         reference = {n: v.clone() for n, v in model.state_dict().items()}
         train_only_domain_parts(model)
         first = learn(model, ds, val_t, p_add.model_copy(update={"epochs": p_add.epochs - 1, "weight_decay": 0.0}),

@@ -61,12 +61,19 @@ def prepare_data(data: str, folder: str, split_seed: int = 0, limit: int | None 
             "domains": sorted(frame["domain"].unique()), "images": len(frame)}
 
 
+# finetune params that only say how the stage's Ray job runs; a cell trains in one process without them
+RUNTIME_ONLY = ("num_workers", "cpus_per_worker", "use_gpu", "max_failures", "loader", "loader_workers",
+                "decoded_cache")
+
+
 def cell_hash(spec: dict) -> str:
-    """Key of a cell: everything that decides its result (not where the data lies, nor threads)."""
+    """Key of a cell: everything that decides its result (not where the data lies, nor threads, nor the
+    stage's worker layout and loader, which a cell does not use)."""
     keep = {k: v for k, v in spec.items() if k not in ("manifest", "image_root", "threads")}
-    finetune = dict(keep.get("finetune", {}))
+    finetune = {k: v for k, v in keep.get("finetune", {}).items() if k not in RUNTIME_ONLY}
     if finetune.get("input_norm") == "auto":  # cells start from random weights: auto is the method's own choice,
         finetune.pop("input_norm")  # which the method name in the key already fixes
+    if "finetune" in keep:
         keep["finetune"] = finetune
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

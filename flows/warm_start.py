@@ -86,7 +86,8 @@ def warm_start(paths, params, out: str | Path) -> dict:
                                     "method_hparams": {}})
     new_idx, replay_idx = torch.arange(len(new)), torch.arange(len(new), len(ds))
     info = learn(model, ds, val, p, lambda epoch: list(mixed_batches(
-        new_idx, replay_idx, p.batch_size, params.replay_per_batch, epoch=epoch, seed=p.seed)))
+        new_idx, replay_idx, p.batch_size, params.replay_per_batch, epoch=epoch, seed=p.seed)),
+        warmup_epochs=params.warmup_epochs)
     refit_prototypes(model, to_float(ds.images), ds.domains)
     result = {"new_images": len(new), "past_images": len(past), "replay_images": len(keep),
               "new_domains": added, "domains": domains, "epochs": p.epochs, "train_s": round(info["train_s"], 2),

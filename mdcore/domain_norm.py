@@ -17,12 +17,16 @@ from torch import nn
 
 
 class Routed:
-    """Mixin for modules that read the per-image domain routing weights set by the model."""
+    """Mixin for modules that read the per-image domain routing weights set by the model.
+
+    ``groups``: images per domain when the model has put the batch in domain order with one-hot routes
+    (domain 0's images first, then domain 1's, ...); None otherwise."""
 
     route: torch.Tensor | None = None
+    groups: list[int] | None = None
 
-    def set_route(self, weights: torch.Tensor | None) -> None:
-        self.route = weights
+    def set_route(self, weights: torch.Tensor | None, groups: list[int] | None = None) -> None:
+        self.route, self.groups = weights, groups
 
     def route_for(self, x: torch.Tensor, n_domains: int) -> torch.Tensor:
         if self.route is None:  # called outside MultiDomainModel: treat every image as all domains equally
@@ -67,11 +71,10 @@ class DomainBatchNorm2d(Routed, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.route_for(x, self.n_domains)  # N, D
         xf = x.float()
-        # the per-domain kernel path on CPU only: it was measured there, and on a GPU its host-side checks
-        # would synchronize every layer (the routed path is what ran on the H200, BENCHMARKS.md)
-        domain = self._hard_domains(w, x) if self.training and x.device.type == "cpu" else None
-        if domain is not None:
-            return self.post(self._normalize_by_domain(xf, domain).to(x.dtype))
+        # the batch in domain order (the model groups it in training on CPU: MultiDomainModel._backbone):
+        # torch's batch-norm kernel per domain, on contiguous slices
+        if self.training and self._kernel_path_fits(x):
+            return self.post(self._normalize_groups(xf, self.groups).to(x.dtype))
         if self.training:
             cnt = w.sum(0).float()  # images per domain in this batch (soft counts for soft rows)
             denom = cnt.clamp(min=1e-6)[:, None]
@@ -101,29 +104,23 @@ class DomainBatchNorm2d(Routed, nn.Module):
         y = xf * scale[:, :, None, None] + (beta - mean * scale)[:, :, None, None]
         return self.post(y.to(x.dtype))
 
-    def _hard_domains(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-        """Each image's domain when every routing row is one-hot (training on known domains) and every
-        domain in the batch has more than one value per channel; else None (the routed path below)."""
-        if not bool(((w == 0) | (w == 1)).all() and (w.sum(1) == 1).all()):
-            return None
-        domain = w.argmax(1)
-        counts = torch.bincount(domain, minlength=self.n_domains)
-        if bool(((counts > 0) & (counts * x.shape[2] * x.shape[3] <= 1)).any()):
-            return None
-        return domain
+    def _kernel_path_fits(self, x: torch.Tensor) -> bool:
+        """The batch comes grouped by domain, and each domain present has more than one value per channel
+        (torch's kernel refuses one; the routed path gives it variance 0)."""
+        groups = self.groups
+        return (groups is not None and sum(groups) == x.shape[0]
+                and min(c for c in groups if c) * x.shape[2] * x.shape[3] > 1)
 
-    def _normalize_by_domain(self, xf: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+    def _normalize_groups(self, xf: torch.Tensor, groups: list[int]) -> torch.Tensor:
         """The same normalization as the routed path for one-hot routes, through torch's fused batch-norm
-        kernel, one call per domain present (the routed path costs about twice a plain batch-norm's
-        time). Running statistics update in place, per domain; every domain's affine parameters are rows of
-        one tensor, so each still gets a gradient every step (zero when absent)."""
-        order = torch.argsort(domain, stable=True)
-        inverse = torch.argsort(order)
-        counts = torch.bincount(domain, minlength=self.n_domains).tolist()
+        kernel, one call per domain present on its contiguous slice of the batch (the routed path costs
+        about twice a plain batch-norm's time). Running statistics update in place, per domain; every
+        domain's affine parameters are rows of one tensor, so each still gets a gradient every step (zero
+        when absent)."""
         self._seen = self._seen.to(xf.device)
         outs = []
-        for d, chunk in enumerate(_Permute.apply(xf, order, inverse).split(counts)):
-            if not counts[d]:
+        for d, chunk in enumerate(xf.split(groups)):
+            if not groups[d]:
                 continue
             if self.momentum is None:  # cumulative average (statistics recomputed from scratch)
                 self._seen[d] += 1
@@ -133,7 +130,7 @@ class DomainBatchNorm2d(Routed, nn.Module):
             outs.append(F.batch_norm(chunk, self.running_mean[d], self.running_var[d], self.weight[d].float(),
                                      self.bias[d].float(), training=True, momentum=momentum, eps=self.eps))
         self.num_batches_tracked.add_(1)
-        return _Permute.apply(torch.cat(outs), inverse, order)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # plain BatchNorm2d weights (a pretrained backbone): every domain starts from them
@@ -147,9 +144,9 @@ class DomainBatchNorm2d(Routed, nn.Module):
         return f"{self.num_features}, domains={self.n_domains}, eps={self.eps}, momentum={self.momentum}"
 
 
-class _Permute(torch.autograd.Function):
+class Permute(torch.autograd.Function):
     """``x[order]`` whose gradient is ``grad[inverse]``: a permutation's backward is a permutation, not
-    the accumulating scatter that indexing's generic backward runs (about 1 ms per batch-norm on CPU)."""
+    the accumulating scatter that indexing's generic backward runs."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:

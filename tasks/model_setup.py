@@ -73,11 +73,13 @@ def build_model(p: FinetuneParams, train: ImageSet, backbone: str, image_size: i
     return model
 
 
-def build_optimizer(p: FinetuneParams, model: MultiDomainModel):
+def build_optimizer(p: FinetuneParams, model: MultiDomainModel, warmup_epochs: int | None = None):
     """timm's optimizer factory (layer-wise lr decay included) over *every* parameter (frozen ones get no
     gradient, so AdamW leaves them alone until they are unfrozen), and timm's cosine schedule stepped per
     epoch, with warm restarts when ``lr_cycles`` > 1. AdamW runs fused (one kernel over all tensors, on CPU
-    and CUDA): 5.8 instead of 29 ms per step for the default model on 2 cores (BENCHMARKS.md)."""
+    and CUDA): 5.8 instead of 29 ms per step for the default model on 2 cores (BENCHMARKS.md).
+    ``warmup_epochs``: epochs at 0.1 x lr first; default one when there are more than 2 epochs (a model
+    that is already trained, as in a continual-learning step, may need none)."""
     optimizer = create_optimizer_v2(model, "adamw", lr=p.lr, weight_decay=p.weight_decay, layer_decay=p.layer_decay,
                                     fused=True)
     cycles = p.lr_cycles
@@ -87,7 +89,9 @@ def build_optimizer(p: FinetuneParams, model: MultiDomainModel):
         t_initial = math.ceil(p.epochs / cycles)
     else:  # t + t*m + ... + t*m^(c-1) = epochs
         t_initial = max(1, round(p.epochs * (p.lr_cycle_mul - 1) / (p.lr_cycle_mul ** cycles - 1)))
-    scheduler = CosineLRScheduler(optimizer, t_initial=t_initial, warmup_t=1 if p.epochs > 2 else 0,
+    if warmup_epochs is None:
+        warmup_epochs = 1 if p.epochs > 2 else 0
+    scheduler = CosineLRScheduler(optimizer, t_initial=t_initial, warmup_t=warmup_epochs,
                                   warmup_lr_init=p.lr * 0.1, lr_min=p.lr * 0.01, cycle_mul=p.lr_cycle_mul,
                                   cycle_decay=p.lr_cycle_decay, cycle_limit=cycles)
     return optimizer, scheduler

@@ -109,3 +109,18 @@ def test_protocol_runs_erm_and_the_default_method_and_reruns_only_missing_cells(
     assert set(metrics) == set(methods) and 0 <= metrics["erm"]["heldout_acc/ink"] <= 1
     cells = json.loads(written["lodo.json"])["cells"]
     assert all(c["heldout"] == "ink" and "ink" not in c["seen_per_domain"] for c in cells)
+
+
+def test_cell_key_ignores_the_stage_layout_but_not_the_budget():
+    """A cell trains in one process: the stage's Ray layout and loader must not invalidate cached cells,
+    while anything that changes its training must."""
+    from flows.lodo import cell_hash
+
+    spec = {"method": "erm", "heldout": "ink", "seed": 0, "threads": 2, "manifest": "/a/m.csv", "image_root": "/a",
+            "finetune": {"epochs": 8, "batch_size": 32, "num_workers": 2, "cpus_per_worker": 1.0, "loader": "memory"}}
+    key = cell_hash(spec)
+    moved = spec | {"threads": 1, "manifest": "/b/m.csv", "image_root": "/b",
+                    "finetune": spec["finetune"] | {"num_workers": 1, "cpus_per_worker": 2.0, "loader": "stream"}}
+    assert cell_hash(moved) == key
+    assert cell_hash(spec | {"finetune": spec["finetune"] | {"epochs": 9}}) != key
+    assert cell_hash(spec | {"seed": 1}) != key

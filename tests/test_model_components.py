@@ -140,24 +140,26 @@ def test_pretrained_plain_backbone_loads_into_domain_bn():
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_domain_bn_fast_path_matches_the_routed_path(momentum):
-    """Training on one-hot routes takes torch's batch-norm kernel per domain; it must give the routed
-    computation's outputs, gradients and running statistics (a domain absent from the batch included)."""
+def test_domain_bn_kernel_path_matches_the_routed_path(momentum):
+    """A batch grouped by domain (the model's order in training on CPU) takes torch's batch-norm kernel per
+    domain; it must give the routed computation's outputs, gradients and running statistics (a domain
+    absent from the batch included)."""
     torch.manual_seed(0)
     fast = DomainBatchNorm2d(8, 3, momentum=momentum)
     with torch.no_grad():
         fast.weight.uniform_(0.5, 1.5)
         fast.bias.uniform_(-0.5, 0.5)
     routed = copy.deepcopy(fast)
-    routed._hard_domains = lambda w, x: None  # the general (routed) computation
     weights = torch.linspace(0, 1, 12 * 8 * 25).reshape(12, 8, 5, 5)
     for _ in range(3):
         x = torch.randn(12, 8, 5, 5) * 2 + 1
-        route = torch.nn.functional.one_hot(torch.tensor([0, 2])[torch.randint(0, 2, (12,))], 3).float()
+        domain = torch.tensor([0, 2])[torch.randint(0, 2, (12,))].sort().values
+        route = torch.nn.functional.one_hot(domain, 3).float()
         results = []
-        for m in (fast, routed):
+        for m, groups in ((fast, torch.bincount(domain, minlength=3).tolist()), (routed, None)):
             m.train()
-            m.set_route(route)
+            m.set_route(route, groups)
+            assert m._kernel_path_fits(x) == (groups is not None)
             xx = x.clone().requires_grad_(True)
             y = m(xx)
             (y * weights).sum().backward()
@@ -165,7 +167,49 @@ def test_domain_bn_fast_path_matches_the_routed_path(momentum):
             m.weight.grad = m.bias.grad = None
         for a, b in zip(*results):
             assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
-        assert fast._hard_domains(route, x) is not None  # the fast path was taken
     assert torch.allclose(fast.running_mean, routed.running_mean, atol=1e-5)
     assert torch.allclose(fast.running_var, routed.running_var, atol=1e-5)
     assert torch.equal(fast.running_mean[1], torch.zeros(8))  # domain 1 never came: untouched
+
+
+def test_domain_bn_one_value_per_channel_takes_the_routed_path():
+    """A domain with a single image at 1x1 spatial size: torch's kernel refuses it, the routed path not."""
+    bn = DomainBatchNorm2d(4, 2).train()
+    bn.set_route(torch.nn.functional.one_hot(torch.tensor([0, 0, 1]), 2).float(), [2, 1])
+    x = torch.randn(3, 4, 1, 1)
+    assert not bn._kernel_path_fits(x)
+    assert torch.isfinite(bn(x)).all()
+
+
+def test_model_in_domain_order_matches_the_routed_model():
+    """Training on CPU, the model runs a shuffled batch in domain order and undoes the order on the pooled
+    features: logits, every gradient and the running statistics equal the routed computation's."""
+    grouped = tiny(domain_bn=True, stage_adapters=[-2], stage_adapter_dim=4)
+    perturb(grouped)
+    routed = copy.deepcopy(grouped)
+    for m in routed._routed:  # force the routed computation: the model's grouping is never read
+        m._kernel_path_fits = lambda x: False
+    calls = []
+    for m in grouped.modules():
+        if isinstance(m, DomainBatchNorm2d):
+            m._normalize_groups = lambda xf, groups, run=m._normalize_groups: calls.append(groups) or run(xf, groups)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(12, 3, 32, 32, generator=g), torch.randint(0, 5, (12,), generator=g)
+    d = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0, 0, 2, 1, 2])
+    grads = []
+    for model in (grouped, routed):
+        model.train()
+        logits = model(x, d)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert calls and all(groups == [4, 3, 5] for groups in calls)  # the kernel path ran, on domain order
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-4)
+    assert grads[0][1].keys() == grads[1][1].keys()
+    for name, grad in grads[0][1].items():
+        assert torch.allclose(grad, grads[1][1][name], atol=1e-4), name
+    bn_a = [m for m in grouped.modules() if isinstance(m, DomainBatchNorm2d)]
+    bn_b = [m for m in routed.modules() if isinstance(m, DomainBatchNorm2d)]
+    for a, b in zip(bn_a, bn_b):
+        assert torch.allclose(a.running_mean, b.running_mean, atol=1e-5)
+        assert torch.allclose(a.running_var, b.running_var, atol=1e-5)
+    assert all(m.groups is None and m.route is None for m in grouped._routed)  # nothing left set after forward
