@@ -144,7 +144,9 @@ def cmd_experiment(args) -> int:
                        replay_strategy=pick(args.replay_strategy, cont.replay_strategy),
                        replay_per_batch=cont.replay_per_batch, few_shot_k=pick(args.few_shot_k, cont.few_shot_k),
                        few_shot_epochs=cont.few_shot_epochs, threads=args.threads, add_mode=args.add_mode,
-                       add_warmup_epochs=args.add_warmup_epochs, root=root)
+                       add_warmup_epochs=pick(args.add_warmup_epochs, cont.warmup_epochs),
+                       replay_kd_weight=pick(args.replay_kd_weight, cont.replay_kd_weight),
+                       add_lr=pick(args.add_lr, cont.lr), root=root)
         return 0
     if args.name == "lodo":
         from flows.lodo import DEFAULT_METHODS, lodo_flow
@@ -277,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--add-mode", choices=["joint", "parts_first"], default="joint",
                      help="continual: each arrival trains every weight, or the new domain's parts first")
     exp.add_argument("--add-warmup-epochs", type=int, help="continual: epochs at 0.1 x lr that start each joint "
-                                                           "arrival (default: 1 when --add-epochs > 2)")
+                                                           "arrival (params)")
+    exp.add_argument("--add-lr", type=float, help="continual: learning rate of each arrival (params)")
+    exp.add_argument("--replay-kd-weight", type=float, help="continual: each joint arrival also distils the "
+                     "model before it on the replayed images (0 = off; params)")
     exp.add_argument("--replay-fraction", type=float, help="continual: share of past training images replayed (params)")
     exp.add_argument("--replay-strategy", choices=["random", "reservoir", "hardest"], help="continual: buffer (params)")
     exp.add_argument("--few-shot-k", type=int, help="continual: labelled images per class of the last domain (params)")

@@ -68,14 +68,18 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
                    replay_fraction: float = 0.05, replay_strategy: str = "reservoir", replay_per_batch: int = 8,
                    few_shot_k: int = 10, few_shot_epochs: int = 20, tolerance: float = 0.02, threads: int = 2,
                    limit: int | None = None, add_mode: str = "joint", joint_lr_scale: float = 0.1,
-                   add_warmup_epochs: int | None = None, root: str = ".") -> dict:
+                   add_warmup_epochs: int | None = None, replay_kd_weight: float = 0.0, add_lr: float | None = None,
+                   root: str = ".") -> dict:
     """Domains of ``data`` (``digits``, ``glyphs`` or a tree path) arrive in ``order`` (default: a fixed
     order for the built-in data, sorted names for a tree). ``epochs``: the first domain's and the full
     retrain's budget; ``add_epochs``: each arrival's; ``replay_fraction`` of past training images kept
     (``replay_strategy``), ``replay_per_batch`` of them in every batch; ``tolerance``: the gate's allowed
     drop per old domain; ``add_mode``: ``joint`` (every weight learns each arrival) or ``parts_first`` (the
     new domain's parts alone first, then one joint epoch at ``joint_lr_scale`` x lr); ``add_warmup_epochs``:
-    the joint add step's epochs at 0.1 x lr (None: one when add_epochs > 2, as every other training)."""
+    the joint add step's epochs at 0.1 x lr (None: one when add_epochs > 2, as every other training);
+    ``replay_kd_weight``: the joint add step also distils the model before the arrival on the replayed
+    images (their logits kept, as in dark experience replay); 0 = off; ``add_lr``: the add step's learning
+    rate (None: the finetune params' lr, as every other training here)."""
     from mdcore.continual import REPLAY_STRATEGIES
     from mdcore.input_norm import input_size
     from mdcore.io import atomic_write_json, atomic_write_text
@@ -110,7 +114,9 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
             "replay_per_batch": replay_per_batch, "few_shot_k": few_shot_k, "few_shot_epochs": few_shot_epochs,
             "tolerance": tolerance} | ({"add_mode": add_mode, "joint_lr_scale": joint_lr_scale}
                                        if add_mode != "joint" else {}) | (
-                {"add_warmup_epochs": add_warmup_epochs} if add_warmup_epochs is not None else {})
+                {"add_warmup_epochs": add_warmup_epochs} if add_warmup_epochs is not None else {}) | (
+                {"replay_kd_weight": replay_kd_weight} if replay_kd_weight else {}) | (
+                {"add_lr": add_lr} if add_lr is not None else {})
     results, todo = [], []
     for s in seeds:
         spec = base | {"seed": int(s)}
@@ -127,7 +133,8 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
                "config": {k: base[k] for k in ("add_epochs", "replay_fraction", "replay_strategy", "replay_per_batch",
                                                "few_shot_k", "few_shot_epochs", "tolerance", "backbone", "image_size",
                                                "threads")} | {"method": method, "epochs": epochs, "batch_size": batch_size,
-                                             "add_mode": add_mode, "add_warmup_epochs": add_warmup_epochs},
+                                             "add_mode": add_mode, "add_warmup_epochs": add_warmup_epochs,
+                                             "replay_kd_weight": replay_kd_weight, "add_lr": add_lr},
                "aggregate": aggregate(results), "cells_run": len(todo), "cells_cached": len(results) - len(todo),
                "wall_s": round(time.perf_counter() - t0, 1)}
     report = markdown(summary)

@@ -25,11 +25,14 @@ def concat(a: ImageSet, b: ImageSet) -> ImageSet:
 
 
 def learn(model, train: ImageSet, val: ImageSet, p, batches: Callable[[int], Iterable[torch.Tensor]], *,
-          method=None, select: bool = True, warmup_epochs: int | None = None) -> dict:
+          method=None, select: bool = True, warmup_epochs: int | None = None, teacher=None,
+          kd_weight: float = 0.0) -> dict:
     """Fine-tune ``model`` in place for ``p.epochs`` over ``batches(epoch)`` (index tensors into ``train``);
     keep the epoch with the best accuracy on ``val`` (the known domains' validation split) when ``select``.
     Frozen parameters (``requires_grad`` False) stay as they are; ``warmup_epochs``: as in
-    ``build_optimizer`` (None: its default). Returns timings and the history."""
+    ``build_optimizer`` (None: its default). ``teacher`` (the model before a new domain was added): its
+    answers on the images of the domains it knows are kept with ``kd_weight`` x a distillation loss.
+    Returns timings and the history."""
     from mdcore.train import evaluate_split, finetune_epoch, training_view_batches
     from tasks.model_setup import build_method, build_optimizer
 
@@ -42,7 +45,9 @@ def learn(model, train: ImageSet, val: ImageSet, p, batches: Callable[[int], Ite
     for epoch in range(p.epochs):
         scheduler.step(epoch)
         stats = finetune_epoch(model, train, optimizer, batches(epoch), epoch=epoch, seed=p.seed,
-                               label_smoothing=p.label_smoothing, method=method)
+                               label_smoothing=p.label_smoothing, method=method, teacher=teacher,
+                               kd_weight=kd_weight if teacher is not None else 0.0,
+                               kd_domains=len(teacher.config.domains) if teacher is not None else None)
         v = evaluate_split(model, val, names) if select else {"acc": float("nan"), "loss": float("nan")}
         method.end_epoch(model, epoch, v)
         history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_acc": v["acc"]})
@@ -74,7 +79,9 @@ def train_sequence(spec: dict) -> dict:
     """``spec``: manifest, image_root, image_size, backbone, order (domains in arrival order), seed, threads,
     finetune (FinetuneParams fields: the budget of the first domain and of the full retrain), add_epochs,
     replay_fraction, replay_strategy, replay_per_batch, few_shot_k, few_shot_epochs, tolerance; optional:
-    add_mode, joint_lr_scale, add_warmup_epochs (the joint add step's warm-up; absent = build_optimizer's)."""
+    add_mode, joint_lr_scale, add_warmup_epochs (the joint add step's warm-up; absent = build_optimizer's),
+    replay_kd_weight (the joint add step distils the model before the arrival on replayed images), add_lr
+    (the add step's learning rate; absent = finetune's)."""
     from flows.lodo_cell import _all_images, _subset
     from mdcore.continual import (add_domain, few_shot_mask, gem_metrics, mixed_batches, nearest_domain,
                                   per_sample_losses, recompute_domain_norm, refit_prototypes, replay_budget, restore_domains,
@@ -89,7 +96,7 @@ def train_sequence(spec: dict) -> dict:
     torch.set_num_threads(int(spec.get("threads", 2)))
     seed, order = int(spec["seed"]), list(spec["order"])
     p = FinetuneParams.model_validate(spec["finetune"] | {"seed": seed})
-    p_add = p.model_copy(update={"epochs": int(spec["add_epochs"])})
+    p_add = p.model_copy(update={"epochs": int(spec["add_epochs"]), "lr": float(spec.get("add_lr", p.lr))})
     frame, data = _all_images(spec["manifest"], spec["image_root"], int(spec["image_size"]))
 
     def part(domain: str, split: str) -> ImageSet:
@@ -124,7 +131,7 @@ def train_sequence(spec: dict) -> dict:
     refit_prototypes(first, to_float(train[order[0]].images), train[order[0]].domains)
     row0 = _row(first, tests, 1)
 
-    def fit_new_domain(model, ds, new_idx, replay_idx, val_t, t) -> dict:
+    def fit_new_domain(model, ds, new_idx, replay_idx, val_t, t, teacher) -> dict:
         """``joint``: every weight learns from new + replayed images for add_epochs. ``parts_first``: the new
         domain's own parts learn alone first (add_epochs - 1 epochs, the other domains restored after),
         then one joint epoch with replay at ``joint_lr_scale`` x the learning rate."""
@@ -134,7 +141,9 @@ def train_sequence(spec: dict) -> dict:
 
         replayed = mixed(replay_idx, int(spec["replay_per_batch"]))
         if spec.get("add_mode", "joint") != "parts_first" or p_add.epochs < 2:
-            return learn(model, ds, val_t, p_add, replayed, warmup_epochs=spec.get("add_warmup_epochs"))
+            kd = float(spec.get("replay_kd_weight", 0.0))
+            return learn(model, ds, val_t, p_add, replayed, warmup_epochs=spec.get("add_warmup_epochs"),
+                         teacher=teacher if kd > 0 else None, kd_weight=kd)
         reference = {n: v.clone() for n, v in model.state_dict().items()}
         train_only_domain_parts(model)
         first = learn(model, ds, val_t, p_add.model_copy(update={"epochs": p_add.epochs - 1, "weight_decay": 0.0}),
@@ -155,6 +164,7 @@ def train_sequence(spec: dict) -> dict:
             new = order[t]
             nearest, sims = nearest_domain(model.eval(), to_float(train[new].images))
             before_gate = gate_acc(model, t - 1)
+            teacher = copy.deepcopy(model).eval()  # the model before the arrival (replay distillation)
             model = add_domain(model, new, init_from=nearest)
             past = known(train, t - 1)
             budget = replay_budget(len(past), fraction)
@@ -164,7 +174,7 @@ def train_sequence(spec: dict) -> dict:
             ds = concat(train[new], past.subset(torch.isin(torch.arange(len(past)), keep)))
             new_idx = torch.arange(len(train[new]))
             replay_idx = torch.arange(len(train[new]), len(ds))
-            info = fit_new_domain(model, ds, new_idx, replay_idx, known(val, t), t)
+            info = fit_new_domain(model, ds, new_idx, replay_idx, known(val, t), t, teacher)
             refit_prototypes(model, to_float(ds.images), ds.domains)
             R.append(_row(model, tests, t + 1))
             after_gate = gate_acc(model, t)

@@ -52,6 +52,7 @@ def warm_start(paths, params, out: str | Path) -> dict:
         return {"skipped": f"{seen_file} is missing: the champion's training data is unknown"}
     seen = set(json.loads(seen_file.read_text()))
     model = load_model(champ_dir)
+    teacher = load_model(champ_dir).eval() if params.replay_kd_weight > 0 else None  # the champion as it was
     frame = read_manifest(paths.train_manifest)
     finetune = load_params("finetune", paths.root / "params")
     if not finetune.use_synthetic:
@@ -87,7 +88,7 @@ def warm_start(paths, params, out: str | Path) -> dict:
     new_idx, replay_idx = torch.arange(len(new)), torch.arange(len(new), len(ds))
     info = learn(model, ds, val, p, lambda epoch: list(mixed_batches(
         new_idx, replay_idx, p.batch_size, params.replay_per_batch, epoch=epoch, seed=p.seed)),
-        warmup_epochs=params.warmup_epochs)
+        warmup_epochs=params.warmup_epochs, teacher=teacher, kd_weight=params.replay_kd_weight)
     refit_prototypes(model, to_float(ds.images), ds.domains)
     result = {"new_images": len(new), "past_images": len(past), "replay_images": len(keep),
               "new_domains": added, "domains": domains, "epochs": p.epochs, "train_s": round(info["train_s"], 2),

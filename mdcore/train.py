@@ -46,6 +46,7 @@ def finetune_epoch(
     teacher: nn.Module | None = None,
     kd_weight: float = 0.0,
     kd_temperature: float = 4.0,
+    kd_domains: int | None = None,
     method: "Method | None" = None,
     loader_workers: int = 0,
     loader: "BatchLoader | None" = None,
@@ -59,7 +60,9 @@ def finetune_epoch(
     balancing, alignment, supervised contrastive, ...) are computed inside forward, where DDP sees them.
     ``domain_weighting`` (mdcore.transfer.DomainWeighting) weights each image's classification loss by its
     domain (inverse frequency, GroupDRO, curriculum) and is updated after every step. ``teacher`` adds
-    ``kd_weight`` x the distillation loss towards the teacher's logits (temperature ``kd_temperature``).
+    ``kd_weight`` x the distillation loss towards the teacher's logits (temperature ``kd_temperature``), on
+    the images of domains ``0 .. kd_domains - 1`` only when ``kd_domains`` is set (a teacher that predates a
+    new domain: replayed images keep its answers, the new domain's images learn freely).
     ``method`` (mdcore.methods) decides each batch's augmentation and style randomization and is told after
     every step; without one, the mild default augmentation (``train_view``) applies.
     """
@@ -89,9 +92,11 @@ def finetune_epoch(
             loss = (w * per_sample).sum() / w.sum().clamp(min=1e-12)
             domain_weighting.update(per_sample, d)
         if teacher is not None and kd_weight > 0:
-            with torch.no_grad():
-                t_logits = teacher(x, d)
-            aux = dict(aux, kd=kd_weight * distillation_loss(logits, t_logits, kd_temperature))
+            rows = slice(None) if kd_domains is None else (d < kd_domains).nonzero().flatten()
+            if kd_domains is None or len(rows):
+                with torch.no_grad():
+                    t_logits = teacher(x[rows], d[rows])
+                aux = dict(aux, kd=kd_weight * distillation_loss(logits[rows], t_logits, kd_temperature))
         for name, term in aux.items():
             loss = loss + term
             aux_totals[name] = aux_totals.get(name, 0.0) + float(term.detach()) * len(idx)

@@ -295,8 +295,9 @@ class ContinualParams(StageParams):
                                                "replay buffer of past ones (new domains get parts copied from the "
                                                "nearest known domain); off = rerun the whole pipeline from scratch")
     epochs: int = Field(3, ge=1, description="Warm start: epochs over the new images (each batch topped up with replay)")
-    lr: float = Field(1e-3, gt=0, description="Warm start: learning rate (one for all layers)")
-    warmup_epochs: int = Field(1, ge=0, description="Warm start: epochs at 0.1 x lr before the cosine schedule "
+    lr: float = Field(5e-4, gt=0, description="Warm start: learning rate (one for all layers; chosen on the gate "
+                                               "split, BENCHMARKS.md)")
+    warmup_epochs: int = Field(0, ge=0, description="Warm start: epochs at 0.1 x lr before the cosine schedule "
                                                      "(the champion is already trained; 0 = none)")
     batch_size: int = Field(32, ge=2, description="Warm start: images per step, replay included")
     replay_fraction: float = Field(0.05, ge=0, le=1, description="Share of past training images kept for replay")
@@ -305,6 +306,8 @@ class ContinualParams(StageParams):
         "reservoir", description="random: uniform over past images; reservoir: per-domain reservoir, equal share "
                                  "per domain; hardest: per domain, the highest loss under the champion")
     replay_per_batch: int = Field(8, ge=0, description="Replay images in every batch (drawn from the buffer)")
+    replay_kd_weight: float = Field(0.0, ge=0, description="Warm start: distil the champion's own answers on the "
+                                                           "replayed images (dark experience replay); 0 = off")
     few_shot_k: int = Field(10, ge=1, description="Few-shot adaptation: labelled images per class of a new domain")
     few_shot_epochs: int = Field(20, ge=1, description="Few-shot adaptation: epochs over the k-per-class images")
     threads: int = Field(1, ge=1, description="Torch threads of the in-process warm start")

@@ -146,3 +146,25 @@ def test_few_shot_mask_takes_k_per_class():
     assert not torch.equal(mask, few_shot_mask(labels, 5, seed=1))
     with pytest.raises(ValueError, match="k must be"):
         few_shot_mask(labels, 0)
+
+
+def test_distillation_from_the_model_before_a_new_domain_covers_only_the_domains_it_knows():
+    """The add step's replay distillation: the teacher (the model before the arrival) knows 2 domains; a
+    batch of the new domain alone has no distillation term, a mixed batch has one from its old images."""
+    from mdcore.images import ImageSet
+    from mdcore.train import finetune_epoch
+
+    teacher = tiny(supcon_weight=0.0, proj_dim=0, head="linear")
+    perturb(teacher)
+    student = add_domain(teacher, "c", init_from=1)
+    images = (torch.rand(12, 3, 32, 32) * 255).to(torch.uint8)
+    data = ImageSet(images, torch.randint(0, 4, (12,)), torch.tensor([2] * 6 + [0, 1] * 3), ["a", "b", "c"], CLASSES)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0)  # lr 0: the same weights for both epochs
+    seen = []
+    teacher.forward = lambda x, d, forward=teacher.forward: seen.append(d.clone()) or forward(x, d)
+    new_only = finetune_epoch(student, data, optimizer, [torch.arange(6)], epoch=0, seed=0, teacher=teacher,
+                              kd_weight=1.0, kd_domains=2)
+    mixed = finetune_epoch(student, data, optimizer, [torch.arange(12)], epoch=0, seed=0, teacher=teacher,
+                           kd_weight=1.0, kd_domains=2)
+    assert "aux/kd" not in new_only and mixed["aux/kd"] > 0
+    assert len(seen) == 1 and sorted(seen[0].tolist()) == [0, 0, 0, 1, 1, 1]  # only the old domains' images

@@ -47,7 +47,8 @@ def test_warm_start_adds_the_new_domain_with_replay_and_the_gate_reports_forgett
 
     ws, frame = _workspace(tmp_path)
     paths = load_paths(ws)
-    params = ContinualParams(epochs=2, batch_size=16, replay_fraction=0.25, replay_per_batch=4, replay_strategy="hardest")
+    params = ContinualParams(epochs=2, batch_size=16, replay_fraction=0.25, replay_per_batch=4, replay_strategy="hardest",
+                             warmup_epochs=0, replay_kd_weight=1.0)
     result = warm_start(paths, params, ws / "cand")
     new = frame[(frame["split"] == "train") & (frame["domain"] == "lowlight")]
     past = frame[(frame["split"] == "train") & frame["domain"].isin(OLD)]
