@@ -1,5 +1,7 @@
 """Memory and speed of the finetune data path: images decoded up front ("memory") or on demand
-("stream", DataLoader workers ahead of training), on a generated tree of 224-px JPEGs.
+("stream", DataLoader workers ahead of training; "stream_cache": the same with ``decoded_cache``, each
+image decoded once into a fresh on-disk cache and read from it in later epochs), on a generated tree of
+224-px JPEGs.
 
 For each (loader, dataset size) a fresh process builds the training ImageSet the way a finetune worker
 does, then runs ``--steps`` training steps of a timm model on domain-balanced batches; it reports peak
@@ -55,8 +57,11 @@ def measure(root: str, n: int, loader: str, steps: int, batch: int, size: int, w
     paths = sorted(Path(root).rglob("*.jpg"))[:n]
     frame = pd.DataFrame({"path": [str(p.relative_to(root)) for p in paths], "domain": [p.parts[-3] for p in paths],
                           "label": [p.parts[-2] for p in paths], "source": "real"})
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix="bench-decoded-") if loader == "stream_cache" else None
     t0 = time.perf_counter()
-    data = load_images(frame, {"real": Path(root)}, size, lazy=loader == "stream")
+    data = load_images(frame, {"real": Path(root)}, size, lazy=loader != "memory", cache_dir=cache)
     setup_s = time.perf_counter() - t0
     dev = torch.device(device)
     net = timm.create_model(backbone, num_classes=10).to(dev)
@@ -72,7 +77,7 @@ def measure(root: str, n: int, loader: str, steps: int, batch: int, size: int, w
     first_batch_s = None
     wait = train = 0.0
     images, per_epoch, wait_per_epoch = 0, [], []
-    with BatchLoader(data.images, workers if loader == "stream" else 0, pin_memory=dev.type == "cuda") as batch_loader:
+    with BatchLoader(data.images, workers if loader != "memory" else 0, pin_memory=dev.type == "cuda") as batch_loader:
         for epoch in range(epochs):
             batches = list(domain_balanced_batches(data.domains, batch, epoch=epoch, seed=0))[:steps]
             images += len(batches) * batch
@@ -103,14 +108,16 @@ def measure(root: str, n: int, loader: str, steps: int, batch: int, size: int, w
             "setup_s": round(setup_s, 1),
             "peak_rss_mb": round(peak_self, 1), "peak_loader_worker_rss_mb": round(peak_children, 1),
             "images_per_s": round(images / (wait + train), 1), "epoch_images_per_s": per_epoch,
-            "wait_share": round(wait / (wait + train), 3), "epoch_wait_share": wait_per_epoch}
+            "wait_share": round(wait / (wait + train), 3), "epoch_wait_share": wait_per_epoch,
+            **({"decoded_cache_mb": round(sum(f.stat().st_size for f in Path(cache).glob("*.npy")) / 2**20, 1)}
+               if cache else {})}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="/tmp/mdpipe-bench-tree")
     ap.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000])
-    ap.add_argument("--loaders", nargs="+", default=["stream"])
+    ap.add_argument("--loaders", nargs="+", default=["stream"], choices=["memory", "stream", "stream_cache"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--image-size", type=int, default=224)

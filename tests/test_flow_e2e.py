@@ -26,7 +26,8 @@ def test_mdpipe_run_on_a_user_tree_then_dvc_is_in_sync(tmp_path):
     ws = make_workspace(tmp_path / "ws", validate={"min_images_per_class": 0})
     cmd = [sys.executable, "-m", "flows.cli", "run", "--data", str(tree), "--holdout", "nightcam",
            "-S", "pretrain.epochs=1", "-S", "finetune.epochs=6", "-S", "finetune.batch_size=32",
-           "-S", "finetune.num_workers=2", "-S", "synthesize.target_per_class=8"]
+           "-S", "finetune.num_workers=2", "-S", "finetune.cpus_per_worker=1",
+           "-S", "synthesize.target_per_class=8"]
     log_out, log_err = tmp_path / "run.out", tmp_path / "run.err"
     with open(log_out, "w") as fout, open(log_err, "w") as ferr:
         proc = subprocess.Popen(cmd, cwd=ws, stdout=fout, stderr=ferr, text=True)
