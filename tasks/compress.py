@@ -71,7 +71,7 @@ def run(params: CompressParams, paths: Paths) -> StageResult:
               "train_manifest_sha256": sha256_file(paths.train_manifest),
               "params": params.model_dump(mode="json")}
     sc = ScoreConfig(threads=params.threads, max_drop=params.max_drop, latency_repeats=params.latency_repeats,
-                     ship_by=params.ship_by, seed=params.seed)
+                     ship_by=params.ship_by, ship_from=tuple(params.ship_from), seed=params.seed)
     with atomic_dir(paths.compressed) as out, atomic_dir(paths.compress_report) as rep:
         result = compress(teacher, train, sets, build_config(params), sc, out, rep, source,
                           teacher_file.stat().st_size)

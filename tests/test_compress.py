@@ -176,3 +176,20 @@ def test_compress_builds_scores_and_ships_an_onnx_file_with_card(tmp_path):
     logits = fresh.run(None, {"images": x.numpy(), "domain": d.numpy().astype(np.int64)})[0]
     acc = {n: float((logits.argmax(1)[d.numpy() == i] == y.numpy()[d.numpy() == i]).mean()) for i, n in enumerate(names)}
     assert acc == pytest.approx(shipped["select_acc"])
+
+
+def test_the_shipped_variant_is_the_smallest_accepted_one_among_those_allowed():
+    from mdcore.deploy.run import pick_shipped
+
+    def row(name, accepted, mb, ms):
+        return {"name": name, "accepted": accepted, "file_bytes": mb * 2**20, "reason": "r",
+                "latency": {"b1": {"median_ms": ms}}}
+
+    rows = [row("fp32", True, 20, 1.2), row("int8", True, 5.6, 1.1), row("pruned", True, 9.9, 0.9),
+            row("pruned+int8", True, 2.8, 1.0), row("student", False, 1.9, 0.5)]
+    assert pick_shipped(rows, "size")["name"] == "pruned+int8"
+    assert pick_shipped(rows, "latency")["name"] == "pruned"
+    assert pick_shipped(rows, "size", ("fp32", "int8"))["name"] == "int8"
+    assert pick_shipped(rows, "latency", ("fp32", "int8"))["name"] == "int8"
+    with pytest.raises(RuntimeError, match=r"ship_from \['student'\].*student: r"):
+        pick_shipped(rows, "size", ("student",))

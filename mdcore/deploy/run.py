@@ -32,7 +32,22 @@ class ScoreConfig:
     max_drop: float = 0.01
     latency_repeats: int = 30
     ship_by: str = "size"  # among accepted variants: "size" (smallest file) or "latency" (fastest at batch 1)
+    ship_from: tuple[str, ...] | None = None  # variants allowed to ship; None = every accepted one
     seed: int = 0
+
+
+def pick_shipped(rows: list[dict], ship_by: str, ship_from: tuple[str, ...] | None = None) -> dict:
+    """The variant that ships: among the accepted rows whose name is in ``ship_from`` (every accepted row
+    when None), the smallest file (``ship_by`` "size") or the fastest at batch 1 ("latency"). None
+    eligible is an error that gives every variant's decision."""
+    accepted = [r for r in rows if r["accepted"] and (ship_from is None or r["name"] in ship_from)]
+    if not accepted:
+        allowed = "" if ship_from is None else f" among compress.ship_from {list(ship_from)}"
+        raise RuntimeError(f"compress: no variant accepted{allowed}; "
+                           + "; ".join(f"{r['name']}: {r['reason']}" for r in rows))
+    key = (lambda r: (r["file_bytes"], r["latency"]["b1"]["median_ms"])) if ship_by == "size" else \
+        (lambda r: (r["latency"]["b1"]["median_ms"], r["file_bytes"]))
+    return min(accepted, key=key)
 
 
 def machine() -> dict:
@@ -81,12 +96,7 @@ def compress(teacher: MultiDomainModel, train: ImageSet, sets: EvalSets, build: 
         row["accepted"], row["reason"] = decide(reference, row, sc.max_drop)
         log.info("%-14s %s", v.name, ("accepted: " if row["accepted"] else "rejected: ") + row["reason"])
         rows.append(row)
-    accepted = [r for r in rows if r["accepted"]]
-    if not accepted:
-        raise RuntimeError("compress: no variant accepted; " + "; ".join(f"{r['name']}: {r['reason']}" for r in rows[1:]))
-    key = (lambda r: (r["file_bytes"], r["latency"]["b1"]["median_ms"])) if sc.ship_by == "size" else \
-        (lambda r: (r["latency"]["b1"]["median_ms"], r["file_bytes"]))
-    shipped = min(accepted, key=key)
+    shipped = pick_shipped(rows[1:], sc.ship_by, sc.ship_from)
     shipped["shipped"] = True
     info = machine()
     for v in variants:
