@@ -51,4 +51,7 @@ def make_workspace(dest: Path, **param_overrides: dict) -> Path:
 
 @pytest.fixture
 def workspace(tmp_path) -> Path:
-    return make_workspace(tmp_path / "ws", ingest={"builtin_limit": 500}, validate={"min_images_per_class": 0})
+    # tiny data, and no pruned variant in the stage runs (about 25 s each; test_compress builds and scores
+    # one through the same code)
+    return make_workspace(tmp_path / "ws", ingest={"builtin_limit": 500}, validate={"min_images_per_class": 0},
+                          compress={"prune_ratio": 0.0})
