@@ -164,7 +164,8 @@ def train_sequence(spec: dict) -> dict:
             new = order[t]
             nearest, sims = nearest_domain(model.eval(), to_float(train[new].images))
             before_gate = gate_acc(model, t - 1)
-            teacher = copy.deepcopy(model).eval()  # the model before the arrival (replay distillation)
+            # the model before the arrival, kept only for replay distillation
+            teacher = copy.deepcopy(model).eval() if float(spec.get("replay_kd_weight", 0.0)) > 0 else None
             model = add_domain(model, new, init_from=nearest)
             past = known(train, t - 1)
             budget = replay_budget(len(past), fraction)

@@ -8,6 +8,7 @@ rows), so "new" means new content whatever the file names, and the buffer only h
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ def warm_start(paths, params, out: str | Path) -> dict:
         return {"skipped": f"{seen_file} is missing: the champion's training data is unknown"}
     seen = set(json.loads(seen_file.read_text()))
     model = load_model(champ_dir)
-    teacher = load_model(champ_dir).eval() if params.replay_kd_weight > 0 else None  # the champion as it was
+    teacher = copy.deepcopy(model).eval() if params.replay_kd_weight > 0 else None  # the champion as it was
     frame = read_manifest(paths.train_manifest)
     finetune = load_params("finetune", paths.root / "params")
     if not finetune.use_synthetic:
