@@ -100,6 +100,12 @@ def measure(root: str, n: int, loader: str, steps: int, batch: int, size: int, w
                 train += t - t1
             per_epoch.append(round(len(batches) * batch / (time.perf_counter() - start), 1))
             wait_per_epoch.append(round(epoch_wait / (time.perf_counter() - start), 3))
+    cache_mb = None
+    if cache:  # measured, then removed: each run starts from an empty cache
+        import shutil
+
+        cache_mb = round(sum(f.stat().st_size for f in Path(cache).glob("*.npy")) / 2**20, 1)
+        shutil.rmtree(cache, ignore_errors=True)
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"loader": loader, "images": n, "size": size, "epochs": epochs, "threads": threads, "device": device,
@@ -109,8 +115,7 @@ def measure(root: str, n: int, loader: str, steps: int, batch: int, size: int, w
             "peak_rss_mb": round(peak_self, 1), "peak_loader_worker_rss_mb": round(peak_children, 1),
             "images_per_s": round(images / (wait + train), 1), "epoch_images_per_s": per_epoch,
             "wait_share": round(wait / (wait + train), 3), "epoch_wait_share": wait_per_epoch,
-            **({"decoded_cache_mb": round(sum(f.stat().st_size for f in Path(cache).glob("*.npy")) / 2**20, 1)}
-               if cache else {})}
+            **({"decoded_cache_mb": cache_mb} if cache else {})}
 
 
 def main() -> None:
