@@ -26,10 +26,26 @@ log = logging.getLogger("mdpipe.finetune")
 
 
 def retire_run(run_path: str) -> str:
-    """A finished run moves aside (kept for inspection), so the same inputs later train afresh."""
+    """A finished run moves aside, so the same inputs later train afresh. Its record (per-epoch progress,
+    Ray's checkpoint list) stays for inspection; its checkpoints go: the stage has shipped the selected
+    model, and at about 100 MB each, kept checkpoints of every finished run filled users' disks."""
     done = Path(run_path).with_name(f"{Path(run_path).name}-done-{time.strftime('%Y%m%d-%H%M%S')}")
     Path(run_path).rename(done)
+    drop_finished_checkpoints(done.parent)
     return str(done)
+
+
+def drop_finished_checkpoints(storage: Path) -> int:
+    """Delete the checkpoint folders of every retired run in Ray's storage (also those left by versions
+    that kept them); an unfinished run keeps its own, since a retry resumes from them. Returns bytes freed."""
+    freed = 0
+    for folder in storage.glob("*-done-*/checkpoint_*"):
+        if folder.is_dir():
+            freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            shutil.rmtree(folder, ignore_errors=True)
+    if freed:
+        log.info("freed %.0f MB of finished runs' checkpoints in %s", freed / 1e6, storage)
+    return freed
 
 
 def write_live(history: list[dict], folder: Path) -> None:

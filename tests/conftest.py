@@ -18,6 +18,15 @@ for key, value in {
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def scratch_caches(tmp_path_factory):
+    """Ray Train's run storage and the decoded-image cache go to the session's temporary folder, not the
+    user's ~/.cache/mdpipe (which is what a pipeline run uses)."""
+    for key, name in {"MDPIPE_RAY_STORAGE": "ray_results", "MDPIPE_DECODED_CACHE": "decoded"}.items():
+        os.environ[key] = str(tmp_path_factory.mktemp(name))
+    yield
+
+
 @pytest.fixture(scope="session")
 def builtin_tree(tmp_path_factory) -> Path:
     """The full built-in dataset (1,797 digits, 4 domains), made once per session."""

@@ -1,6 +1,7 @@
 """The finetune stage as a real Ray Train job: DDP keeps workers in sync, 2 workers match 1, and a
 killed worker is replaced and the run resumes from its last checkpoint."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +71,27 @@ def test_failure_without_retries_is_an_error_and_keeps_the_last_model(prepared):
     assert [row["epoch"] for row in history] == [1, 2, 3]
     assert history[0]["attempt"] == 0 and history[-1]["attempt"] == 1 and again["restarts"] == 1
     assert "-done-" in again["ray_storage"]  # retired: the same inputs next time train afresh
+    retired = Path(again["ray_storage"])
+    assert (retired / "progress.jsonl").is_file()  # the record stays, the checkpoints go
+    assert not [f for f in retired.glob("checkpoint_*") if f.is_dir()]
+
+
+def test_retiring_a_run_drops_finished_checkpoints_and_keeps_unfinished_ones(tmp_path):
+    from tasks.finetune import retire_run
+
+    def run_with_checkpoints(name):
+        for i in range(2):
+            (tmp_path / name / f"checkpoint_{i}").mkdir(parents=True)
+            (tmp_path / name / f"checkpoint_{i}" / "model.safetensors").write_bytes(b"x" * 1000)
+        (tmp_path / name / "progress.jsonl").write_text("{}\n")
+        return tmp_path / name
+
+    old_finished = run_with_checkpoints("finetune-aaaa-done-20260101-000000")  # left by an older version
+    unfinished = run_with_checkpoints("finetune-bbbb")  # a failed run a retry will resume
+    retired = Path(retire_run(str(run_with_checkpoints("finetune-cccc"))))
+    assert retired.name.startswith("finetune-cccc-done-") and (retired / "progress.jsonl").is_file()
+    assert not list(retired.glob("checkpoint_*")) and not list(old_finished.glob("checkpoint_*"))
+    assert len(list(unfinished.glob("checkpoint_*"))) == 2
 
 
 def test_a_scaling_config_this_machine_cannot_run_is_a_clear_error(prepared):
