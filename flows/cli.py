@@ -146,7 +146,8 @@ def cmd_experiment(args) -> int:
                        few_shot_epochs=cont.few_shot_epochs, threads=args.threads, add_mode=args.add_mode,
                        add_warmup_epochs=pick(args.add_warmup_epochs, cont.warmup_epochs),
                        replay_kd_weight=pick(args.replay_kd_weight, cont.replay_kd_weight),
-                       add_lr=pick(args.add_lr, cont.lr), root=root)
+                       add_lr=pick(args.add_lr, cont.lr), joint_lr_scale=args.joint_lr_scale,
+                       parts_lr_scale=args.parts_lr_scale, joint_epochs=args.joint_epochs, root=root)
         return 0
     if args.name == "lodo":
         from flows.lodo import DEFAULT_METHODS, lodo_flow
@@ -278,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--add-epochs", type=int, help="continual: epochs per domain arrival (default: params/continual.yaml)")
     exp.add_argument("--add-mode", choices=["joint", "parts_first"], default="joint",
                      help="continual: each arrival trains every weight, or the new domain's parts first")
+    exp.add_argument("--joint-lr-scale", type=float, default=0.1, help="continual, parts_first: the joint "
+                     "epochs' learning rate as a multiple of the arrival's")
+    exp.add_argument("--parts-lr-scale", type=float, default=1.0, help="continual, parts_first: the new domain's "
+                     "parts-only epochs' learning rate as a multiple of the arrival's")
+    exp.add_argument("--joint-epochs", type=int, default=1, help="continual, parts_first: joint epochs that end "
+                     "each arrival (the rest of --add-epochs train the new domain's parts alone)")
     exp.add_argument("--add-warmup-epochs", type=int, help="continual: epochs at 0.1 x lr that start each joint "
                                                            "arrival (params)")
     exp.add_argument("--add-lr", type=float, help="continual: learning rate of each arrival (params)")

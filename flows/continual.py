@@ -69,13 +69,14 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
                    few_shot_k: int = 10, few_shot_epochs: int = 20, tolerance: float = 0.02, threads: int = 2,
                    limit: int | None = None, add_mode: str = "joint", joint_lr_scale: float = 0.1,
                    add_warmup_epochs: int | None = None, replay_kd_weight: float = 0.0, add_lr: float | None = None,
-                   root: str = ".") -> dict:
+                   parts_lr_scale: float = 1.0, joint_epochs: int = 1, root: str = ".") -> dict:
     """Domains of ``data`` (``digits``, ``glyphs`` or a tree path) arrive in ``order`` (default: a fixed
     order for the built-in data, sorted names for a tree). ``epochs``: the first domain's and the full
     retrain's budget; ``add_epochs``: each arrival's; ``replay_fraction`` of past training images kept
     (``replay_strategy``), ``replay_per_batch`` of them in every batch; ``tolerance``: the gate's allowed
     drop per old domain; ``add_mode``: ``joint`` (every weight learns each arrival) or ``parts_first`` (the
-    new domain's parts alone first, then one joint epoch at ``joint_lr_scale`` x lr); ``add_warmup_epochs``:
+    new domain's parts alone first at ``parts_lr_scale`` x lr, then ``joint_epochs`` joint epochs at
+    ``joint_lr_scale`` x lr); ``add_warmup_epochs``:
     the joint add step's epochs at 0.1 x lr (None: one when add_epochs > 2, as every other training);
     ``replay_kd_weight``: the joint add step also distils the model before the arrival on the replayed
     images (their logits kept, as in dark experience replay); 0 = off; ``add_lr``: the add step's learning
@@ -90,6 +91,8 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
     t0 = time.perf_counter()
     if add_mode not in ("joint", "parts_first"):
         raise ValueError(f"add_mode {add_mode!r}: expected 'joint' or 'parts_first'")
+    if add_mode == "parts_first" and not 1 <= joint_epochs < add_epochs:
+        raise ValueError(f"joint_epochs {joint_epochs}: parts_first needs 1 <= joint_epochs < add_epochs ({add_epochs})")
     if replay_strategy not in REPLAY_STRATEGIES:
         raise ValueError(f"replay_strategy {replay_strategy!r}: expected one of {list(REPLAY_STRATEGIES)}")
     paths = load_paths(root)
@@ -114,6 +117,8 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
             "replay_per_batch": replay_per_batch, "few_shot_k": few_shot_k, "few_shot_epochs": few_shot_epochs,
             "tolerance": tolerance} | ({"add_mode": add_mode, "joint_lr_scale": joint_lr_scale}
                                        if add_mode != "joint" else {}) | (
+                {"parts_lr_scale": parts_lr_scale} if add_mode != "joint" and parts_lr_scale != 1.0 else {}) | (
+                {"joint_epochs": joint_epochs} if add_mode != "joint" and joint_epochs != 1 else {}) | (
                 {"add_warmup_epochs": add_warmup_epochs} if add_warmup_epochs is not None else {}) | (
                 {"replay_kd_weight": replay_kd_weight} if replay_kd_weight else {}) | (
                 {"add_lr": add_lr} if add_lr is not None else {})
@@ -134,6 +139,8 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
                                                "few_shot_k", "few_shot_epochs", "tolerance", "backbone", "image_size",
                                                "threads")} | {"method": method, "epochs": epochs, "batch_size": batch_size,
                                              "add_mode": add_mode, "add_warmup_epochs": add_warmup_epochs,
+                                             "joint_lr_scale": joint_lr_scale, "parts_lr_scale": parts_lr_scale,
+                                             "joint_epochs": joint_epochs,
                                              "replay_kd_weight": replay_kd_weight, "add_lr": add_lr},
                "aggregate": aggregate(results), "cells_run": len(todo), "cells_cached": len(results) - len(todo),
                "wall_s": round(time.perf_counter() - t0, 1)}

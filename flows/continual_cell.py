@@ -79,7 +79,7 @@ def train_sequence(spec: dict) -> dict:
     """``spec``: manifest, image_root, image_size, backbone, order (domains in arrival order), seed, threads,
     finetune (FinetuneParams fields: the budget of the first domain and of the full retrain), add_epochs,
     replay_fraction, replay_strategy, replay_per_batch, few_shot_k, few_shot_epochs, tolerance; optional:
-    add_mode, joint_lr_scale, add_warmup_epochs (the joint add step's warm-up; absent = build_optimizer's),
+    add_mode, joint_lr_scale, parts_lr_scale, joint_epochs (parts_first), add_warmup_epochs (the joint add step's warm-up; absent = build_optimizer's),
     replay_kd_weight (the joint add step distils the model before the arrival on replayed images), add_lr
     (the add step's learning rate; absent = finetune's)."""
     from flows.lodo_cell import _all_images, _subset
@@ -133,27 +133,31 @@ def train_sequence(spec: dict) -> dict:
 
     def fit_new_domain(model, ds, new_idx, replay_idx, val_t, t, teacher) -> dict:
         """``joint``: every weight learns from new + replayed images for add_epochs. ``parts_first``: the new
-        domain's own parts learn alone first (add_epochs - 1 epochs, the other domains restored after),
-        then one joint epoch with replay at ``joint_lr_scale`` x the learning rate."""
+        domain's own parts learn alone first (add_epochs - joint_epochs epochs at ``parts_lr_scale`` x the
+        learning rate: they start as a copy of another domain's, and nothing else moves), the other domains
+        restored after; then ``joint_epochs`` (default 1) with replay at ``joint_lr_scale`` x the rate."""
         def mixed(idx_replay, per_batch):
             return lambda epoch: list(mixed_batches(new_idx, idx_replay, p.batch_size, per_batch, epoch=epoch,
                                                     seed=seed))
 
         replayed = mixed(replay_idx, int(spec["replay_per_batch"]))
-        if spec.get("add_mode", "joint") != "parts_first" or p_add.epochs < 2:
+        joint_epochs = int(spec.get("joint_epochs", 1))
+        if spec.get("add_mode", "joint") != "parts_first" or p_add.epochs <= joint_epochs:
             kd = float(spec.get("replay_kd_weight", 0.0))
             return learn(model, ds, val_t, p_add, replayed, warmup_epochs=spec.get("add_warmup_epochs"),
                          teacher=teacher if kd > 0 else None, kd_weight=kd)
         reference = {n: v.clone() for n, v in model.state_dict().items()}
         train_only_domain_parts(model)
-        first = learn(model, ds, val_t, p_add.model_copy(update={"epochs": p_add.epochs - 1, "weight_decay": 0.0}),
-                      mixed(replay_idx[:0], 0))
+        first = learn(model, ds, val_t, p_add.model_copy(update={
+            "epochs": p_add.epochs - joint_epochs, "weight_decay": 0.0,
+            "lr": p_add.lr * float(spec.get("parts_lr_scale", 1.0))}), mixed(replay_idx[:0], 0))
         restore_domains(model, reference, keep=t)
         for q in model.parameters():
             q.requires_grad_(True)
         # the joint epoch at joint_lr_scale x lr: as gentle as the joint mode's warm-up epoch by default
         second = learn(model, ds, val_t, p_add.model_copy(update={
-            "epochs": 1, "lr": p_add.lr * float(spec.get("joint_lr_scale", 0.1))}), replayed)
+            "epochs": joint_epochs, "lr": p_add.lr * float(spec.get("joint_lr_scale", 0.1))}), replayed,
+            warmup_epochs=spec.get("add_warmup_epochs"))
         return {"train_s": first["train_s"] + second["train_s"],
                 "images_seen": first["images_seen"] + second["images_seen"]}
 
