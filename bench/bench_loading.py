@@ -114,6 +114,8 @@ def measure(root: str, n: int, loader: str, steps: int, batch: int, size: int, w
             "setup_s": round(setup_s, 1),
             "peak_rss_mb": round(peak_self, 1), "peak_loader_worker_rss_mb": round(peak_children, 1),
             "images_per_s": round(images / (wait + train), 1), "epoch_images_per_s": per_epoch,
+            # what the stage's run sees: memory's up-front decoding counted too, as stream's start-up is
+            "run_images_per_s": round(images / (setup_s + wait + train), 1),
             "wait_share": round(wait / (wait + train), 3), "epoch_wait_share": wait_per_epoch,
             **({"decoded_cache_mb": cache_mb} if cache else {})}
 

@@ -10,9 +10,17 @@ recipe fine-tunes in this process with the finetune worker function (``tasks.fin
 - ``adapters_only``: backbone frozen, per-domain batch-norm affine + adapters + head train;
 - ``gradual_ld``: gradual unfreezing from the top (one group per epoch) + layer-wise lr decay 0.7;
 - ``full``: every weight trains at one learning rate;
+- ``default``: ``params/finetune.yaml`` as shipped (every weight trains, timm layer-wise lr decay 0.8);
 - ``scratch``: ``full`` from random weights (the control).
 
-Usage: python -m bench.bench_transfer [--epochs 5] [--seeds 0 1 2] [--pretrain-epochs 8] [--out FILE]
+Two options make the target harder or the source closer: ``--labels-per-class K`` keeps K labelled training
+images per class and domain of the target (the same K for every recipe and seed; validation and test
+unchanged), and ``--target-pretrain-epochs N`` runs the target's own pretrain stage for N SimCLR epochs on
+top of the exported file over the target's training images, labels unused (domain-adaptive continued
+pretraining, before the labels are cut).
+
+Usage: python -m bench.bench_transfer [--epochs 5] [--seeds 0 1 2] [--pretrain-epochs 8]
+       [--labels-per-class K] [--target-pretrain-epochs N] [--out FILE]
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ RECIPES = {
     "adapters_only": {"adapters_only": True, "layer_decay": None},
     "gradual_ld": {"gradual_unfreeze_every": 1, "layer_decay": 0.7},
     "full": {"layer_decay": None},
+    "default": {},  # params/finetune.yaml as shipped (no freezing, layer decay 0.8)
     "scratch": {"layer_decay": None},
 }
 
@@ -46,8 +55,10 @@ def workspace(dest: Path, **overrides: dict) -> Path:
     return dest
 
 
-def prepare(root: Path, pretrain_epochs: int, threads: int) -> tuple[Path, dict]:
-    """Pretrain on digits and export; set up glyphs starting from the file. Returns (target, timings)."""
+def prepare(root: Path, pretrain_epochs: int, threads: int, target_pretrain_epochs: int = 0,
+            labels_per_class: int | None = None) -> tuple[Path, dict]:
+    """Pretrain on digits and export; set up glyphs starting from the file (continued pretraining on glyphs
+    when ``target_pretrain_epochs``; then ``labels_per_class`` cuts its labels). Returns (target, timings)."""
     from tasks.stage import execute
 
     quick = {"validate": {"min_images_per_class": 0}, "synthesize": {"enabled": False}}
@@ -59,11 +70,32 @@ def prepare(root: Path, pretrain_epochs: int, threads: int) -> tuple[Path, dict]
         execute(stage, source)
     exported = source / "models/pretrained/backbone.safetensors"
     t1 = time.perf_counter()
+    adapt = ({"enabled": True, "epochs": target_pretrain_epochs, "threads": threads, "device": "cpu"}
+             if target_pretrain_epochs else {"enabled": False})
     target = workspace(root / "glyphs", **quick, ingest={"builtin": "glyphs", "holdout_domains": []},
-                       pretrain={"enabled": False, "backbone_weights": str(exported), "linear_probe": False})
+                       pretrain={**adapt, "backbone_weights": str(exported), "linear_probe": False})
     for stage in stages:
         execute(stage, target)
+    if labels_per_class:
+        cut_labels(target, labels_per_class)
     return target, {"source_s": round(t1 - t0, 1), "target_setup_s": round(time.perf_counter() - t1, 1)}
+
+
+def cut_labels(target: Path, k: int, seed: int = 0) -> int:
+    """Keep ``k`` training rows per (domain, class) of the target's training manifest (the full one is kept
+    beside it); validation and test rows stay. Returns the training rows kept."""
+    import pandas as pd
+
+    from tasks.paths import load_paths
+
+    manifest = load_paths(target).train_manifest
+    frame = pd.read_csv(manifest)
+    shutil.copy(manifest, manifest.with_name(manifest.stem + ".full.csv"))
+    train = frame[frame["split"] == "train"]
+    kept = train.groupby(["domain", "label"], group_keys=False).apply(
+        lambda g: g.sample(n=min(k, len(g)), random_state=seed))
+    frame[(frame["split"] != "train") | frame.index.isin(kept.index)].to_csv(manifest, index=False)
+    return len(kept)
 
 
 def finetune(target: Path, recipe: str, seed: int, epochs: int, threads: int) -> dict:
@@ -116,6 +148,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--pretrain-epochs", type=int, default=8, help="SimCLR epochs on digits (the source)")
+    ap.add_argument("--labels-per-class", type=int, help="keep K labelled training images per class and domain "
+                                                          "of the target (default: all)")
+    ap.add_argument("--target-pretrain-epochs", type=int, default=0, help="SimCLR epochs on the target's images "
+                                                                          "on top of the exported file (0 = none)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 on a busy 2-core machine spin: 10x slower)")
     ap.add_argument("--root", help="work folder (default: a temporary one, removed at the end); one already "
                                    "prepared is reused as it is")
@@ -130,7 +166,8 @@ def main() -> None:
         if (root / "glyphs/models/pretrained/config.json").is_file():  # a prepared --root: reuse its source
             target, timings = root / "glyphs", {"reused": str(root)}
         else:
-            target, timings = prepare(root, args.pretrain_epochs, args.threads)
+            target, timings = prepare(root, args.pretrain_epochs, args.threads, args.target_pretrain_epochs,
+                                      args.labels_per_class)
         print(json.dumps(timings), flush=True)
         rows = []
         for seed in args.seeds:
