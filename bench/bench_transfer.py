@@ -56,24 +56,30 @@ def workspace(dest: Path, **overrides: dict) -> Path:
 
 
 def prepare(root: Path, pretrain_epochs: int, threads: int, target_pretrain_epochs: int = 0,
-            labels_per_class: int | None = None) -> tuple[Path, dict]:
+            labels_per_class: int | None = None, source_data: str = "digits") -> tuple[Path, dict]:
     """Pretrain on digits and export; set up glyphs starting from the file (continued pretraining on glyphs
-    when ``target_pretrain_epochs``; then ``labels_per_class`` cuts its labels). Returns (target, timings)."""
+    when ``target_pretrain_epochs``; then ``labels_per_class`` cuts its labels). ``source_data`` "none": no
+    source file, the target's pretraining starts from random weights (the control for continued
+    pretraining). Returns (target, timings)."""
     from tasks.stage import execute
 
     quick = {"validate": {"min_images_per_class": 0}, "synthesize": {"enabled": False}}
     stages = ("ingest", "validate", "synthesize", "pretrain")
     t0 = time.perf_counter()
-    source = workspace(root / "digits", **quick, pretrain={"epochs": pretrain_epochs, "linear_probe": False,
-                                                          "threads": threads, "device": "cpu"})
-    for stage in stages:
-        execute(stage, source)
-    exported = source / "models/pretrained/backbone.safetensors"
+    exported = None
+    if source_data != "none":
+        source = workspace(root / "digits", **quick, pretrain={"epochs": pretrain_epochs, "linear_probe": False,
+                                                              "threads": threads, "device": "cpu"})
+        for stage in stages:
+            execute(stage, source)
+        exported = str(source / "models/pretrained/backbone.safetensors")
+    elif not target_pretrain_epochs:
+        raise SystemExit("--source none needs --target-pretrain-epochs: there would be no pretrained weights")
     t1 = time.perf_counter()
     adapt = ({"enabled": True, "epochs": target_pretrain_epochs, "threads": threads, "device": "cpu"}
              if target_pretrain_epochs else {"enabled": False})
     target = workspace(root / "glyphs", **quick, ingest={"builtin": "glyphs", "holdout_domains": []},
-                       pretrain={**adapt, "backbone_weights": str(exported), "linear_probe": False})
+                       pretrain={**adapt, "backbone_weights": exported, "linear_probe": False})
     for stage in stages:
         execute(stage, target)
     if labels_per_class:
@@ -120,8 +126,10 @@ def finetune(target: Path, recipe: str, seed: int, epochs: int, threads: int) ->
         wall = time.perf_counter() - t0
         model = load_model(sorted(Path(out).glob("checkpoint_*"))[-1] / "model")
     table = per_domain_accuracy(model, paths, 256, splits=("test",))
-    return {"recipe": recipe, "seed": seed, "epochs": epochs, "wall_s": round(wall, 1),
-            "selected_epoch": worker.reports[-1].get("shipped/selected_epoch"),
+    selected = worker.reports[-1].get("shipped/selected_epoch")
+    return {"recipe": recipe, "seed": seed, "epochs": epochs, "wall_s": round(wall, 1), "selected_epoch": selected,
+            # what a choice of recipe may rest on: the target's own validation split, never its test split
+            "val_acc": round(float(worker.reports[selected - 1 if selected else -1]["val_acc"]), 4),
             "test_acc": {r.domain: round(float(r.accuracy), 4) for r in table.itertuples()}}
 
 
@@ -129,8 +137,8 @@ def summary(rows: list[dict]) -> str:
     """Markdown table: per recipe, test accuracy per domain and their mean (mean ± sd over seeds), time."""
     domains = sorted(rows[0]["test_acc"])
     ms = lambda v: f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}"  # noqa: E731
-    lines = ["| recipe | " + " | ".join(domains) + " | mean | fine-tune time (s) |",
-             "|---|" + "---:|" * (len(domains) + 2)]
+    lines = ["| recipe | validation (selection) | " + " | ".join(domains) + " | mean | fine-tune time (s) |",
+             "|---|" + "---:|" * (len(domains) + 3)]
     for recipe in RECIPES:
         mine = [r for r in rows if r["recipe"] == recipe]
         if not mine:
@@ -138,7 +146,8 @@ def summary(rows: list[dict]) -> str:
         per = [ms([r["test_acc"][d] for r in mine]) for d in domains]
         mean = ms([statistics.mean(r["test_acc"].values()) for r in mine])
         wall = [r["wall_s"] for r in mine]
-        lines.append(f"| {recipe} | " + " | ".join(per) + f" | **{mean}** | {statistics.mean(wall):.0f} |")
+        val = ms([r["val_acc"] for r in mine]) if all("val_acc" in r for r in mine) else "-"
+        lines.append(f"| {recipe} | {val} | " + " | ".join(per) + f" | **{mean}** | {statistics.mean(wall):.0f} |")
     return "\n".join(lines)
 
 
@@ -152,6 +161,8 @@ def main() -> None:
                                                           "of the target (default: all)")
     ap.add_argument("--target-pretrain-epochs", type=int, default=0, help="SimCLR epochs on the target's images "
                                                                           "on top of the exported file (0 = none)")
+    ap.add_argument("--source", choices=["digits", "none"], default="digits", help="none: no source file; the "
+                    "target's own pretraining (--target-pretrain-epochs) starts from random weights")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 on a busy 2-core machine spin: 10x slower)")
     ap.add_argument("--root", help="work folder (default: a temporary one, removed at the end); one already "
                                    "prepared is reused as it is")
@@ -167,7 +178,7 @@ def main() -> None:
             target, timings = root / "glyphs", {"reused": str(root)}
         else:
             target, timings = prepare(root, args.pretrain_epochs, args.threads, args.target_pretrain_epochs,
-                                      args.labels_per_class)
+                                      args.labels_per_class, args.source)
         print(json.dumps(timings), flush=True)
         rows = []
         for seed in args.seeds:

@@ -115,7 +115,10 @@ class BatchLoader:
         self.images, self._loader = images, None
         # forkserver (or spawn), never a bare fork: the training process runs threads (Ray, Prefect, torch)
         # that a forked child would inherit half-held
-        context = _context() if isinstance(images, LazyImages) and workers > 0 else None
+        # torch preloaded: each DataLoader worker forks with it instead of importing it (about 2 s of CPU
+        # each, which the first epoch paid while training shared the cores)
+        context = (_context(["torch", "mdcore.lazy_images"]) if isinstance(images, LazyImages) and workers > 0
+                   else None)
         if context is not None:
             self._sampler = EpochBatches()
             self._loader = torch.utils.data.DataLoader(

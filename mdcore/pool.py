@@ -30,15 +30,17 @@ def resolve_workers(workers: int) -> int:
     return available_cores() if workers <= 0 else max(1, int(workers))
 
 
-def _context():
-    """The start method for workers, or None where workers cannot start (then the work runs here)."""
+def _context(extra_preload: Sequence[str] = ()):
+    """The start method for workers, or None where workers cannot start (then the work runs here).
+    ``extra_preload``: more modules the fork server imports once, before any worker forks from it (only the
+    first call of a process starts the server, so only its list counts)."""
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if main_file and not os.path.isfile(main_file):  # e.g. a script read from stdin: workers could not import it
         return None
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         # "__main__" first: the workers then inherit the main module instead of each importing it again
-        ctx.set_forkserver_preload(["__main__", *PRELOAD])
+        ctx.set_forkserver_preload(["__main__", *PRELOAD, *extra_preload])
         return ctx
     return mp.get_context("spawn")
 
