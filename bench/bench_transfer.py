@@ -10,7 +10,7 @@ recipe fine-tunes in this process with the finetune worker function (``tasks.fin
 - ``adapters_only``: backbone frozen, per-domain batch-norm affine + adapters + head train;
 - ``gradual_ld``: gradual unfreezing from the top (one group per epoch) + layer-wise lr decay 0.7;
 - ``full``: every weight trains at one learning rate;
-- ``default``: ``params/finetune.yaml`` as shipped (every weight trains, timm layer-wise lr decay 0.8);
+- ``default``: ``params/finetune.yaml`` as shipped (every weight trains; its layer decay 0.8 is now off);
 - ``scratch``: ``full`` from random weights (the control).
 
 Two options make the target harder or the source closer: ``--labels-per-class K`` keeps K labelled training
@@ -38,7 +38,7 @@ RECIPES = {
     "adapters_only": {"adapters_only": True, "layer_decay": None},
     "gradual_ld": {"gradual_unfreeze_every": 1, "layer_decay": 0.7},
     "full": {"layer_decay": None},
-    "default": {},  # params/finetune.yaml as shipped (no freezing, layer decay 0.8)
+    "default": {},  # params/finetune.yaml as shipped (layer decay 0.8 until 2026-11-27; now none, as full)
     "scratch": {"layer_decay": None},
 }
 

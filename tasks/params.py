@@ -197,7 +197,7 @@ class FinetuneParams(StageParams):
     batch_size: int = Field(64, ge=2, description="Global batch (split across workers)")
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
-    layer_decay: float | None = Field(0.8, gt=0, le=1, description="timm layer-wise lr decay; empty = off")
+    layer_decay: float | None = Field(None, gt=0, le=1, description="timm layer-wise lr decay; empty = off")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     adapters: bool = Field(True, description="Per-domain residual adapters")
     adapter_dim: int = Field(64, ge=1)
