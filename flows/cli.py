@@ -147,7 +147,8 @@ def cmd_experiment(args) -> int:
                        add_warmup_epochs=pick(args.add_warmup_epochs, cont.warmup_epochs),
                        replay_kd_weight=pick(args.replay_kd_weight, cont.replay_kd_weight),
                        add_lr=pick(args.add_lr, cont.lr), joint_lr_scale=args.joint_lr_scale,
-                       parts_lr_scale=args.parts_lr_scale, joint_epochs=args.joint_epochs, root=root)
+                       parts_lr_scale=args.parts_lr_scale, joint_epochs=args.joint_epochs,
+                       merge_alphas=args.merge_alphas, root=root)
         return 0
     if args.name == "lodo":
         from flows.lodo import DEFAULT_METHODS, lodo_flow
@@ -285,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "parts-only epochs' learning rate as a multiple of the arrival's")
     exp.add_argument("--joint-epochs", type=int, default=1, help="continual, parts_first: joint epochs that end "
                      "each arrival (the rest of --add-epochs train the new domain's parts alone)")
+    exp.add_argument("--merge-alphas", type=float, nargs="+", metavar="ALPHA", help="continual, joint: after each "
+                     "arrival move the weights back toward the model as grown by the alpha best on validation "
+                     "(e.g. 0 0.25 0.5; the new domain's own parts stay as trained)")
     exp.add_argument("--add-warmup-epochs", type=int, help="continual: epochs at 0.1 x lr that start each joint "
                                                            "arrival (params)")
     exp.add_argument("--add-lr", type=float, help="continual: learning rate of each arrival (params)")

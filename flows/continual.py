@@ -69,7 +69,8 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
                    few_shot_k: int = 10, few_shot_epochs: int = 20, tolerance: float = 0.02, threads: int = 2,
                    limit: int | None = None, add_mode: str = "joint", joint_lr_scale: float = 0.1,
                    add_warmup_epochs: int | None = None, replay_kd_weight: float = 0.0, add_lr: float | None = None,
-                   parts_lr_scale: float = 1.0, joint_epochs: int = 1, root: str = ".") -> dict:
+                   parts_lr_scale: float = 1.0, joint_epochs: int = 1, merge_alphas: list[float] | None = None,
+                   root: str = ".") -> dict:
     """Domains of ``data`` (``digits``, ``glyphs`` or a tree path) arrive in ``order`` (default: a fixed
     order for the built-in data, sorted names for a tree). ``epochs``: the first domain's and the full
     retrain's budget; ``add_epochs``: each arrival's; ``replay_fraction`` of past training images kept
@@ -80,7 +81,9 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
     the joint add step's epochs at 0.1 x lr (None: one when add_epochs > 2, as every other training);
     ``replay_kd_weight``: the joint add step also distils the model before the arrival on the replayed
     images (their logits kept, as in dark experience replay); 0 = off; ``add_lr``: the add step's learning
-    rate (None: the finetune params' lr, as every other training here)."""
+    rate (None: the finetune params' lr, as every other training here); ``merge_alphas``: the joint add
+    step's weights then move back toward the model as grown, by the alpha (of these) best on the known
+    domains' validation split (weight-space ensembling, as WiSE-FT; the new domain's rows stay trained)."""
     from mdcore.continual import REPLAY_STRATEGIES
     from mdcore.input_norm import input_size
     from mdcore.io import atomic_write_json, atomic_write_text
@@ -91,6 +94,8 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
     t0 = time.perf_counter()
     if add_mode not in ("joint", "parts_first"):
         raise ValueError(f"add_mode {add_mode!r}: expected 'joint' or 'parts_first'")
+    if merge_alphas and (add_mode != "joint" or not all(0.0 <= a <= 1.0 for a in merge_alphas)):
+        raise ValueError(f"merge_alphas {merge_alphas}: values in [0, 1], with add_mode 'joint'")
     if add_mode == "parts_first" and not 1 <= joint_epochs < add_epochs:
         raise ValueError(f"joint_epochs {joint_epochs}: parts_first needs 1 <= joint_epochs < add_epochs ({add_epochs})")
     if replay_strategy not in REPLAY_STRATEGIES:
@@ -121,7 +126,8 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
                 {"joint_epochs": joint_epochs} if add_mode != "joint" and joint_epochs != 1 else {}) | (
                 {"add_warmup_epochs": add_warmup_epochs} if add_warmup_epochs is not None else {}) | (
                 {"replay_kd_weight": replay_kd_weight} if replay_kd_weight else {}) | (
-                {"add_lr": add_lr} if add_lr is not None else {})
+                {"add_lr": add_lr} if add_lr is not None else {}) | (
+                {"merge_alphas": sorted(merge_alphas)} if merge_alphas else {})
     results, todo = [], []
     for s in seeds:
         spec = base | {"seed": int(s)}
@@ -140,7 +146,7 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
                                                "threads")} | {"method": method, "epochs": epochs, "batch_size": batch_size,
                                              "add_mode": add_mode, "add_warmup_epochs": add_warmup_epochs,
                                              "joint_lr_scale": joint_lr_scale, "parts_lr_scale": parts_lr_scale,
-                                             "joint_epochs": joint_epochs,
+                                             "joint_epochs": joint_epochs, "merge_alphas": merge_alphas,
                                              "replay_kd_weight": replay_kd_weight, "add_lr": add_lr},
                "aggregate": aggregate(results), "cells_run": len(todo), "cells_cached": len(results) - len(todo),
                "wall_s": round(time.perf_counter() - t0, 1)}

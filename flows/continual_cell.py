@@ -62,6 +62,27 @@ def learn(model, train: ImageSet, val: ImageSet, p, batches: Callable[[int], Ite
             "images_seen": sum(len(b) for e in range(p.epochs) for b in batches(e))}
 
 
+def merge_on_validation(model, grown: dict, alphas: list[float], new: int, val: ImageSet) -> float:
+    """Move ``model``'s weights back toward ``grown`` (the model right after the domain was added) by the
+    alpha of ``alphas`` with the best accuracy on ``val`` (the known domains' validation split; ties go to
+    the larger alpha, which keeps more of the old model); the new domain's own rows stay as trained."""
+    from mdcore.continual import interpolate_toward
+    from mdcore.train import evaluate_split
+
+    trained = {n: v.clone() for n, v in model.state_dict().items()}
+    names = [val.domain_names[d] for d in val.domains]
+    best_acc, best_alpha = -1.0, 0.0
+    for alpha in sorted(alphas):
+        model.load_state_dict(trained)
+        interpolate_toward(model, grown, alpha, keep=new)
+        acc = evaluate_split(model, val, names)["acc"]
+        if acc >= best_acc:
+            best_acc, best_alpha = acc, alpha
+    model.load_state_dict(trained)
+    interpolate_toward(model, grown, best_alpha, keep=new)
+    return best_alpha
+
+
 def _acc(model, data: ImageSet, known: bool) -> float:
     from mdcore.train import evaluate_split
 
@@ -81,7 +102,8 @@ def train_sequence(spec: dict) -> dict:
     replay_fraction, replay_strategy, replay_per_batch, few_shot_k, few_shot_epochs, tolerance; optional:
     add_mode, joint_lr_scale, parts_lr_scale, joint_epochs (parts_first), add_warmup_epochs (the joint add step's warm-up; absent = build_optimizer's),
     replay_kd_weight (the joint add step distils the model before the arrival on replayed images), add_lr
-    (the add step's learning rate; absent = finetune's)."""
+    (the add step's learning rate; absent = finetune's), merge_alphas (joint: after each arrival the weights
+    move back toward the grown model by the alpha best on the known domains' validation split)."""
     from flows.lodo_cell import _all_images, _subset
     from mdcore.continual import (add_domain, few_shot_mask, gem_metrics, mixed_batches, nearest_domain,
                                   per_sample_losses, recompute_domain_norm, refit_prototypes, replay_budget, restore_domains,
@@ -144,8 +166,13 @@ def train_sequence(spec: dict) -> dict:
         joint_epochs = int(spec.get("joint_epochs", 1))
         if spec.get("add_mode", "joint") != "parts_first" or p_add.epochs <= joint_epochs:
             kd = float(spec.get("replay_kd_weight", 0.0))
-            return learn(model, ds, val_t, p_add, replayed, warmup_epochs=spec.get("add_warmup_epochs"),
+            grown = {n: v.clone() for n, v in model.state_dict().items()}
+            info = learn(model, ds, val_t, p_add, replayed, warmup_epochs=spec.get("add_warmup_epochs"),
                          teacher=teacher if kd > 0 else None, kd_weight=kd)
+            if spec.get("merge_alphas"):
+                info["merge_alpha"] = merge_on_validation(model, grown, [float(a) for a in spec["merge_alphas"]],
+                                                          t, val_t)
+            return info
         reference = {n: v.clone() for n, v in model.state_dict().items()}
         train_only_domain_parts(model)
         first = learn(model, ds, val_t, p_add.model_copy(update={
@@ -187,7 +214,8 @@ def train_sequence(spec: dict) -> dict:
             steps.append({"domain": new, "init_from": order[nearest], "similarity": sims, "replay_images": len(keep),
                           "past_images": len(past), "train_s": round(info["train_s"], 2),
                           "images_seen": info["images_seen"], "gate_before": before_gate, "gate_after": after_gate,
-                          "gate_pass": decision.promote, "gate_reason": decision.reason})
+                          "gate_pass": decision.promote, "gate_reason": decision.reason,
+                          **({"merge_alpha": info["merge_alpha"]} if "merge_alpha" in info else {})})
             if arm == "replay" and t == len(order) - 2:
                 before_last = copy.deepcopy(model)
         arms[arm] = {"R": R, "steps": steps, "metrics": gem_metrics(R, baseline)}

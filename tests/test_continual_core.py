@@ -125,6 +125,36 @@ def test_training_one_domains_parts_leaves_the_others_alone():
     assert not torch.allclose(grown(x, torch.full((8,), 2)), model(x, torch.full((8,), 0)))  # "c" learned
 
 
+def test_interpolating_toward_the_grown_model_moves_shared_weights_and_keeps_the_new_domains_rows():
+    from mdcore.continual import interpolate_toward
+
+    model = tiny()
+    perturb(model)
+    grown = add_domain(model, "c", init_from=0)
+    reference = {k: v.clone() for k, v in grown.state_dict().items()}
+    opt = torch.optim.SGD(grown.parameters(), lr=0.5)
+    x, y = styled("noise", 8, 5), torch.randint(0, 4, (8,))
+    grown.train()
+    for d in (2, 0):  # the new domain and an old one both move, with the shared weights
+        loss = torch.nn.functional.cross_entropy(grown(x, torch.full((8,), d)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained = {k: v.clone() for k, v in grown.state_dict().items()}
+    interpolate_toward(grown, reference, 0.25, keep=2)
+    after = grown.state_dict()
+    shared = "head.weight" if "head.weight" in after else next(k for k in after if k.startswith("backbone.") and k.endswith("weight") and after[k].ndim == 4)
+    assert not torch.equal(trained[shared], reference[shared])
+    torch.testing.assert_close(after[shared], 0.25 * reference[shared] + 0.75 * trained[shared])
+    bn = next(k for k, v in after.items() if k.endswith("weight") and v.ndim == 2 and v.shape[0] == 3)  # domain batch-norm rows
+    torch.testing.assert_close(after[bn][2], trained[bn][2])  # the new domain's row: as trained
+    torch.testing.assert_close(after[bn][0], 0.25 * reference[bn][0] + 0.75 * trained[bn][0])  # an old one: interpolated
+    interpolate_toward(grown, reference, 1.0, keep=2)  # all the way back, but for the new domain's rows
+    torch.testing.assert_close(grown.state_dict()[shared], reference[shared])
+    with pytest.raises(ValueError, match="alpha"):
+        interpolate_toward(grown, reference, 1.5, keep=2)
+
+
 def test_test_time_norm_sets_only_the_new_domains_statistics():
     from mdcore.domain_norm import DomainBatchNorm2d
 

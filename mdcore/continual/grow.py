@@ -92,21 +92,38 @@ def train_only_domain_parts(model: MultiDomainModel) -> int:
 
 
 @torch.no_grad()
-def restore_domains(model: MultiDomainModel, reference: dict[str, torch.Tensor], keep: int) -> None:
+def restore_domains(model: MultiDomainModel, reference: dict[str, torch.Tensor], keep: int,
+                    only: int | None = None) -> None:
     """Copy every per-domain row except domain ``keep``'s back from ``reference`` (a state dict of the
-    same model taken before training), so training one domain's parts cannot touch the others."""
+    same model taken before training), so training one domain's parts cannot touch the others. ``only``:
+    copy domain ``only``'s rows alone instead."""
     n = len(model.config.domains)
+    chosen = [only] if only is not None else [d for d in range(n) if d != keep]
     state = model.state_dict()
     for key, value in state.items():
         if key not in reference:
             continue
         m = re.match(rf"^({'|'.join(_LISTS)})\.(\d+)\.", key)
         if m:
-            if int(m.group(2)) != keep:
+            if int(m.group(2)) in chosen:
                 value.copy_(reference[key])
         elif value.ndim >= 1 and value.shape[0] == n and _per_domain_rows(model, key):
-            rows = [d for d in range(n) if d != keep]
-            value[rows] = reference[key][rows]
+            value[chosen] = reference[key][chosen]
+
+
+@torch.no_grad()
+def interpolate_toward(model: MultiDomainModel, reference: dict[str, torch.Tensor], alpha: float, keep: int) -> None:
+    """Weight-space ensembling after an arrival (as WiSE-FT): every floating tensor becomes ``alpha`` x
+    ``reference`` (the grown model before it trained) + (1 - ``alpha``) x its trained value, except domain
+    ``keep``'s own rows, which stay as trained. The shared weights move back part of the way, which is
+    what the old domains lost; the new domain keeps its own parts as learned."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha {alpha}: expected a value in [0, 1]")
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    for key, value in model.state_dict().items():
+        if key in reference and value.is_floating_point():
+            value.copy_(alpha * reference[key] + (1.0 - alpha) * value)
+    restore_domains(model, trained, keep=-1, only=keep)
 
 
 def _per_domain_rows(model: MultiDomainModel, key: str) -> bool:
