@@ -100,10 +100,11 @@ def train_sequence(spec: dict) -> dict:
     """``spec``: manifest, image_root, image_size, backbone, order (domains in arrival order), seed, threads,
     finetune (FinetuneParams fields: the budget of the first domain and of the full retrain), add_epochs,
     replay_fraction, replay_strategy, replay_per_batch, few_shot_k, few_shot_epochs, tolerance; optional:
-    add_mode, joint_lr_scale, parts_lr_scale, joint_epochs (parts_first), add_warmup_epochs (the joint add step's warm-up; absent = build_optimizer's),
-    replay_kd_weight (the joint add step distils the model before the arrival on replayed images), add_lr
-    (the add step's learning rate; absent = finetune's), merge_alphas (joint: after each arrival the weights
-    move back toward the grown model by the alpha best on the known domains' validation split)."""
+    add_mode, joint_lr_scale, parts_lr_scale, joint_epochs (parts_first), add_warmup_epochs (the joint add
+    step's warm-up; absent = build_optimizer's), replay_kd_weight (the joint add step distils the model
+    before the arrival on replayed images), add_lr (the add step's learning rate; absent = finetune's),
+    merge_alphas (joint: after each arrival the weights move back toward the grown model by the alpha best
+    on the known domains' validation split)."""
     from flows.lodo_cell import _all_images, _subset
     from mdcore.continual import (add_domain, few_shot_mask, gem_metrics, mixed_batches, nearest_domain,
                                   per_sample_losses, recompute_domain_norm, refit_prototypes, replay_budget, restore_domains,
@@ -166,7 +167,7 @@ def train_sequence(spec: dict) -> dict:
         joint_epochs = int(spec.get("joint_epochs", 1))
         if spec.get("add_mode", "joint") != "parts_first" or p_add.epochs <= joint_epochs:
             kd = float(spec.get("replay_kd_weight", 0.0))
-            grown = {n: v.clone() for n, v in model.state_dict().items()}
+            grown = {n: v.clone() for n, v in model.state_dict().items()} if spec.get("merge_alphas") else None
             info = learn(model, ds, val_t, p_add, replayed, warmup_epochs=spec.get("add_warmup_epochs"),
                          teacher=teacher if kd > 0 else None, kd_weight=kd)
             if spec.get("merge_alphas"):
