@@ -92,15 +92,17 @@ def train_only_domain_parts(model: MultiDomainModel) -> int:
 
 
 @torch.no_grad()
-def restore_domains(model: MultiDomainModel, reference: dict[str, torch.Tensor], keep: int,
-                    only: int | None = None) -> None:
+def restore_domains(model: MultiDomainModel, reference: dict[str, torch.Tensor], keep: int) -> None:
     """Copy every per-domain row except domain ``keep``'s back from ``reference`` (a state dict of the
-    same model taken before training), so training one domain's parts cannot touch the others. ``only``:
-    copy domain ``only``'s rows alone instead."""
+    same model taken before training), so training one domain's parts cannot touch the others."""
+    _copy_domain_rows(model, reference, [d for d in range(len(model.config.domains)) if d != keep])
+
+
+@torch.no_grad()
+def _copy_domain_rows(model: MultiDomainModel, reference: dict[str, torch.Tensor], chosen: list[int]) -> None:
+    """Copy the per-domain rows (and per-domain modules) of the ``chosen`` domains from ``reference``."""
     n = len(model.config.domains)
-    chosen = [only] if only is not None else [d for d in range(n) if d != keep]
-    state = model.state_dict()
-    for key, value in state.items():
+    for key, value in model.state_dict().items():
         if key not in reference:
             continue
         m = re.match(rf"^({'|'.join(_LISTS)})\.(\d+)\.", key)
@@ -123,7 +125,7 @@ def interpolate_toward(model: MultiDomainModel, reference: dict[str, torch.Tenso
     for key, value in model.state_dict().items():
         if key in reference and value.is_floating_point():
             value.copy_(alpha * reference[key] + (1.0 - alpha) * value)
-    restore_domains(model, trained, keep=-1, only=keep)
+    _copy_domain_rows(model, trained, [keep])
 
 
 def _per_domain_rows(model: MultiDomainModel, key: str) -> bool:
