@@ -134,21 +134,31 @@ def cmd_experiment(args) -> int:
     root = str(load_paths(args.root).root)
     if args.name == "continual":
         from flows.continual import continual_flow
-        from tasks.params import load_params
+        from tasks.params import ParamsError, load_params, parse_overrides
+
+        overrides = parse_overrides(args.set)
+        if set(overrides) - {"finetune"}:
+            raise ParamsError(f"continual: -S sets finetune params only (finetune.KEY=VALUE), got {sorted(overrides)}")
 
         cont = load_params("continual", Path(root) / "params")  # what the CLI leaves out
         pick = lambda value, default: default if value is None else value  # noqa: E731
+        add_mode = pick(args.add_mode, cont.new_domain)
+        add_lr = pick(args.add_lr, cont.lr)
+        parts = add_mode == "parts"
         continual_flow(data=args.data, order=args.order, seeds=args.seeds, method=args.method, epochs=args.epochs,
-                       add_epochs=pick(args.add_epochs, cont.epochs), batch_size=args.batch_size,
+                       add_epochs=pick(args.add_epochs, cont.parts_epochs if parts else cont.epochs),
+                       batch_size=args.batch_size,
                        replay_fraction=pick(args.replay_fraction, cont.replay_fraction),
                        replay_strategy=pick(args.replay_strategy, cont.replay_strategy),
                        replay_per_batch=cont.replay_per_batch, few_shot_k=pick(args.few_shot_k, cont.few_shot_k),
-                       few_shot_epochs=cont.few_shot_epochs, threads=args.threads, add_mode=args.add_mode,
+                       few_shot_epochs=cont.few_shot_epochs, threads=args.threads, add_mode=add_mode,
                        add_warmup_epochs=pick(args.add_warmup_epochs, cont.warmup_epochs),
                        replay_kd_weight=pick(args.replay_kd_weight, cont.replay_kd_weight),
-                       add_lr=pick(args.add_lr, cont.lr), joint_lr_scale=args.joint_lr_scale,
-                       parts_lr_scale=args.parts_lr_scale, joint_epochs=args.joint_epochs,
-                       merge_alphas=args.merge_alphas, root=root)
+                       add_lr=add_lr, joint_lr_scale=args.joint_lr_scale,
+                       parts_lr_scale=pick(args.parts_lr_scale, round(cont.parts_lr / add_lr, 6) if parts else 1.0),
+                       joint_epochs=args.joint_epochs,
+                       merge_alphas=args.merge_alphas, known_stats=args.known_stats,
+                       finetune_overrides=overrides.get("finetune"), root=root)
         return 0
     if args.name == "lodo":
         from flows.lodo import DEFAULT_METHODS, lodo_flow
@@ -274,16 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--workers", type=int, default=0, help="lodo: cells at once (0 = cores // threads, or a Ray cluster)")
     exp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="claims rest on at least 3 seeds")
     exp.add_argument("-S", "--set", action="append", default=[], metavar="finetune.KEY=VALUE",
-                     help="finetune parameters for every training of the experiment (e.g. finetune.epochs=8)")
+                     help="lodo, continual: finetune parameters for every training of the experiment (e.g. "
+                          "finetune.stage_adapters=[-3,-2])")
     exp.add_argument("--order", nargs="+", metavar="DOMAIN", help="continual: domains in arrival order")
     exp.add_argument("--method", default="multidomain", help="continual: the method every training uses")
     exp.add_argument("--add-epochs", type=int, help="continual: epochs per domain arrival (default: params/continual.yaml)")
-    exp.add_argument("--add-mode", choices=["joint", "parts_first"], default="joint",
-                     help="continual: each arrival trains every weight, or the new domain's parts first")
+    exp.add_argument("--add-mode", choices=["joint", "parts_first", "parts"],
+                     help="continual: each arrival trains every weight, the new domain's parts first, or its parts "
+                          "only (the known domains compute as before); default: params' new_domain")
     exp.add_argument("--joint-lr-scale", type=float, default=0.1, help="continual, parts_first: the joint "
                      "epochs' learning rate as a multiple of the arrival's")
-    exp.add_argument("--parts-lr-scale", type=float, default=1.0, help="continual, parts_first: the new domain's "
-                     "parts-only epochs' learning rate as a multiple of the arrival's")
+    exp.add_argument("--parts-lr-scale", type=float, help="continual, parts_first and parts: the new domain's "
+                     "parts-only epochs' learning rate as a multiple of the arrival's (default: 1 for parts_first, "
+                     "params' parts_lr / lr for parts)")
     exp.add_argument("--joint-epochs", type=int, default=1, help="continual, parts_first: joint epochs that end "
                      "each arrival (the rest of --add-epochs train the new domain's parts alone)")
     exp.add_argument("--merge-alphas", type=float, nargs="+", metavar="ALPHA", help="continual, joint: after each "
@@ -292,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--add-warmup-epochs", type=int, help="continual: epochs at 0.1 x lr that start each joint "
                                                            "arrival (params)")
     exp.add_argument("--add-lr", type=float, help="continual: learning rate of each arrival (params)")
+    exp.add_argument("--known-stats", choices=["frozen", "updated"], default="updated", help="continual: the known "
+                     "domains' normalization statistics during a joint arrival: updated by the replayed images of "
+                     "each batch, or frozen (measured worse on the gate split: BENCHMARKS.md)")
     exp.add_argument("--replay-kd-weight", type=float, help="continual: each joint arrival also distils the "
                      "model before it on the replayed images (0 = off; params)")
     exp.add_argument("--replay-fraction", type=float, help="continual: share of past training images replayed (params)")

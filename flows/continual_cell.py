@@ -1,8 +1,9 @@
 """One seed of the continual-learning experiment: domains arrive one at a time; each arrival grows the
 model by that domain (parts copied from the nearest known domain) and fine-tunes it on the new domain's
 data, with a replay buffer of past data or without (naive fine-tuning). Also, at the last arrival: a full
-retrain on every domain (the reference), few-shot adaptation (k per class, the new domain's parts only) and
-test-time normalization (no labels).
+retrain on every domain (the reference), the same arrival added to a champion trained on every earlier
+domain at once (the product's case: the pipeline trains its champion that way), few-shot adaptation (k per
+class, the new domain's parts only) and test-time normalization (no labels).
 
 Everything trains in this process with the finetune stage's builders (``tasks.model_setup``); selection
 uses the validation split of the domains the model knows, never test; the gate split scores the old
@@ -100,15 +101,17 @@ def train_sequence(spec: dict) -> dict:
     """``spec``: manifest, image_root, image_size, backbone, order (domains in arrival order), seed, threads,
     finetune (FinetuneParams fields: the budget of the first domain and of the full retrain), add_epochs,
     replay_fraction, replay_strategy, replay_per_batch, few_shot_k, few_shot_epochs, tolerance; optional:
-    add_mode, joint_lr_scale, parts_lr_scale, joint_epochs (parts_first), add_warmup_epochs (the joint add
+    add_mode (joint, parts_first, parts), joint_lr_scale, parts_lr_scale, joint_epochs (parts_first), add_warmup_epochs (the joint add
     step's warm-up; absent = build_optimizer's), replay_kd_weight (the joint add step distils the model
     before the arrival on replayed images), add_lr (the add step's learning rate; absent = finetune's),
     merge_alphas (joint: after each arrival the weights move back toward the grown model by the alpha best
-    on the known domains' validation split)."""
+    on the known domains' validation split), known_stats (``frozen``: the joint add step normalizes the known
+    domains by their running statistics and never updates them)."""
     from flows.lodo_cell import _all_images, _subset
     from mdcore.continual import (add_domain, few_shot_mask, gem_metrics, mixed_batches, nearest_domain,
                                   per_sample_losses, recompute_domain_norm, refit_prototypes, replay_budget, restore_domains,
                                   select_replay, train_only_domain_parts)
+    from mdcore.domain_norm import freeze_domain_statistics
     from mdcore.promotion import decide
     from mdcore.sampler import domain_balanced_batches
     from mdcore.train import evaluate_split
@@ -164,12 +167,26 @@ def train_sequence(spec: dict) -> dict:
                                                     seed=seed))
 
         replayed = mixed(replay_idx, int(spec["replay_per_batch"]))
+        mode = spec.get("add_mode", "joint")
+        if mode == "parts":  # its own parts alone, every epoch; nothing the other domains use moves
+            reference = {n: v.clone() for n, v in model.state_dict().items()}
+            train_only_domain_parts(model)
+            info = learn(model, ds, val_t, p_add.model_copy(update={
+                "weight_decay": 0.0, "lr": p_add.lr * float(spec.get("parts_lr_scale", 1.0))}),
+                mixed(replay_idx[:0], 0), warmup_epochs=spec.get("add_warmup_epochs"))
+            restore_domains(model, reference, keep=t)
+            for q in model.parameters():
+                q.requires_grad_(True)
+            return info
         joint_epochs = int(spec.get("joint_epochs", 1))
-        if spec.get("add_mode", "joint") != "parts_first" or p_add.epochs <= joint_epochs:
+        if mode != "parts_first" or p_add.epochs <= joint_epochs:
             kd = float(spec.get("replay_kd_weight", 0.0))
             grown = {n: v.clone() for n, v in model.state_dict().items()} if spec.get("merge_alphas") else None
+            if spec.get("known_stats", "updated") == "frozen":
+                freeze_domain_statistics(model, list(range(t)))
             info = learn(model, ds, val_t, p_add, replayed, warmup_epochs=spec.get("add_warmup_epochs"),
                          teacher=teacher if kd > 0 else None, kd_weight=kd)
+            freeze_domain_statistics(model, [])
             if spec.get("merge_alphas"):
                 info["merge_alpha"] = merge_on_validation(model, grown, [float(a) for a in spec["merge_alphas"]],
                                                           t, val_t)
@@ -231,6 +248,34 @@ def train_sequence(spec: dict) -> dict:
                       balanced(known(train, len(order) - 1), p))
     full_row = _row(full, tests, len(order))
 
+    # the product's case: the champion was trained on every earlier domain at once (as the pipeline and a
+    # full retrain train it), then the last domain is added to it with the same add step and replay budget
+    n = len(order)
+    champ_train = known(train, n - 2)
+    torch.manual_seed(seed)
+    champion = build_model(p, ImageSet(champ_train.images, champ_train.labels, champ_train.domains, order[:-1],
+                                       champ_train.class_names), spec["backbone"], int(spec["image_size"]))
+    champ_info = learn(champion, champ_train, known(val, n - 2), p, balanced(champ_train, p))
+    refit_prototypes(champion, to_float(champ_train.images), champ_train.domains)
+    champion_row = _row(champion, tests, n - 1)
+    init_c, _ = nearest_domain(champion.eval(), to_float(train[last].images))
+    gate_before_c = gate_acc(champion, n - 2)
+    teacher_c = copy.deepcopy(champion).eval() if float(spec.get("replay_kd_weight", 0.0)) > 0 else None
+    grown_c = add_domain(champion, last, init_from=init_c)
+    budget_c = replay_budget(len(champ_train), float(spec["replay_fraction"]))
+    keep_c = select_replay(champ_train.domains, budget_c, spec["replay_strategy"], seed=seed * 31 + n - 1,
+                           losses=per_sample_losses(grown_c, champ_train.images, champ_train.labels, champ_train.domains)
+                           if spec["replay_strategy"] == "hardest" and budget_c else None)
+    ds_c = concat(train[last], champ_train.subset(torch.isin(torch.arange(len(champ_train)), keep_c)))
+    add_c = fit_new_domain(grown_c, ds_c, torch.arange(len(train[last])), torch.arange(len(train[last]), len(ds_c)),
+                           known(val, n - 1), n - 1, teacher_c)
+    refit_prototypes(grown_c, to_float(ds_c.images), ds_c.domains)
+    row_c = _row(grown_c, tests, n)
+    gate_after_c = gate_acc(grown_c, n - 1)
+    decision_c = decide(gate_before_c, gate_after_c, float(spec["tolerance"]))
+    full_gate = gate_acc(full, n - 1)  # the full retrain as the challenger: what the gate says of the reference
+    decision_full = decide(gate_before_c, full_gate, float(spec["tolerance"]))
+
     # few-shot: k labelled images per class of the last domain, its own parts only
     k = int(spec["few_shot_k"])
     nearest, _ = nearest_domain(before_last.eval(), to_float(train[last].images))
@@ -269,6 +314,15 @@ def train_sequence(spec: dict) -> dict:
                        "gap": arms["replay"]["R"][-1][-1] - full_row[-1], "train_s": add_step["train_s"],
                        "time_share": add_step["train_s"] / max(full_info["train_s"], 1e-9),
                        "gate_pass": add_step["gate_pass"], "gate_reason": add_step["gate_reason"]},
+        "add_to_champion": {"domain": last, "init_from": order[init_c], "acc": row_c[-1], "full_acc": full_row[-1],
+                            "gap": row_c[-1] - full_row[-1], "train_s": round(add_c["train_s"], 2),
+                            "val_acc": _acc(grown_c, val[last], True), "full_val_acc": _acc(full, val[last], True),
+                            "time_share": add_c["train_s"] / max(full_info["train_s"], 1e-9),
+                            "images_seen": add_c["images_seen"], "replay_images": len(keep_c),
+                            "champion_train_s": round(champ_info["train_s"], 2), "champion_row": champion_row,
+                            "row": row_c, "gate_before": gate_before_c, "gate_after": gate_after_c,
+                            "gate_pass": decision_c.promote, "gate_reason": decision_c.reason,
+                            "full_retrain_gate": full_gate, "full_retrain_gate_pass": decision_full.promote},
         "few_shot": {"k": k, "images": len(shots), "acc": fs_acc, "before_acc": before_acc, "full_acc": full_row[-1],
                      "recovered": recovered(fs_acc), "train_s": round(fs_info["train_s"], 2),
                      "gate_pass": fs_gate.promote},

@@ -1,7 +1,9 @@
 """Warm start: the retrain flow fine-tunes the champion on the training images it has not seen, each batch
 topped up from a replay buffer of the ones it has (``params/continual.yaml``), instead of rerunning the
 whole pipeline. A domain the champion does not know gets its per-domain parts added, copied from the
-nearest known domain (feature prototypes), and the shared backbone keeps what it learned.
+nearest known domain (feature prototypes), and the shared backbone keeps what it learned. When only new
+domains arrive, ``new_domain: parts`` trains their own parts alone, so the known domains compute exactly
+as before (residual adapters, Rebuffi et al., 2017).
 
 What the champion was trained on is kept beside it as ``trained_on.json`` (content hashes of its training
 rows), so "new" means new content whatever the file names, and the buffer only holds past images.
@@ -38,7 +40,7 @@ def warm_start(paths, params, out: str | Path) -> dict:
     Returns what was done; ``{"skipped": reason}`` when there is nothing new to learn."""
     from flows.continual_cell import concat, learn
     from mdcore.continual import (add_domain, mixed_batches, nearest_domain, per_sample_losses, refit_prototypes,
-                                  replay_budget, select_replay)
+                                  replay_budget, restore_domains, select_replay, train_only_domain_parts)
     from mdcore.images import load_images, to_float
     from mdcore.manifest import read_manifest
     from mdcore.model import load_model, save_model
@@ -87,12 +89,25 @@ def warm_start(paths, params, out: str | Path) -> dict:
                                     "layer_decay": None, "seed": params.seed, "method": "multidomain",
                                     "method_hparams": {}})
     new_idx, replay_idx = torch.arange(len(new)), torch.arange(len(new), len(ds))
-    info = learn(model, ds, val, p, lambda epoch: list(mixed_batches(
-        new_idx, replay_idx, p.batch_size, params.replay_per_batch, epoch=epoch, seed=p.seed)),
-        warmup_epochs=params.warmup_epochs, teacher=teacher, kd_weight=params.replay_kd_weight)
+    mode = params.new_domain if added and set(new_rows["domain"]) <= set(added) else "joint"
+    if mode == "parts":  # only the new domains' own parts learn, from their images alone: nothing else moves
+        reference = {n: v.clone() for n, v in model.state_dict().items()}
+        train_only_domain_parts(model)
+        info = learn(model, ds, val, p.model_copy(update={"lr": params.parts_lr, "weight_decay": 0.0,
+                                                          "epochs": params.parts_epochs}),
+                     lambda epoch: list(mixed_batches(new_idx, replay_idx[:0], p.batch_size, 0, epoch=epoch,
+                                                      seed=p.seed)), warmup_epochs=params.warmup_epochs)
+        restore_domains(model, reference, keep=[domains.index(d) for d in added])
+        for q in model.parameters():
+            q.requires_grad_(True)
+    else:
+        info = learn(model, ds, val, p, lambda epoch: list(mixed_batches(
+            new_idx, replay_idx, p.batch_size, params.replay_per_batch, epoch=epoch, seed=p.seed)),
+            warmup_epochs=params.warmup_epochs, teacher=teacher, kd_weight=params.replay_kd_weight)
     refit_prototypes(model, to_float(ds.images), ds.domains)
-    result = {"new_images": len(new), "past_images": len(past), "replay_images": len(keep),
-              "new_domains": added, "domains": domains, "epochs": p.epochs, "train_s": round(info["train_s"], 2),
+    result = {"mode": mode, "new_images": len(new), "past_images": len(past),
+              "replay_images": len(keep) if mode == "joint" else 0,
+              "new_domains": added, "domains": domains, "epochs": params.parts_epochs if mode == "parts" else p.epochs, "train_s": round(info["train_s"], 2),
               "images_seen": info["images_seen"], "history": info["history"]}
     save_model(model, out, extra={"warm_start": {k: v for k, v in result.items() if k != "history"}})
     write_trained_on(out, [*seen, *new_rows["sha256"]])

@@ -46,6 +46,10 @@ class DomainBatchNorm2d(Routed, nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.post = post if post is not None else nn.Identity()  # timm's BatchNormAct2d: drop + act
         self._seen = torch.zeros(n_domains)  # batches per domain since the last reset (cumulative mode)
+        # domains whose statistics stay fixed in training too: their images are normalized by the running
+        # statistics, which no batch updates (continual learning: a few replayed images per batch must not
+        # rewrite what a known domain's statistics were estimated from)
+        self.frozen_domains: tuple[int, ...] = ()
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
@@ -81,8 +85,15 @@ class DomainBatchNorm2d(Routed, nn.Module):
             mean_d = w.float().T @ xf.mean(dim=(2, 3)) / denom  # D, C
             ex2_d = w.float().T @ (xf * xf).mean(dim=(2, 3)) / denom
             var_d = (ex2_d - mean_d * mean_d).clamp(min=0)
+            if self.frozen_domains:
+                fixed = torch.zeros(self.n_domains, dtype=torch.bool, device=x.device)
+                fixed[list(self.frozen_domains)] = True
+                mean_d = torch.where(fixed[:, None], self.running_mean.float(), mean_d)
+                var_d = torch.where(fixed[:, None], self.running_var.float(), var_d)
             with torch.no_grad():
                 present = cnt > 0
+                if self.frozen_domains:
+                    present = present & ~fixed
                 n = cnt * x.shape[2] * x.shape[3]
                 unbiased = var_d * (n / (n - 1).clamp(min=1))[:, None]
                 if self.momentum is None:  # cumulative average (statistics recomputed from scratch)
@@ -109,7 +120,8 @@ class DomainBatchNorm2d(Routed, nn.Module):
         (torch's kernel refuses one; the routed path gives it variance 0)."""
         groups = self.groups
         return (groups is not None and sum(groups) == x.shape[0]
-                and min(c for c in groups if c) * x.shape[2] * x.shape[3] > 1)
+                and min((c for d, c in enumerate(groups) if c and d not in self.frozen_domains), default=2)
+                * x.shape[2] * x.shape[3] > 1)
 
     def _normalize_groups(self, xf: torch.Tensor, groups: list[int]) -> torch.Tensor:
         """The same normalization as the routed path for one-hot routes, through torch's fused batch-norm
@@ -121,6 +133,10 @@ class DomainBatchNorm2d(Routed, nn.Module):
         outs = []
         for d, chunk in enumerate(xf.split(groups)):
             if not groups[d]:
+                continue
+            if d in self.frozen_domains:
+                outs.append(F.batch_norm(chunk, self.running_mean[d], self.running_var[d], self.weight[d].float(),
+                                         self.bias[d].float(), training=False, eps=self.eps))
                 continue
             if self.momentum is None:  # cumulative average (statistics recomputed from scratch)
                 self._seen[d] += 1
@@ -142,6 +158,18 @@ class DomainBatchNorm2d(Routed, nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, domains={self.n_domains}, eps={self.eps}, momentum={self.momentum}"
+
+
+def freeze_domain_statistics(module: nn.Module, domains: list[int] | tuple[int, ...]) -> int:
+    """Fix the normalization statistics of ``domains`` in every DomainBatchNorm2d of ``module`` (in
+    training too; ``[]`` releases them). Returns how many layers were set."""
+    layers = [m for m in module.modules() if isinstance(m, DomainBatchNorm2d)]
+    for m in layers:
+        bad = [d for d in domains if not 0 <= d < m.n_domains]
+        if bad:
+            raise ValueError(f"domains {bad} are not domain indices of a {m.n_domains}-domain batch-norm")
+        m.frozen_domains = tuple(sorted(set(int(d) for d in domains)))
+    return len(layers)
 
 
 class Permute(torch.autograd.Function):

@@ -313,6 +313,14 @@ class ContinualParams(StageParams):
     replay_per_batch: int = Field(8, ge=0, description="Replay images in every batch (drawn from the buffer)")
     replay_kd_weight: float = Field(0.0, ge=0, description="Warm start: distil the champion's own answers on the "
                                                            "replayed images (dark experience replay); 0 = off")
+    new_domain: Literal["joint", "parts"] = Field(
+        "parts", description="Warm start when only new domains arrive: joint = every weight learns (new images + "
+                             "replay); parts = only the new domains' own parts learn (normalization, adapters, stage "
+                             "adapters), so the known domains compute exactly as before and pass the gate")
+    parts_lr: float = Field(1e-2, gt=0, description="Warm start, new_domain: parts: learning rate of the new "
+                                                     "domains' parts (chosen on validation, BENCHMARKS.md)")
+    parts_epochs: int = Field(4, ge=1, description="Warm start, new_domain: parts: epochs over the new domains' "
+                                                   "images")
     few_shot_k: int = Field(10, ge=1, description="Few-shot adaptation: labelled images per class of a new domain")
     few_shot_epochs: int = Field(20, ge=1, description="Few-shot adaptation: epochs over the k-per-class images")
     threads: int = Field(1, ge=1, description="Torch threads of the in-process warm start")

@@ -15,10 +15,14 @@ def arm(drop: float) -> dict:
 
 
 def cell(seed: int, drop: float) -> dict:
-    return {"seed": seed, "arms": {"replay": arm(drop), "naive": arm(3 * drop)},
+    return {"seed": seed, "order": ["a", "b"], "arms": {"replay": arm(drop), "naive": arm(3 * drop)},
             "full_retrain": {"row": [0.9, 0.85], "train_s": 20.0},
             "add_domain": {"acc": 0.8, "full_acc": 0.85, "gap": -0.05, "train_s": 2.0, "time_share": 0.1,
                            "gate_pass": drop < 0.02},
+            "add_to_champion": {"acc": 0.84 - drop, "full_acc": 0.85, "gap": -0.01 - drop, "train_s": 2.0,
+                                "time_share": 0.1, "gate_pass": drop <= 0.01, "champion_row": [0.9, 0.2],
+                                "full_retrain_gate_pass": drop < 0.03,
+                                "row": [0.9 - drop, 0.84 - drop]},
             "few_shot": {"k": 10, "images": 100, "acc": 0.7, "before_acc": 0.2, "full_acc": 0.85,
                          "recovered": 0.5 / 0.65, "train_s": 1.0, "gate_pass": True},
             "test_time_norm": {"acc": 0.5, "recovered": 0.3 / 0.65, "s": 0.1}}
@@ -39,5 +43,9 @@ def test_aggregate_averages_seeds_per_arm_and_reports_the_gate():
     text = markdown(summary)
     assert "| replay | 84.0 ± 0.5 | **-2.0 ± 1.0** |" in text and "Fewer than 3 seeds" not in text
     assert metrics(summary)["few_shot"]["recovered"] == pytest.approx(0.5 / 0.65)
+    assert agg["add_to_champion"]["gate_pass"] == 1
+    assert "passes it in 2/3 seeds" in text
+    assert agg["add_to_champion"]["old_mean_after"]["mean"] == pytest.approx(0.88)
+    assert "| added to a champion trained on the other domains at once (+ replay) | 82.0 ± 1.0 | -3.0 ± 1.0 |" in text
     summary["aggregate"] = aggregate(cells[:2])
     assert "Fewer than 3 seeds" in markdown(summary)

@@ -48,7 +48,7 @@ def test_warm_start_adds_the_new_domain_with_replay_and_the_gate_reports_forgett
     ws, frame = _workspace(tmp_path)
     paths = load_paths(ws)
     params = ContinualParams(epochs=2, batch_size=16, replay_fraction=0.25, replay_per_batch=4, replay_strategy="hardest",
-                             warmup_epochs=0, replay_kd_weight=1.0)
+                             warmup_epochs=0, replay_kd_weight=1.0, new_domain="joint")
     result = warm_start(paths, params, ws / "cand")
     new = frame[(frame["split"] == "train") & (frame["domain"] == "lowlight")]
     past = frame[(frame["split"] == "train") & frame["domain"].isin(OLD)]
@@ -69,6 +69,35 @@ def test_warm_start_adds_the_new_domain_with_replay_and_the_gate_reports_forgett
     # nothing new since: the warm start has nothing to do (the retrain flow then runs the pipeline)
     if record["promote"]:
         assert "skipped" in warm_start(paths, params, ws / "cand2")
+
+
+def test_warm_start_parts_mode_leaves_the_known_domains_exactly_as_they_were(tmp_path):
+    """new_domain: parts: only the new domain's own parts learn; every known domain's answers are unchanged
+    bit for bit, so the gate cannot fail on them; the new domain's parts did learn."""
+    from flows.warm_start import warm_start
+    from mdcore.images import load_images, to_float
+    from mdcore.model import load_model
+    from tasks.params import ContinualParams
+    from tasks.paths import load_paths
+
+    ws, frame = _workspace(tmp_path)
+    params = ContinualParams(epochs=3, batch_size=16, new_domain="parts", parts_lr=0.01, parts_epochs=2,
+                             warmup_epochs=0)
+    result = warm_start(load_paths(ws), params, ws / "cand")
+    assert result["mode"] == "parts" and result["replay_images"] == 0
+    new = frame[(frame["split"] == "train") & (frame["domain"] == "lowlight")]
+    assert result["images_seen"] == 2 * len(new)  # its own images only
+    champion, cand = load_model(ws / "registry/champion").eval(), load_model(ws / "cand").eval()
+    test = load_images(frame[frame["split"] == "test"], {"real": ws / "data/raw"}, 32, cand.config.domains)
+    known = test.domains < len(OLD)
+    with torch.no_grad():
+        before = champion(to_float(test.images[known]), test.domains[known])
+        after = cand(to_float(test.images[known]), test.domains[known])
+    assert torch.equal(before, after)
+    new_row = cand.config.domains.index("lowlight")
+    init_row = OLD.index(result["new_domains"]["lowlight"]["init_from"])
+    bn = next(m for m in cand.modules() if type(m).__name__ == "DomainBatchNorm2d")
+    assert not torch.equal(bn.weight[new_row], bn.weight[init_row])  # copied from there, then trained
 
 
 def test_continual_params_file_is_valid_and_names_bad_fields(tmp_path):

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from mdcore.domain_norm import DomainBatchNorm2d
+from mdcore.domain_norm import DomainBatchNorm2d, freeze_domain_statistics
 from mdcore.model import ModelConfig, MultiDomainModel, load_model, save_model
 
 CLASSES = [str(i) for i in range(5)]
@@ -170,6 +170,40 @@ def test_domain_bn_kernel_path_matches_the_routed_path(momentum):
     assert torch.allclose(fast.running_mean, routed.running_mean, atol=1e-5)
     assert torch.allclose(fast.running_var, routed.running_var, atol=1e-5)
     assert torch.equal(fast.running_mean[1], torch.zeros(8))  # domain 1 never came: untouched
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_frozen_domains_keep_their_statistics_in_training(grouped):
+    """A frozen domain's images are normalized by its running statistics in training too (as in eval), and
+    no batch updates them; the other domains train on batch statistics as before. Both computations."""
+    torch.manual_seed(0)
+    bn = DomainBatchNorm2d(4, 3)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+    plain = copy.deepcopy(bn)
+    assert freeze_domain_statistics(bn, [0, 1]) == 1
+    x = torch.randn(10, 4, 5, 5) * 3 + 1
+    domain = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    route = torch.nn.functional.one_hot(domain, 3).float()
+    groups = torch.bincount(domain, minlength=3).tolist() if grouped else None
+    before = bn.running_mean.clone(), bn.running_var.clone()
+    for m in (bn, plain):
+        m.train()
+        m.set_route(route, groups)
+    y, y_plain = bn(x), plain(x)
+    assert torch.equal(bn.running_mean[:2], before[0][:2]) and torch.equal(bn.running_var[:2], before[1][:2])
+    assert not torch.allclose(bn.running_mean[2], before[0][2])  # the unfrozen domain still learns its statistics
+    assert torch.allclose(y[7:], y_plain[7:], atol=1e-5)
+    assert not torch.allclose(y[:7], y_plain[:7], atol=1e-2)  # batch statistics would differ
+    bn.eval()
+    assert torch.allclose(bn(x)[:7], y[:7], atol=1e-5)  # frozen = normalized as at inference
+    freeze_domain_statistics(bn, [])
+    bn.train()
+    assert torch.allclose(bn(x), plain(x), atol=1e-5)  # released: batch statistics again
+    with pytest.raises(ValueError, match="not domain indices"):
+        freeze_domain_statistics(bn, [3])
 
 
 def test_domain_bn_one_value_per_channel_takes_the_routed_path():

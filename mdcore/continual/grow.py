@@ -92,10 +92,11 @@ def train_only_domain_parts(model: MultiDomainModel) -> int:
 
 
 @torch.no_grad()
-def restore_domains(model: MultiDomainModel, reference: dict[str, torch.Tensor], keep: int) -> None:
-    """Copy every per-domain row except domain ``keep``'s back from ``reference`` (a state dict of the
-    same model taken before training), so training one domain's parts cannot touch the others."""
-    _copy_domain_rows(model, reference, [d for d in range(len(model.config.domains)) if d != keep])
+def restore_domains(model: MultiDomainModel, reference: dict[str, torch.Tensor], keep: int | list[int]) -> None:
+    """Copy every per-domain row except those of domain(s) ``keep`` back from ``reference`` (a state dict
+    of the same model taken before training), so training some domains' parts cannot touch the others."""
+    kept = {keep} if isinstance(keep, int) else set(keep)
+    _copy_domain_rows(model, reference, [d for d in range(len(model.config.domains)) if d not in kept])
 
 
 @torch.no_grad()
