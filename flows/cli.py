@@ -142,7 +142,7 @@ def cmd_experiment(args) -> int:
 
         cont = load_params("continual", Path(root) / "params")  # what the CLI leaves out
         pick = lambda value, default: default if value is None else value  # noqa: E731
-        add_mode = pick(args.add_mode, cont.new_domain)
+        add_mode = args.add_mode  # joint by default: the forgetting experiment (parts cannot forget by design)
         add_lr = pick(args.add_lr, cont.lr)
         parts = add_mode == "parts"
         continual_flow(data=args.data, order=args.order, seeds=args.seeds, method=args.method, epochs=args.epochs,
@@ -289,9 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--order", nargs="+", metavar="DOMAIN", help="continual: domains in arrival order")
     exp.add_argument("--method", default="multidomain", help="continual: the method every training uses")
     exp.add_argument("--add-epochs", type=int, help="continual: epochs per domain arrival (default: params/continual.yaml)")
-    exp.add_argument("--add-mode", choices=["joint", "parts_first", "parts"],
-                     help="continual: each arrival trains every weight, the new domain's parts first, or its parts "
-                          "only (the known domains compute as before); default: params' new_domain")
+    exp.add_argument("--add-mode", choices=["joint", "parts_first", "parts"], default="joint",
+                     help="continual: each arrival trains every weight (with replay or without), the new domain's "
+                          "parts first, or its parts only (the warm start's new_domain: parts; the known domains "
+                          "compute as before, so nothing is forgotten and replay plays no part)")
     exp.add_argument("--joint-lr-scale", type=float, default=0.1, help="continual, parts_first: the joint "
                      "epochs' learning rate as a multiple of the arrival's")
     exp.add_argument("--parts-lr-scale", type=float, help="continual, parts_first and parts: the new domain's "
