@@ -114,6 +114,10 @@ def cmd_retrain(args) -> int:
         print(f"data unchanged (fingerprint {result['fingerprint']}): nothing retrained")
     else:
         decision = result["promotion"]
+        warm = result.get("warm_start") or {}
+        if warm.get("mode"):
+            print(f"warm start, {warm['mode']} step: {warm.get('mode_reason', '')} ({warm.get('new_images')} new "
+                  f"training images, {warm.get('replay_images')} replayed, {warm.get('train_s')} s)")
         verdict = "promoted to champion" if decision["promote"] else "NOT promoted; the champion stays"
         print(f"new model {verdict}: {decision['reason']}")
         for domain, delta in decision["deltas"].items():

@@ -34,6 +34,21 @@ def write_trained_on(folder: str | Path, hashes: list[str]) -> None:
     atomic_write_json(Path(folder) / TRAINED_ON, sorted(set(hashes)))
 
 
+def step_mode(new_rows, added: list[str], new_domain: str) -> tuple[str, str]:
+    """(``parts`` or ``joint``, why): the parts step when ``new_domain`` asks for it and every new *real*
+    training row belongs to a domain the champion did not know. Synthetic rows of known domains do not
+    count: the synthesize stage regenerates them whenever the data change, which is not new evidence."""
+    if new_domain != "parts":
+        return "joint", "new_domain: joint"
+    if not added:
+        return "joint", "no new domain: new images of known domains teach the shared weights"
+    real = new_rows[new_rows["source"] == "real"] if "source" in new_rows else new_rows
+    known = sorted(set(real["domain"]) - set(added))
+    if known:
+        return "joint", f"new real images of known domains {known} as well"
+    return "parts", f"only new domains {sorted(added)}: their own parts learn, the known domains stay as they are"
+
+
 def warm_start(paths, params, out: str | Path) -> dict:
     """Fine-tune the champion (``registry/champion``) on the new training rows of ``paths.train_manifest``
     plus replay, and save the result (a candidate for the gate) in ``out``. ``params``: ContinualParams.
@@ -77,6 +92,9 @@ def warm_start(paths, params, out: str | Path) -> dict:
         added[domain] = {"init_from": model.config.domains[nearest], "similarity": dict(zip(model.config.domains, sims))}
         model = add_domain(model, domain, init_from=nearest)
     domains = model.config.domains
+    mode, why = step_mode(new_rows, list(added), params.new_domain)
+    if mode == "parts":  # the rows it learns from: the new domains' own (known domains' parts cannot move)
+        new_rows = new_rows[new_rows["domain"].isin(list(added))]
     new = load_images(new_rows, roots, size, domains, classes)
     past = load_images(past_rows, roots, size, domains, classes)
     losses = per_sample_losses(model, past.images, past.labels, past.domains) if params.replay_strategy == "hardest" else None
@@ -89,7 +107,6 @@ def warm_start(paths, params, out: str | Path) -> dict:
                                     "layer_decay": None, "seed": params.seed, "method": "multidomain",
                                     "method_hparams": {}})
     new_idx, replay_idx = torch.arange(len(new)), torch.arange(len(new), len(ds))
-    mode = params.new_domain if added and set(new_rows["domain"]) <= set(added) else "joint"
     if mode == "parts":  # only the new domains' own parts learn, from their images alone: nothing else moves
         reference = {n: v.clone() for n, v in model.state_dict().items()}
         train_only_domain_parts(model)
@@ -105,7 +122,7 @@ def warm_start(paths, params, out: str | Path) -> dict:
             new_idx, replay_idx, p.batch_size, params.replay_per_batch, epoch=epoch, seed=p.seed)),
             warmup_epochs=params.warmup_epochs, teacher=teacher, kd_weight=params.replay_kd_weight)
     refit_prototypes(model, to_float(ds.images), ds.domains)
-    result = {"mode": mode, "new_images": len(new), "past_images": len(past),
+    result = {"mode": mode, "mode_reason": why, "new_images": len(new), "past_images": len(past),
               "replay_images": len(keep) if mode == "joint" else 0,
               "new_domains": added, "domains": domains, "epochs": params.parts_epochs if mode == "parts" else p.epochs, "train_s": round(info["train_s"], 2),
               "images_seen": info["images_seen"], "history": info["history"]}

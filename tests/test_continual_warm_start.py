@@ -100,6 +100,17 @@ def test_warm_start_parts_mode_leaves_the_known_domains_exactly_as_they_were(tmp
     assert not torch.equal(bn.weight[new_row], bn.weight[init_row])  # copied from there, then trained
 
 
+def test_step_mode_is_parts_only_when_every_new_real_row_is_of_a_new_domain():
+    from flows.warm_start import step_mode
+
+    rows = pd.DataFrame({"domain": ["site_b", "site_b", "phone"], "source": ["real", "real", "synthetic"]})
+    assert step_mode(rows, ["site_b"], "parts")[0] == "parts"  # regenerated synthetic rows do not count
+    mode, why = step_mode(pd.DataFrame({"domain": ["site_b", "ink"], "source": ["real", "real"]}), ["site_b"], "parts")
+    assert mode == "joint" and "['ink']" in why
+    assert step_mode(rows, [], "parts")[0] == "joint"  # no new domain
+    assert step_mode(rows, ["site_b"], "joint") == ("joint", "new_domain: joint")
+
+
 def test_continual_params_file_is_valid_and_names_bad_fields(tmp_path):
     from tasks.params import ContinualParams, ParamsError, load_params
 
