@@ -90,6 +90,23 @@ def show(registry: Path, model_id: str | None = None) -> dict:
     return json.loads(f.read_text())
 
 
+def parts_steps_in_a_row(registry: Path) -> int:
+    """How many champions in a row, back from the current one, were made by a warm start's parts step
+    (a new domain added by its own parts: the shared backbone learned nothing from it)."""
+    if not (registry / "champion" / CHAMPION_RECORD).is_file():
+        return 0
+    record, count, seen = show(registry), 0, set()
+    while (record.get("trained_by") == "warm start" and (record.get("warm_start") or {}).get("mode") == "parts"
+           and record.get("id") not in seen):
+        count += 1
+        seen.add(record.get("id"))
+        parent = record.get("parent")
+        if not parent or not (registry / "models" / parent / LINEAGE).is_file():
+            break
+        record = show(registry, parent)
+    return count
+
+
 def rollback(registry: Path, model_id: str, reason: str = "rollback") -> dict:
     """Make the earlier champion ``model_id`` the champion again (a rejected challenger never becomes one);
     the rollback is recorded in ``decisions/``."""

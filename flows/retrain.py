@@ -15,6 +15,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
+from flows.champion import parts_steps_in_a_row
 from flows.pipeline import pipeline
 from flows.warm_start import TRAINED_ON, trained_rows
 from mdcore.io import atomic_write_json
@@ -190,6 +191,12 @@ def _retrain(paths, tolerance: float, force: bool, warm_start: bool | None, logg
         return {"retrained": False, "fingerprint": fingerprint}
     cont = load_params("continual", paths.root / "params")
     warm = cont.warm_start if warm_start is None else warm_start
+    in_a_row = parts_steps_in_a_row(paths.registry)
+    if warm and cont.full_retrain_after_parts and in_a_row >= cont.full_retrain_after_parts:
+        logger.info("the last %d champions added domains by their parts only (full_retrain_after_parts: %d): "
+                    "running the whole pipeline, so the shared backbone learns them", in_a_row,
+                    cont.full_retrain_after_parts)
+        warm = False
     if warm and (champion_dir(paths.root) / "model.safetensors").is_file():
         result = warm_retrain(str(paths.root), tolerance)
         if "promotion" in result:

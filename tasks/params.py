@@ -321,6 +321,10 @@ class ContinualParams(StageParams):
                                                      "domains' parts (chosen on validation, BENCHMARKS.md)")
     parts_epochs: int = Field(4, ge=1, description="Warm start, new_domain: parts: epochs over the new domains' "
                                                    "images")
+    full_retrain_after_parts: int | None = Field(
+        3, ge=1, description="After this many champions in a row made by parts steps, retrain runs the whole "
+                             "pipeline instead, so the shared backbone learns the added domains (a policy, not "
+                             "tuned); empty = never")
     few_shot_k: int = Field(10, ge=1, description="Few-shot adaptation: labelled images per class of a new domain")
     few_shot_epochs: int = Field(20, ge=1, description="Few-shot adaptation: epochs over the k-per-class images")
     threads: int = Field(1, ge=1, description="Torch threads of the in-process warm start")

@@ -74,3 +74,29 @@ def test_champion_command_lists_shows_and_rolls_back(scored_workspace, capsys):
     assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["id"] == promoted[-1]
     assert main(["--root", str(ws), "champion", "rollback", "missing-id"]) == 2
     assert "no model 'missing-id'" in capsys.readouterr().err
+
+
+def test_parts_steps_in_a_row_follows_the_champion_lineage(tmp_path):
+    """The retrain flow's full_retrain_after_parts counts champions in a row made by parts steps, back
+    through each record's parent; a pipeline-trained or joint-step champion ends the run."""
+    from flows.champion import CHAMPION_RECORD, LINEAGE, parts_steps_in_a_row
+
+    registry = tmp_path / "registry"
+    assert parts_steps_in_a_row(registry) == 0  # no champion yet
+
+    def record(model_id, parent, trained_by, mode=None):
+        rec = {"id": model_id, "parent": parent, "trained_by": trained_by, "status": "promoted"}
+        if mode:
+            rec["warm_start"] = {"mode": mode}
+        (registry / "models" / model_id).mkdir(parents=True)
+        (registry / "models" / model_id / LINEAGE).write_text(json.dumps(rec))
+        return rec
+
+    record("a", None, "pipeline")
+    record("b", "a", "warm start", "joint")
+    record("c", "b", "warm start", "parts")
+    record("d", "c", "warm start", "parts")
+    (registry / "champion").mkdir(parents=True)
+    for champion, expected in (("d", 2), ("c", 1), ("b", 0), ("a", 0)):
+        (registry / "champion" / CHAMPION_RECORD).write_text((registry / "models" / champion / LINEAGE).read_text())
+        assert parts_steps_in_a_row(registry) == expected, champion
