@@ -63,6 +63,24 @@ def learn(model, train: ImageSet, val: ImageSet, p, batches: Callable[[int], Ite
             "images_seen": sum(len(b) for e in range(p.epochs) for b in batches(e))}
 
 
+def learn_own_parts(model, train: ImageSet, val: ImageSet, p, batches: Callable[[int], Iterable[torch.Tensor]],
+                    keep: int | list[int], **kwargs) -> dict:
+    """``learn`` with only the per-domain parts trainable (no weight decay), then every domain's rows but
+    ``keep``'s copied back: the other domains compute exactly as before. The shared weights stay frozen
+    during training and trainable again after. ``kwargs``: as ``learn``'s."""
+    from mdcore.continual import restore_domains, train_only_domain_parts
+
+    reference = {n: v.clone() for n, v in model.state_dict().items()}
+    train_only_domain_parts(model)
+    try:
+        info = learn(model, train, val, p.model_copy(update={"weight_decay": 0.0}), batches, **kwargs)
+    finally:
+        for q in model.parameters():
+            q.requires_grad_(True)
+    restore_domains(model, reference, keep=keep)
+    return info
+
+
 def merge_on_validation(model, grown: dict, alphas: list[float], new: int, val: ImageSet) -> float:
     """Move ``model``'s weights back toward ``grown`` (the model right after the domain was added) by the
     alpha of ``alphas`` with the best accuracy on ``val`` (the known domains' validation split; ties go to
@@ -109,8 +127,8 @@ def train_sequence(spec: dict) -> dict:
     domains by their running statistics and never updates them)."""
     from flows.lodo_cell import _all_images, _subset
     from mdcore.continual import (add_domain, few_shot_mask, gem_metrics, mixed_batches, nearest_domain,
-                                  per_sample_losses, recompute_domain_norm, refit_prototypes, replay_budget, restore_domains,
-                                  select_replay, train_only_domain_parts)
+                                  per_sample_losses, recompute_domain_norm, refit_prototypes, replay_budget,
+                                  select_replay)
     from mdcore.domain_norm import freeze_domain_statistics
     from mdcore.promotion import decide
     from mdcore.sampler import domain_balanced_batches
@@ -169,15 +187,9 @@ def train_sequence(spec: dict) -> dict:
         replayed = mixed(replay_idx, int(spec["replay_per_batch"]))
         mode = spec.get("add_mode", "joint")
         if mode == "parts":  # its own parts alone, every epoch; nothing the other domains use moves
-            reference = {n: v.clone() for n, v in model.state_dict().items()}
-            train_only_domain_parts(model)
-            info = learn(model, ds, val_t, p_add.model_copy(update={
-                "weight_decay": 0.0, "lr": p_add.lr * float(spec.get("parts_lr_scale", 1.0))}),
-                mixed(replay_idx[:0], 0), warmup_epochs=spec.get("add_warmup_epochs"))
-            restore_domains(model, reference, keep=t)
-            for q in model.parameters():
-                q.requires_grad_(True)
-            return info
+            return learn_own_parts(model, ds, val_t, p_add.model_copy(update={
+                "lr": p_add.lr * float(spec.get("parts_lr_scale", 1.0))}), mixed(replay_idx[:0], 0), keep=t,
+                warmup_epochs=spec.get("add_warmup_epochs"))
         joint_epochs = int(spec.get("joint_epochs", 1))
         if mode != "parts_first" or p_add.epochs <= joint_epochs:
             kd = float(spec.get("replay_kd_weight", 0.0))
@@ -191,14 +203,9 @@ def train_sequence(spec: dict) -> dict:
                 info["merge_alpha"] = merge_on_validation(model, grown, [float(a) for a in spec["merge_alphas"]],
                                                           t, val_t)
             return info
-        reference = {n: v.clone() for n, v in model.state_dict().items()}
-        train_only_domain_parts(model)
-        first = learn(model, ds, val_t, p_add.model_copy(update={
-            "epochs": p_add.epochs - joint_epochs, "weight_decay": 0.0,
-            "lr": p_add.lr * float(spec.get("parts_lr_scale", 1.0))}), mixed(replay_idx[:0], 0))
-        restore_domains(model, reference, keep=t)
-        for q in model.parameters():
-            q.requires_grad_(True)
+        first = learn_own_parts(model, ds, val_t, p_add.model_copy(update={
+            "epochs": p_add.epochs - joint_epochs, "lr": p_add.lr * float(spec.get("parts_lr_scale", 1.0))}),
+            mixed(replay_idx[:0], 0), keep=t)
         # the joint epoch at joint_lr_scale x lr: as gentle as the joint mode's warm-up epoch by default
         second = learn(model, ds, val_t, p_add.model_copy(update={
             "epochs": joint_epochs, "lr": p_add.lr * float(spec.get("joint_lr_scale", 0.1))}), replayed,
@@ -280,14 +287,11 @@ def train_sequence(spec: dict) -> dict:
     k = int(spec["few_shot_k"])
     nearest, _ = nearest_domain(before_last.eval(), to_float(train[last].images))
     fs = add_domain(before_last, last, init_from=nearest)
-    reference = {n: v.clone() for n, v in fs.state_dict().items()}
-    train_only_domain_parts(fs)
     shots = train[last].subset(few_shot_mask(train[last].labels, k, seed=seed))
-    p_fs = p.model_copy(update={"epochs": int(spec["few_shot_epochs"]), "weight_decay": 0.0, "layer_decay": None})
-    fs_info = learn(fs, shots, val[last], p_fs, lambda epoch: list(mixed_batches(
+    p_fs = p.model_copy(update={"epochs": int(spec["few_shot_epochs"]), "layer_decay": None})
+    fs_info = learn_own_parts(fs, shots, val[last], p_fs, lambda epoch: list(mixed_batches(
         torch.arange(len(shots)), torch.empty(0, dtype=torch.long), min(p.batch_size, len(shots)), 0,
-        epoch=epoch, seed=seed)), select=False)
-    restore_domains(fs, reference, keep=len(order) - 1)
+        epoch=epoch, seed=seed)), keep=len(order) - 1, select=False)
     fs_acc = _acc(fs, tests[-1], True)
     fs_gate = decide(gate_acc(before_last, len(order) - 2), gate_acc(fs, len(order) - 1), float(spec["tolerance"]))
 

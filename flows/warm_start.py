@@ -53,9 +53,9 @@ def warm_start(paths, params, out: str | Path) -> dict:
     """Fine-tune the champion (``registry/champion``) on the new training rows of ``paths.train_manifest``
     plus replay, and save the result (a candidate for the gate) in ``out``. ``params``: ContinualParams.
     Returns what was done; ``{"skipped": reason}`` when there is nothing new to learn."""
-    from flows.continual_cell import concat, learn
+    from flows.continual_cell import concat, learn, learn_own_parts
     from mdcore.continual import (add_domain, mixed_batches, nearest_domain, per_sample_losses, refit_prototypes,
-                                  replay_budget, restore_domains, select_replay, train_only_domain_parts)
+                                  replay_budget, select_replay)
     from mdcore.images import load_images, to_float
     from mdcore.manifest import read_manifest
     from mdcore.model import load_model, save_model
@@ -108,15 +108,10 @@ def warm_start(paths, params, out: str | Path) -> dict:
                                     "method_hparams": {}})
     new_idx, replay_idx = torch.arange(len(new)), torch.arange(len(new), len(ds))
     if mode == "parts":  # only the new domains' own parts learn, from their images alone: nothing else moves
-        reference = {n: v.clone() for n, v in model.state_dict().items()}
-        train_only_domain_parts(model)
-        info = learn(model, ds, val, p.model_copy(update={"lr": params.parts_lr, "weight_decay": 0.0,
-                                                          "epochs": params.parts_epochs}),
-                     lambda epoch: list(mixed_batches(new_idx, replay_idx[:0], p.batch_size, 0, epoch=epoch,
-                                                      seed=p.seed)), warmup_epochs=params.warmup_epochs)
-        restore_domains(model, reference, keep=[domains.index(d) for d in added])
-        for q in model.parameters():
-            q.requires_grad_(True)
+        info = learn_own_parts(model, ds, val, p.model_copy(update={"lr": params.parts_lr, "epochs": params.parts_epochs}),
+                               lambda epoch: list(mixed_batches(new_idx, replay_idx[:0], p.batch_size, 0, epoch=epoch,
+                                                                seed=p.seed)),
+                               keep=[domains.index(d) for d in added], warmup_epochs=params.warmup_epochs)
     else:
         info = learn(model, ds, val, p, lambda epoch: list(mixed_batches(
             new_idx, replay_idx, p.batch_size, params.replay_per_batch, epoch=epoch, seed=p.seed)),
