@@ -22,7 +22,7 @@ import torch
 
 from mdcore.deploy.measure import eager_runner, latency, ort_runner, with_threads
 from mdcore.deploy.export import session
-from mdcore.model import WEIGHTS, load_model
+from mdcore.models.model import WEIGHTS, load_model
 from tasks.compress import load_sets
 from tasks.params import CompressParams
 from tasks.paths import load_paths

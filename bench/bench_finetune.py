@@ -21,12 +21,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def plain_loop(paths, params, threads: int) -> float:
-    """images/s of finetune_epoch in this process with ``threads`` torch threads (no Ray, no DDP): the
+    """images/s of train_epoch in this process with ``threads`` torch threads (no Ray, no DDP): the
     stage's own step (its method's views, its model and optimizer) without the job around it."""
     import torch
 
-    from mdcore.sampler import domain_balanced_batches
-    from mdcore.train import finetune_epoch
+    from mdcore.data.sampler import domain_balanced_batches
+    from mdcore.train.epoch import train_epoch
     from tasks.data import image_roots, load_split
     from tasks.model_setup import build_method, build_model, build_optimizer
 
@@ -42,8 +42,8 @@ def plain_loop(paths, params, threads: int) -> float:
         batches = domain_balanced_batches(train.domains, params.batch_size, epoch=epoch, seed=params.seed,
                                           mix=params.domain_mix)
         t0 = time.perf_counter()
-        stats = finetune_epoch(model, train, optimizer, batches, epoch=epoch, seed=params.seed,
-                               label_smoothing=params.label_smoothing, method=method)
+        stats = train_epoch(model, train, optimizer, batches, method, epoch=epoch, seed=params.seed,
+                            label_smoothing=params.label_smoothing)
         rates.append(stats["images"] / (time.perf_counter() - t0))
     return sum(rates[1:]) / max(len(rates) - 1, 1)
 
@@ -79,7 +79,7 @@ def timm_loop(paths, params, threads: int) -> float:
     import timm
     import torch
 
-    from mdcore.images import to_float
+    from mdcore.data.images import to_float
     from tasks.data import image_roots, load_split
 
     torch.set_num_threads(threads)

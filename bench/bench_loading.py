@@ -48,10 +48,10 @@ def measure(root: str, n: int, loader: str, steps: int, batch: int, size: int, w
     import timm
     import torch
 
-    from mdcore.accel import FastForward
-    from mdcore.images import load_images, to_float
-    from mdcore.lazy_images import BatchLoader
-    from mdcore.sampler import domain_balanced_batches
+    from mdcore.models.accel import FastForward
+    from mdcore.data.images import load_images, to_float
+    from mdcore.data.lazy_images import BatchLoader
+    from mdcore.data.sampler import domain_balanced_batches
 
     torch.set_num_threads(threads)
     paths = sorted(Path(root).rglob("*.jpg"))[:n]

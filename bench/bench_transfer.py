@@ -106,7 +106,7 @@ def cut_labels(target: Path, k: int, seed: int = 0) -> int:
 
 def finetune(target: Path, recipe: str, seed: int, epochs: int, threads: int) -> dict:
     """One recipe and seed: the finetune worker function in this process; test accuracy per domain."""
-    from mdcore.model import load_model
+    from mdcore.models.model import load_model
     from tasks.evaluate import per_domain_accuracy
     from tasks.finetune_ray import LocalWorker, train_worker, worker_config
     from tasks.params import FinetuneParams, load_params

@@ -1,9 +1,9 @@
 """Image-check throughput: a 70,000-image tree (32x32 PNGs: the built-in digits copied with a distinct
 PNG text chunk each, so every file is unique content with the same pixels), then
 
-1. ingest's manifest build (scan + hash + decode of every file, ``mdcore.manifest.build_manifest``),
+1. ingest's manifest build (scan + hash + decode of every file, ``mdcore.data.manifest.build_manifest``),
 2. the validate stage's image checks (read + hash + full decode + pixel mean/std of every file,
-   ``mdcore.imagecheck.check_images``),
+   ``mdcore.data.imagecheck.check_images``),
 3. the whole validate stage (image checks + Great Expectations suite + Data Docs + drift profile).
 
     python -m bench.bench_validate [--images 70000] [--workers 0] [--keep DIR] [--no-stage]
@@ -35,7 +35,7 @@ def png_text_chunk(text: str) -> bytes:
 
 def make_tree(dest: Path, n_images: int, seed: int = 0) -> int:
     """``dest/<domain>/<class>/*.png``: ``n_images`` unique files made from the built-in digits."""
-    from mdcore.builtin import materialize
+    from mdcore.data.builtin import materialize
 
     source = dest.parent / f".{dest.name}-source"
     shutil.rmtree(source, ignore_errors=True)
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-stage", action="store_true", help="skip timing the whole validate stage")
     args = parser.parse_args(argv)
 
-    from mdcore.imagecheck import check_images
-    from mdcore.manifest import build_manifest, manifest_csv
-    from mdcore.pool import resolve_workers
+    from mdcore.data.imagecheck import check_images
+    from mdcore.data.manifest import build_manifest, manifest_csv
+    from mdcore.data.pool import resolve_workers
 
     tmp = Path(tempfile.mkdtemp(prefix="mdpipe-bench-validate-"))
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdcore.lodo import percent_mean_sd
+from mdcore.eval.lodo import percent_mean_sd
 
 
 def parse_budget(text: str) -> tuple[int, int]:
@@ -41,7 +41,7 @@ def run_finetune(ws: Path, batch: int, epochs: int, seed: int) -> dict:
 def score(ws: Path) -> dict:
     """Mean per-domain accuracy of the shipped model on the training domains' val split (selection) and,
     for the report, on their test split and on the held-out domains."""
-    from mdcore.model import load_model
+    from mdcore.models.model import load_model
     from tasks.evaluate import per_domain_accuracy
     from tasks.paths import load_paths
 

@@ -73,8 +73,8 @@ def part_worker(ws: str, out: Path, epochs: int, device: str) -> dict:
 def part_evaluate(ws: str, out: Path, device: str) -> dict:
     import torch
 
-    from mdcore.model import load_model
-    from mdcore.train import accuracy_by_domain
+    from mdcore.models.model import load_model
+    from mdcore.eval.scoring import accuracy_by_domain
     from tasks.data import image_roots, load_split
 
     paths, _ = _workspace(ws)
@@ -98,9 +98,9 @@ def part_evaluate(ws: str, out: Path, device: str) -> dict:
 def part_pretrain(ws: str, device: str, epochs: int = 3) -> dict:
     import torch
 
-    from mdcore.input_norm import InputNorm
-    from mdcore.model import create_backbone
-    from mdcore.train import ContrastiveNet, contrastive_epoch
+    from mdcore.models.input_norm import InputNorm
+    from mdcore.models.model import create_backbone
+    from mdcore.train.contrastive import ContrastiveNet, contrastive_epoch
     from tasks.data import image_roots, load_split
     from tasks.params import load_params
 

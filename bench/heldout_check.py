@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mdcore.lodo import percent_mean_sd
+from mdcore.eval.lodo import percent_mean_sd
 
 from bench.lodo_plain_loop import plain_loop
 

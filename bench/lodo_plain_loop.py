@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mdcore.lodo import percent_mean_sd
+from mdcore.eval.lodo import percent_mean_sd
 
 
 def load(frame: pd.DataFrame, root: Path, classes: list[str]):
@@ -87,7 +87,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from flows.lodo import dataset_folder
-    from mdcore.lodo import BUILTIN_DATASETS
+    from mdcore.eval.lodo import BUILTIN_DATASETS
     from tasks.paths import load_paths
 
     slug, folder = dataset_folder(load_paths(Path(args.root)), args.data)

@@ -2,8 +2,8 @@
 model, at the same seeds and budget, on the workspace's data.
 
 Each (variant, seed) trains in this process (no Ray: one worker, ``torch`` threads = ``threads``) with
-the finetune stage's own builders (``tasks.model_setup``) and loop (``mdcore.train.finetune_epoch``),
-then is scored per domain on the test split of seen domains and on every image of held-out domains, with
+the finetune stage's own builders (``tasks.model_setup``) and loop (``mdcore.train.fit``: the best
+training-domain validation epoch ships, as in the stage), then is scored per domain on the test split of seen domains and on every image of held-out domains, with
 the domain id and without it (unknown-domain routing). Writes ``reports/experiments/ablation.md`` and
 ``.json`` (mean ± std over seeds). Needs the stages up to ``pretrain`` (``mdpipe run`` or
 ``dvc repro pretrain``); the workspace's outputs are read, never written.
@@ -58,7 +58,7 @@ def variant_params(name: str, base: dict) -> dict:
 
 def load_inputs(root: str | Path) -> dict:
     """Training images (train split), evaluation images (test of seen + all held-out) and the backbone."""
-    from tasks.data import image_roots, load_split
+    from tasks.data import image_roots
     from tasks.paths import load_paths
 
     paths = load_paths(root)
@@ -80,11 +80,10 @@ def run_variant(root: str, name: str, params: dict, threads: int = 2) -> dict:
     """Train variant ``name`` with ``params`` (FinetuneParams fields) in process; per-domain accuracy."""
     import torch
 
-    from mdcore.images import to_float
-    from mdcore.sampler import domain_balanced_batches
-    from mdcore.train import accuracy_by_domain, finetune_epoch
+    from mdcore.eval.scoring import accuracy_by_domain
+    from mdcore.train import fit
     from tasks.data import load_split
-    from tasks.model_setup import build_model, build_optimizer, epoch_kwargs, on_epoch_start
+    from tasks.model_setup import build_method, build_model, build_optimizer, fit_config
     from tasks.params import FinetuneParams
 
     t0 = time.perf_counter()
@@ -95,26 +94,21 @@ def run_variant(root: str, name: str, params: dict, threads: int = 2) -> dict:
     key = (str(paths.train_manifest), size, p.use_synthetic)
     if key not in _DATA:  # decoded once per process, shared by every variant and seed
         train, _ = load_split(paths.train_manifest, inputs["roots"], size, ("train",), synthetic=p.use_synthetic)
+        val, _ = load_split(paths.train_manifest, inputs["roots"], size, ("val",), synthetic=False,
+                            domains=train.domain_names, classes=train.class_names)
         _DATA.clear()
-        _DATA[key] = (train, *load_split(paths.train_manifest, inputs["roots"], size, ("test", "holdout"),
-                                         synthetic=False, domains=train.domain_names, classes=train.class_names))
-    train, test, rows = _DATA[key]
+        _DATA[key] = (train, val, *load_split(paths.train_manifest, inputs["roots"], size, ("test", "holdout"),
+                                              synthetic=False, domains=train.domain_names, classes=train.class_names))
+    train, val, test, rows = _DATA[key]
     torch.manual_seed(p.seed)
+    method = build_method(p)
     model = build_model(p, train, inputs["pre"]["backbone"], size,
-                        inputs["weights"] if p.init_from_pretrain else None)
+                        inputs["weights"] if p.init_from_pretrain else None, method=method)
     optimizer, scheduler = build_optimizer(p, model)
-    extra = epoch_kwargs(p, train)
-    mix = p.domain_mix if isinstance(p.domain_mix, str) else {
-        train.domain_names.index(d): w for d, w in p.domain_mix.items()}
-    history = []
-    for epoch in range(p.epochs):
-        scheduler.step(epoch)
-        on_epoch_start(p, model, optimizer, epoch)
-        batches = domain_balanced_batches(train.domains, p.batch_size, epoch=epoch, seed=p.seed, mix=mix)
-        history.append(finetune_epoch(model, train, optimizer, batches, epoch=epoch, seed=p.seed,
-                                      label_smoothing=p.label_smoothing, **extra))
+    # the finetune stage's loop and selection: the best training-domain validation epoch ships
+    result = fit(model, method, train, val, fit_config(p, train.domain_names), optimizer, scheduler)
+    history = result.history
     train_s = time.perf_counter() - t0
-    model.fit_prototypes(to_float(train.images), train.domains)
     names = list(rows["domain"])
     with_id = accuracy_by_domain(model, test, names, 256, use_domain=True)
     without_id = accuracy_by_domain(model, test, names, 256, use_domain=False)
@@ -122,7 +116,8 @@ def run_variant(root: str, name: str, params: dict, threads: int = 2) -> dict:
     out = {d: {"kind": "seen" if d in train.domain_names else "held-out", "images": int(counts[d]),
                "acc": with_id[d], "acc_unknown_domain": without_id[d]} for d in with_id}
     out["_run"] = {"variant": name, "seed": p.seed, "epochs": p.epochs, "train_s": round(train_s, 1),
-                   "s_per_epoch": round(train_s / max(p.epochs, 1), 2), "final_train_loss": history[-1]["loss"],
+                   "s_per_epoch": round(train_s / max(p.epochs, 1), 2), "final_train_loss": history[-1]["train_loss"],
+                   "selected_epoch": result.shipped.get("selected_epoch"),
                    "parameters": sum(t.numel() for t in model.parameters())}
     log.info("ablation %s seed %d: %s", name, p.seed,
              ", ".join(f"{d} {v['acc']:.3f}/{v['acc_unknown_domain']:.3f}" for d, v in out.items() if d[0] != "_"))
@@ -164,7 +159,7 @@ def _f(ms: dict | None) -> str:
 
 
 def write_report(folder: Path, summary: dict) -> None:
-    from mdcore.io import atomic_write_json, atomic_write_text
+    from mdcore.data.io import atomic_write_json, atomic_write_text
 
     atomic_write_json(folder / "ablation.json", summary)
     agg, seeds = summary["aggregate"], summary["seeds"]

@@ -17,7 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from mdcore.io import atomic_dir, atomic_write_json
+from mdcore.data.io import atomic_dir, atomic_write_json
 
 LINEAGE = "lineage.json"
 CHAMPION_RECORD = "champion.json"

@@ -348,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mdpipe: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a clear one-line cause, not only a traceback
-        from mdcore.manifest import DataLayoutError
-        from mdcore.workspace_lock import WorkspaceBusy
+        from mdcore.data.manifest import DataLayoutError
+        from mdcore.data.workspace_lock import WorkspaceBusy
         from tasks.validate import DataValidationError
 
         if isinstance(e, WorkspaceBusy):

@@ -4,7 +4,10 @@ Each seed is one Prefect task run (``flows/continual_cell.train_sequence``): the
 random weights, every later one is added to the model (parts copied from the nearest known domain) and
 fine-tuned on its own data, with a replay buffer of past data and without (naive). Each finished seed is
 saved as JSON under ``reports/experiments/continual/<dataset>/cells/``, keyed by a hash of everything that
-decides its result, so a rerun trains only what is missing.
+decides its result, so a rerun trains only what is missing. That includes the code: the key holds
+``flows.cell_cache.code_version()``, a digest of every source file a seed's training imports (mdcore/, the
+cell modules), so after a code change every seed trains again; each cell JSON and the report record it
+("code <12 hex>").
 
 Outputs in ``reports/experiments/continual/<dataset>/``: ``continual.md`` (the accuracy matrix R, ACC/BWT/FWT
 as in GEM, adding a domain against a full retrain, few-shot and test-time normalization), ``continual.json``
@@ -32,9 +35,9 @@ DEFAULT_ORDER = {"digits": ["clean", "phone", "ink", "lowlight"], "glyphs": ["sa
 @task(name="continual-prepare-data", cache_policy=NO_CACHE)
 def prepare_data(data: str, folder: str, split_seed: int = 0, limit: int | None = None) -> dict:
     """Image root and manifest (every domain split into train / val / gate / test by content hash)."""
-    from mdcore.io import atomic_write_text
-    from mdcore.lodo import BUILTIN_DATASETS, materialize_dataset
-    from mdcore.manifest import build_manifest, dataset_version, manifest_csv
+    from mdcore.data.io import atomic_write_text
+    from mdcore.eval.lodo import BUILTIN_DATASETS, materialize_dataset
+    from mdcore.data.manifest import build_manifest, dataset_version, manifest_csv
 
     folder = Path(folder)
     root = materialize_dataset(data, folder, limit=limit) if data in BUILTIN_DATASETS else Path(data).expanduser().resolve()
@@ -51,9 +54,9 @@ def prepare_data(data: str, folder: str, split_seed: int = 0, limit: int | None 
 @task(name="continual-sequence", cache_policy=NO_CACHE, task_run_name="domain arrivals | seed {spec[seed]}")
 def run_sequence(spec: dict, out_file: str) -> dict:
     from flows.continual_cell import train_sequence
-    from mdcore.io import atomic_write_json
+    from mdcore.data.io import atomic_write_json
 
-    result = train_sequence(spec) | {"cell_hash": cell_hash(spec)}
+    result = train_sequence(spec) | {"cell_hash": cell_hash(spec), "code_version": spec.get("code_version")}
     atomic_write_json(out_file, result)
     m = result["arms"]
     log.info("seed %s: BWT replay %+.3f, naive %+.3f; ACC replay %.3f, naive %.3f (%.0f s)", spec["seed"],
@@ -88,11 +91,14 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
     step's weights then move back toward the model as grown, by the alpha (of these) best on the known
     domains' validation split (weight-space ensembling, as WiSE-FT; the new domain's rows stay trained);
     ``known_stats``: ``frozen`` normalizes the known domains' images by their running statistics during an
-    arrival and never updates them (``updated``: by the few replayed images of each batch)."""
+    arrival and never updates them (``updated``: by the few replayed images of each batch). Seeds are cached
+    by params, data and code (``flows.cell_cache.code_version``, computed once per run): after a change to
+    the code a seed's training imports, every seed trains again."""
+    from flows.cell_cache import code_version
     from mdcore.continual import REPLAY_STRATEGIES
-    from mdcore.input_norm import input_size
-    from mdcore.io import atomic_write_json, atomic_write_text
-    from mdcore.lodo import BUILTIN_DATASETS
+    from mdcore.models.input_norm import input_size
+    from mdcore.data.io import atomic_write_json, atomic_write_text
+    from mdcore.eval.lodo import BUILTIN_DATASETS
     from tasks.params import load_params, validate_params
     from tasks.paths import load_paths
 
@@ -123,9 +129,11 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
     validate_params("finetune", finetune, "continual budget (method, epochs, batch_size, -S finetune.KEY=VALUE)")
     pre = load_params("pretrain", paths.root / "params")
     image_size = input_size(pre.image_size, None, "pretrain.image_size")  # cells train from random init
+    code = code_version()  # once per run: the code every seed of this run trains with
     base = {"manifest": info["manifest"], "image_root": info["image_root"], "dataset_version": info["dataset_version"],
             "finetune": {k: v for k, v in finetune.items() if k != "seed"}, "backbone": pre.backbone,
-            "image_size": image_size, "threads": threads, "protocol": PROTOCOL_VERSION, "order": order,
+            "image_size": image_size, "threads": threads, "protocol": PROTOCOL_VERSION, "code_version": code,
+            "order": order,
             "add_epochs": add_epochs, "replay_fraction": replay_fraction, "replay_strategy": replay_strategy,
             "replay_per_batch": replay_per_batch, "few_shot_k": few_shot_k, "few_shot_epochs": few_shot_epochs,
             "tolerance": tolerance} | ({"add_mode": add_mode} if add_mode != "joint" else {}) | (
@@ -148,7 +156,8 @@ def continual_flow(data: str = "digits", order: list[str] | None = None, seeds: 
     print(f"continual on {name}: arrivals {' -> '.join(order)}; {len(seeds)} seeds, {len(results)} already done")
     results += [run_sequence(spec, str(out)) for spec, out in todo]
     results.sort(key=lambda r: r["seed"])
-    summary = {"dataset": name, "data": data, "dataset_version": info["dataset_version"], "order": order,
+    summary = {"dataset": name, "data": data, "dataset_version": info["dataset_version"], "code_version": code,
+               "order": order,
                "seeds": [r["seed"] for r in results],
                "config": {k: base[k] for k in ("add_epochs", "replay_fraction", "replay_strategy", "replay_per_batch",
                                                "few_shot_k", "few_shot_epochs", "tolerance", "backbone", "image_size",
@@ -265,7 +274,9 @@ def markdown(summary: dict) -> str:
                   f"retrain, put to the same gate against that champion, passes it in "
                   f"{ac['full_retrain_gate_pass']}/{n} seeds."]
     lines += ["", f"Gate: each old domain's accuracy on the gate split may drop by at most {cfg['tolerance']}. "
-                  f"Budget `{json.dumps(cfg, sort_keys=True)}`; {summary['cells_run']} seeds trained in this run, "
+                  f"Budget `{json.dumps(cfg, sort_keys=True)}`"
+                  f"{'; code ' + summary['code_version'][:12] if summary.get('code_version') else ''}; "
+                  f"{summary['cells_run']} seeds trained in this run, "
                   f"{summary['cells_cached']} reused; wall time {summary['wall_s']:.0f} s."]
     if n < 3:
         lines += ["", "Fewer than 3 seeds: not evidence."]

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from mdcore.images import ImageSet, to_float
+from mdcore.data.images import ImageSet, to_float
 
 
 def concat(a: ImageSet, b: ImageSet) -> ImageSet:
@@ -28,52 +28,48 @@ def concat(a: ImageSet, b: ImageSet) -> ImageSet:
 def learn(model, train: ImageSet, val: ImageSet, p, batches: Callable[[int], Iterable[torch.Tensor]], *,
           method=None, select: bool = True, warmup_epochs: int | None = None, teacher=None,
           kd_weight: float = 0.0) -> dict:
-    """Fine-tune ``model`` in place for ``p.epochs`` over ``batches(epoch)`` (index tensors into ``train``);
-    keep the epoch with the best accuracy on ``val`` (the known domains' validation split) when ``select``.
-    Frozen parameters (``requires_grad`` False) stay as they are; ``warmup_epochs``: as in
-    ``build_optimizer`` (None: its default). ``teacher`` (the model before a new domain was added): its
-    answers on the images of the domains it knows are kept with ``kd_weight`` x a distillation loss.
+    """Fine-tune ``model`` in place with ``mdcore.train.fit`` for ``p.epochs`` over ``batches(epoch)`` (index
+    tensors into ``train``); keep the epoch with the best accuracy on ``val`` (the known domains' validation
+    split) when ``select``. Frozen parameters (``requires_grad`` False) stay as they are; ``warmup_epochs``:
+    as in ``build_optimizer`` (None: its default). ``teacher`` (the model before a new domain was added):
+    its answers on the images of the domains it knows are kept with ``kd_weight`` x a distillation loss (the
+    ``distill`` method). Prototypes are not refitted here (the caller refits the domains it has data of).
     Returns timings and the history."""
-    from mdcore.train import evaluate_split, finetune_epoch, training_view_batches
-    from tasks.model_setup import build_method, build_optimizer
+    from mdcore.methods import create_method
+    from mdcore.train import fit
+    from tasks.model_setup import build_optimizer, fit_config, method_spec
 
-    t0 = time.perf_counter()
-    method = method or build_method(p)
+    if method is None:
+        spec, hparams = method_spec(p)
+        if teacher is not None and kd_weight > 0:
+            spec, hparams = f"{spec}+distill", hparams | {"kd_weight": kd_weight,
+                                                          "kd_domains": len(teacher.config.domains)}
+        method = create_method(spec, hparams)
+        method.teacher = teacher
     method.attach(model)
     optimizer, scheduler = build_optimizer(p, model, warmup_epochs=warmup_epochs)
-    names = [val.domain_names[d] for d in val.domains]
-    history, best, best_state = [], -1.0, None
-    for epoch in range(p.epochs):
-        scheduler.step(epoch)
-        stats = finetune_epoch(model, train, optimizer, batches(epoch), epoch=epoch, seed=p.seed,
-                               label_smoothing=p.label_smoothing, method=method, teacher=teacher,
-                               kd_weight=kd_weight if teacher is not None else 0.0,
-                               kd_domains=len(teacher.config.domains) if teacher is not None else None)
-        v = evaluate_split(model, val, names) if select else {"acc": float("nan"), "loss": float("nan")}
-        method.end_epoch(model, epoch, v)
-        history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_acc": v["acc"]})
-        if select and v["acc"] > best:
-            best, best_state = v["acc"], copy.deepcopy(model.state_dict())
-    if not method.selects_checkpoint():
-        method.finalize(model, lambda: training_view_batches(train, method, p.batch_size, seed=p.seed, epoch=10_000,
-                                                             mix=p.domain_mix, generator_seed=p.seed))
-    elif best_state is not None:
-        model.load_state_dict(best_state)
-    return {"train_s": time.perf_counter() - t0, "history": history,
-            "images_seen": sum(len(b) for e in range(p.epochs) for b in batches(e))}
+    config = fit_config(p, train.domain_names)
+    config.select, config.refit_prototypes = select, False
+    result = fit(model, method, train, val if select else None, config, optimizer, scheduler, batches=batches)
+    return {"train_s": result.train_s, "images_seen": result.images_seen,
+            "history": [{"epoch": r["epoch"], "train_loss": r["train_loss"], "val_acc": r["val_acc"]}
+                        for r in result.history]}
 
 
 def learn_own_parts(model, train: ImageSet, val: ImageSet, p, batches: Callable[[int], Iterable[torch.Tensor]],
                     keep: int | list[int], **kwargs) -> dict:
-    """``learn`` with only the per-domain parts trainable (no weight decay), then every domain's rows but
-    ``keep``'s copied back: the other domains compute exactly as before. The shared weights stay frozen
-    during training and trainable again after. ``kwargs``: as ``learn``'s."""
+    """``learn`` with only the per-domain parts trainable (no weight decay, no freezing schedule), then
+    everything but domain(s) ``keep``'s own rows restored: the other domains, the shared weights and their
+    statistics compute exactly as before. The shared weights stay frozen during training and trainable
+    again after. ``kwargs``: as ``learn``'s."""
     from mdcore.continual import restore_domains, train_only_domain_parts
 
     reference = {n: v.clone() for n, v in model.state_dict().items()}
     train_only_domain_parts(model)
     try:
-        info = learn(model, train, val, p.model_copy(update={"weight_decay": 0.0}), batches, **kwargs)
+        info = learn(model, train, val, p.model_copy(update={
+            "weight_decay": 0.0, "freeze_stages": 0, "adapters_only": False, "gradual_unfreeze_every": 0}),
+            batches, **kwargs)
     finally:
         for q in model.parameters():
             q.requires_grad_(True)
@@ -86,7 +82,7 @@ def merge_on_validation(model, grown: dict, alphas: list[float], new: int, val: 
     alpha of ``alphas`` with the best accuracy on ``val`` (the known domains' validation split; ties go to
     the larger alpha, which keeps more of the old model); the new domain's own rows stay as trained."""
     from mdcore.continual import interpolate_toward
-    from mdcore.train import evaluate_split
+    from mdcore.eval.scoring import evaluate_split
 
     trained = {n: v.clone() for n, v in model.state_dict().items()}
     names = [val.domain_names[d] for d in val.domains]
@@ -103,7 +99,7 @@ def merge_on_validation(model, grown: dict, alphas: list[float], new: int, val: 
 
 
 def _acc(model, data: ImageSet, known: bool) -> float:
-    from mdcore.train import evaluate_split
+    from mdcore.eval.scoring import evaluate_split
 
     if len(data) == 0:
         return float("nan")
@@ -129,10 +125,10 @@ def train_sequence(spec: dict) -> dict:
     from mdcore.continual import (add_domain, few_shot_mask, gem_metrics, mixed_batches, nearest_domain,
                                   per_sample_losses, recompute_domain_norm, refit_prototypes, replay_budget,
                                   select_replay)
-    from mdcore.domain_norm import freeze_domain_statistics
-    from mdcore.promotion import decide
-    from mdcore.sampler import domain_balanced_batches
-    from mdcore.train import evaluate_split
+    from mdcore.models.domain_norm import freeze_domain_statistics
+    from mdcore.eval.promotion import decide
+    from mdcore.data.sampler import domain_balanced_batches
+    from mdcore.eval.scoring import evaluate_split
     from tasks.model_setup import build_model
     from tasks.params import FinetuneParams
 

@@ -25,8 +25,8 @@ import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from mdcore.io import atomic_write_json, atomic_write_text
-from mdcore.manifest import read_manifest
+from mdcore.data.io import atomic_write_json, atomic_write_text
+from mdcore.data.manifest import read_manifest
 from tasks.params import FinetuneParams, load_params, validate_params
 from tasks.paths import Paths, load_paths
 
@@ -41,7 +41,7 @@ def experiment_dir(paths: Paths) -> Path:
 def run_arm(root: str, params: dict, workdir: str) -> dict:
     """Finetune with ``params`` (FinetuneParams fields) into ``workdir`` and evaluate per domain ->
     {domain: {kind, images, acc, acc_unknown_domain}} plus ``_finetune`` (the finetune metrics)."""
-    from mdcore.model import load_model
+    from mdcore.models.model import load_model
     from tasks import finetune
     from tasks.evaluate import per_domain_accuracy
 

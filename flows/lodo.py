@@ -4,7 +4,10 @@ Every (method, held-out domain, seed) is a Prefect task run. With cores to spare
 ``threads``) or a Ray cluster (``RAY_ADDRESS``), the cells run concurrently as Ray tasks; otherwise one
 after another in this process. Each finished cell is saved as JSON under
 ``reports/experiments/lodo/<dataset>/cells/``, keyed by a hash of everything that decides its result, so a
-rerun trains only the cells that are missing (a changed budget, method or dataset makes new cells).
+rerun trains only the cells that are missing (a changed budget, method or dataset makes new cells). That
+includes the code: the key holds ``flows.cell_cache.code_version()``, a digest of every source file a cell's
+training imports (mdcore/, the cell modules), so after a code change every cell trains again; each cell
+JSON and the report record it ("code <12 hex>").
 
 Outputs in ``reports/experiments/lodo/<dataset>/``: ``lodo.md`` (the DomainBed table, plus oracle
 selection labelled as such), ``lodo.json`` (everything), ``metrics.json`` (for ``dvc metrics show``),
@@ -32,7 +35,7 @@ PROTOCOL_VERSION = 1
 
 def dataset_folder(paths, data: str) -> tuple[str, Path]:
     """(dataset name, its folder under reports/experiments/lodo/)."""
-    from mdcore.lodo import BUILTIN_DATASETS
+    from mdcore.eval.lodo import BUILTIN_DATASETS
 
     if data in BUILTIN_DATASETS:
         return data, paths.experiments / "lodo" / data
@@ -46,9 +49,9 @@ def dataset_folder(paths, data: str) -> tuple[str, Path]:
 @task(name="lodo-prepare-data", cache_policy=NO_CACHE)
 def prepare_data(data: str, folder: str, split_seed: int = 0, limit: int | None = None) -> dict:
     """Image root and protocol manifest (every domain split by content hash) of a dataset."""
-    from mdcore.io import atomic_write_text
-    from mdcore.lodo import BUILTIN_DATASETS, materialize_dataset, protocol_manifest
-    from mdcore.manifest import dataset_version, manifest_csv
+    from mdcore.data.io import atomic_write_text
+    from mdcore.eval.lodo import BUILTIN_DATASETS, materialize_dataset, protocol_manifest
+    from mdcore.data.manifest import dataset_version, manifest_csv
 
     folder = Path(folder)
     root = materialize_dataset(data, folder, limit=limit) if data in BUILTIN_DATASETS else Path(data).expanduser().resolve()
@@ -66,9 +69,18 @@ RUNTIME_ONLY = ("num_workers", "cpus_per_worker", "use_gpu", "max_failures", "lo
                 "decoded_cache")
 
 
+def demo_holdout(paths, domains: list[str]) -> list[str]:
+    """The domains of this dataset that the workspace's own pipeline reports as held out
+    (``ingest.holdout_domains``): a table that chooses a default must not contain them (DESIGN.md)."""
+    from tasks.params import load_params
+
+    return [d for d in load_params("ingest", paths.root / "params").holdout_domains if d in domains]
+
+
 def cell_hash(spec: dict) -> str:
     """Key of a cell: everything that decides its result (not where the data lies, nor threads, nor the
-    stage's worker layout and loader, which a cell does not use)."""
+    stage's worker layout and loader, which a cell does not use). The flows put the code version
+    (``flows.cell_cache.code_version``) in every spec, so changed code makes new keys."""
     keep = {k: v for k, v in spec.items() if k not in ("manifest", "image_root", "threads")}
     finetune = {k: v for k, v in keep.get("finetune", {}).items() if k not in RUNTIME_ONLY}
     if finetune.get("input_norm") == "auto":  # cells start from random weights: auto is the method's own choice,
@@ -82,7 +94,7 @@ def cell_hash(spec: dict) -> str:
 def run_cell(spec: dict, out_file: str, use_ray: bool) -> dict:
     """Train and score one cell (in this process, or as a Ray task), then save its result."""
     from flows.lodo_cell import train_cell
-    from mdcore.io import atomic_write_json
+    from mdcore.data.io import atomic_write_json
 
     if use_ray:
         import ray
@@ -91,6 +103,7 @@ def run_cell(spec: dict, out_file: str, use_ray: bool) -> dict:
     else:
         result = train_cell(spec)
     result["cell_hash"] = cell_hash(spec)
+    result["code_version"] = spec.get("code_version")
     atomic_write_json(out_file, result)
     log.info("cell %s held out %s seed %s: held-out %.3f, seen %.3f (%.0f s)", spec["method"], spec["heldout"],
              spec["seed"], result["heldout_acc"], result["seen_acc"], result["train_s"])
@@ -115,10 +128,12 @@ def lodo_flow(data: str = "digits", methods: list[str] = DEFAULT_METHODS,  # noq
     every cell gets (other finetune params from params/finetune.yaml, then ``finetune_overrides``, such as
     ``{"method_hparams": {"linedraw_p": 0.15}}``: they enter every cell's key, so overridden cells never
     mix with others); ``threads`` per cell; ``workers`` cells at once (0: every core / a cluster; more than
-    one runs them as Ray tasks)."""
-    from mdcore import lodo
-    from mdcore.io import atomic_write_json, atomic_write_text
-    from mdcore.input_norm import input_size
+    one runs them as Ray tasks). Cells are cached by params, data and code (``flows.cell_cache.code_version``,
+    computed once per run): after a change to the code a cell's training imports, every cell trains again."""
+    from flows.cell_cache import code_version
+    from mdcore.eval import lodo
+    from mdcore.data.io import atomic_write_json, atomic_write_text
+    from mdcore.models.input_norm import input_size
     from mdcore.methods import method_class
     from tasks.params import load_params, merge_fields, validate_params
     from tasks.paths import load_paths
@@ -144,9 +159,11 @@ def lodo_flow(data: str = "digits", methods: list[str] = DEFAULT_METHODS,  # noq
         validate_params("finetune", finetune | {"method": m}, f"lodo budget and overrides for method {m!r}")
     pre = load_params("pretrain", paths.root / "params")
     image_size = input_size(pre.image_size, None, "pretrain.image_size")  # cells train from random init
+    code = code_version()  # once per run: the code every cell of this run trains with
     base = {"manifest": info["manifest"], "image_root": info["image_root"], "dataset_version": info["dataset_version"],
             "finetune": {k: v for k, v in finetune.items() if k not in ("seed", "method")},
-            "backbone": pre.backbone, "image_size": image_size, "threads": threads, "protocol": PROTOCOL_VERSION}
+            "backbone": pre.backbone, "image_size": image_size, "threads": threads, "protocol": PROTOCOL_VERSION,
+            "code_version": code}
     cells_dir = folder / "cells"
     results, todo = [], []
     for m in methods:
@@ -171,12 +188,13 @@ def lodo_flow(data: str = "digits", methods: list[str] = DEFAULT_METHODS,  # noq
         results += [f.result() for f in futures]
     else:
         results += [run_cell(spec, str(out), False) for spec, out in todo]
-    summary = {"dataset": name, "data": data, "dataset_version": info["dataset_version"], "domains": domains,
-               "seeds": list(seeds), "methods": list(methods),
+    summary = {"dataset": name, "data": data, "dataset_version": info["dataset_version"], "code_version": code,
+               "domains": domains, "seeds": list(seeds), "methods": list(methods),
                "config": {"epochs": epochs, "batch_size": batch_size, "threads": threads, "backbone": pre.backbone,
                           "image_size": image_size, **({"finetune_overrides": finetune_overrides}
                                                             if finetune_overrides else {})},
-               "aggregate": lodo.aggregate([r for r in results if r["method"] in methods]),
+               "aggregate": lodo.aggregate([r for r in results if r["method"] in methods],
+                                           choose_without=demo_holdout(paths, domains)),
                "cells_run": len(todo), "cells_cached": len(results) - len(todo),
                "wall_s": round(time.perf_counter() - t0, 1)}
     table = lodo.markdown(summary, f"Leave-one-domain-out on {name}")

@@ -6,9 +6,10 @@ Ray tasks when there are cores or a cluster to spare) and writes the table.
 """
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
+
+from mdcore.train import Callback
 
 _IMAGES: dict = {}  # decoded once per process: manifest path -> (frame, ImageSet of every row)
 
@@ -16,8 +17,8 @@ _IMAGES: dict = {}  # decoded once per process: manifest path -> (frame, ImageSe
 def _all_images(manifest: str, image_root: str, size: int):
     import pandas as pd
 
-    from mdcore.images import load_images
-    from mdcore.manifest import class_names
+    from mdcore.data.images import load_images
+    from mdcore.data.manifest import class_names
 
     key = (manifest, image_root, size)
     if key not in _IMAGES:
@@ -34,12 +35,29 @@ def _subset(frame, data, rows, domains: list[str]):
     (the held-out domain, unknown to the model, gets -1)."""
     import torch
 
-    from mdcore.images import ImageSet
+    from mdcore.data.images import ImageSet
 
     pos = torch.as_tensor(frame.index.get_indexer(rows.index), dtype=torch.long)
     index = {d: i for i, d in enumerate(domains)}
     doms = torch.tensor([index.get(d, -1) for d in rows["domain"]], dtype=torch.long)
     return ImageSet(data.images[pos], data.labels[pos], doms, list(domains), data.class_names)
+
+
+class OracleScore(Callback):
+    """After each epoch's validation: the held-out domain's own val rows, routed (prototypes from a fixed
+    sample of training images), recorded as ``heldout_val_acc``. Reference only: it never selects."""
+
+    def __init__(self, model, oracle, proto, heldout: str):
+        self.model, self.oracle, self.proto, self.heldout = model, oracle, proto, heldout
+
+    def on_validated(self, epoch: int, metrics: dict) -> None:
+        from mdcore.data.images import to_float
+        from mdcore.eval.scoring import evaluate_split
+
+        if self.model.adapters is not None or self.model.routes_inside_backbone:
+            self.model.fit_prototypes(to_float(self.proto.images), self.proto.domains)
+        h = evaluate_split(self.model, self.oracle, [self.heldout] * len(self.oracle), use_domain=False)
+        metrics["heldout_val_acc"] = h["acc"]
 
 
 def train_cell(spec: dict) -> dict:
@@ -49,16 +67,17 @@ def train_cell(spec: dict) -> dict:
     test accuracy."""
     import torch
 
-    from mdcore.images import to_float
-    from mdcore.lodo import cell_rows
-    from mdcore.sampler import domain_balanced_batches
-    from mdcore.train import evaluate_split, finetune_epoch, training_view_batches
-    from tasks.model_setup import build_method, build_model, build_optimizer, epoch_kwargs, on_epoch_start
+    from mdcore.eval.lodo import cell_rows
+    from mdcore.eval.scoring import evaluate_split
+    from mdcore.train import fit
+    from tasks.model_setup import build_method, build_model, build_optimizer, fit_config, without_unhosted_parts
     from tasks.params import FinetuneParams
 
     t0 = time.perf_counter()
     torch.set_num_threads(int(spec.get("threads", 2)))
-    p = FinetuneParams.model_validate(spec["finetune"] | {"method": spec["method"], "seed": int(spec["seed"])})
+    # the cell's method replaces the file's: the file's per-domain parts are no request to a method without them
+    p = without_unhosted_parts(FinetuneParams.model_validate(
+        spec["finetune"] | {"method": spec["method"], "seed": int(spec["seed"])}))
     frame, data = _all_images(spec["manifest"], spec["image_root"], int(spec["image_size"]))
     rows = cell_rows(frame, spec["heldout"])
     domains = rows.training_domains
@@ -72,34 +91,12 @@ def train_cell(spec: dict) -> dict:
     method = build_method(p)
     model = build_model(p, train, spec["backbone"], int(spec["image_size"]), method=method)
     optimizer, scheduler = build_optimizer(p, model)
-    extra = epoch_kwargs(p, train)
-    routes = model.adapters is not None or model.routes_inside_backbone
-    history, best, best_state = [], -1.0, None
-    for epoch in range(p.epochs):
-        scheduler.step(epoch)
-        on_epoch_start(p, model, optimizer, epoch)
-        batches = domain_balanced_batches(train.domains, p.batch_size, epoch=epoch, seed=p.seed, mix=p.domain_mix)
-        stats = finetune_epoch(model, train, optimizer, batches, epoch=epoch, seed=p.seed,
-                               label_smoothing=p.label_smoothing, method=method, **extra)
-        v = evaluate_split(model, val, [domains[d] for d in val.domains])
-        method.end_epoch(model, epoch, v)
-        if routes:  # prototypes from training images only: how unknown domains are routed
-            model.fit_prototypes(to_float(proto.images), proto.domains)
-        h = evaluate_split(model, oracle, [spec["heldout"]] * len(oracle), use_domain=False)
-        history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": v["loss"], "val_acc": v["acc"],
-                        "heldout_val_acc": h["acc"]})
-        if v["acc"] > best:  # training-domain validation decides; the held-out numbers are only recorded
-            best, best_state = v["acc"], copy.deepcopy(model.state_dict())
-    selected = max(history, key=lambda r: r["val_acc"])["epoch"]
-    finalized = {}
-    if method.selects_checkpoint():
-        model.load_state_dict(best_state)
-    else:
-        finalized = method.finalize(model, lambda: training_view_batches(
-            train, method, p.batch_size, seed=p.seed, epoch=10_000, mix=p.domain_mix, generator_seed=p.seed))
-        selected = "average"
-    if routes:
-        model.fit_prototypes(to_float(train.images), train.domains)
+    result = fit(model, method, train, val, fit_config(p, domains), optimizer, scheduler,
+                 callbacks=[OracleScore(model, oracle, proto, spec["heldout"])])
+    history = [{"epoch": r["epoch"], "train_loss": r["train_loss"], "val_loss": r["val_loss"], "val_acc": r["val_acc"],
+                "heldout_val_acc": r["heldout_val_acc"]} for r in result.history]
+    selected = result.shipped["selected_epoch"]
+    finalized = {k: v for k, v in result.shipped.items() if k != "selected_epoch"}
     seen = evaluate_split(model, test, [domains[d] for d in test.domains])
     final_held = evaluate_split(model, held, [spec["heldout"]] * len(held), use_domain=False)
     return {

@@ -13,8 +13,8 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
 from flows import dvc_sync
-from mdcore.io import atomic_write_json
-from mdcore.workspace_lock import workspace_lock
+from mdcore.data.io import atomic_write_json
+from mdcore.data.workspace_lock import workspace_lock
 from tasks.compress import compress_task
 from tasks.evaluate import evaluate_task
 from tasks.finetune import finetune_task
@@ -135,7 +135,7 @@ def _run_stages(quick, params, paths, force, logger) -> dict:
             metrics = json.loads(paths.metrics_file(name).read_text())
             report["stages"][name] = {"ran": False, "wall_s": 0.0, "metrics": metrics}
             continue
-        metrics = STAGE_TASKS[name](root=str(paths.root))
+        metrics = STAGE_TASKS[name](root=str(paths.root), params=params.stage(name))  # read once, above
         dvc_sync.record(paths.root, name)
         report["stages"][name] = {"ran": True, "wall_s": metrics["wall_s"], "metrics": metrics}
     report["state"] = "completed"

@@ -18,10 +18,10 @@ from prefect import flow, get_run_logger, task
 from flows.champion import parts_steps_in_a_row
 from flows.pipeline import pipeline
 from flows.warm_start import TRAINED_ON, trained_rows
-from mdcore.io import atomic_write_json
-from mdcore.model import load_model
-from mdcore.promotion import decide
-from mdcore.workspace_lock import workspace_lock
+from mdcore.data.io import atomic_write_json
+from mdcore.models.model import load_model
+from mdcore.eval.promotion import decide
+from mdcore.data.workspace_lock import workspace_lock
 from tasks.evaluate import per_domain_accuracy
 from tasks.params import load_params
 from tasks.paths import load_paths

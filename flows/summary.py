@@ -4,7 +4,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from mdcore.io import dir_size_bytes
+from mdcore.data.io import dir_size_bytes
 
 
 def print_summary(report: dict, paths, wall_s: float, console: Console | None = None) -> None:

@@ -22,14 +22,14 @@ TRAINED_ON = "trained_on.json"
 
 def trained_rows(manifest: str | Path) -> list[str]:
     """Content hashes of the training rows of a manifest (what a model trained on it has seen)."""
-    from mdcore.manifest import read_manifest
+    from mdcore.data.manifest import read_manifest
 
     frame = read_manifest(manifest)
     return sorted(set(frame.loc[frame["split"] == "train", "sha256"]))
 
 
 def write_trained_on(folder: str | Path, hashes: list[str]) -> None:
-    from mdcore.io import atomic_write_json
+    from mdcore.data.io import atomic_write_json
 
     atomic_write_json(Path(folder) / TRAINED_ON, sorted(set(hashes)))
 
@@ -56,9 +56,9 @@ def warm_start(paths, params, out: str | Path) -> dict:
     from flows.continual_cell import concat, learn, learn_own_parts
     from mdcore.continual import (add_domain, mixed_batches, nearest_domain, per_sample_losses, refit_prototypes,
                                   replay_budget, select_replay)
-    from mdcore.images import load_images, to_float
-    from mdcore.manifest import read_manifest
-    from mdcore.model import load_model, save_model
+    from mdcore.data.images import load_images, to_float
+    from mdcore.data.manifest import read_manifest
+    from mdcore.models.model import load_model, save_model
     from tasks.data import image_roots
     from tasks.params import load_params
 
@@ -116,7 +116,9 @@ def warm_start(paths, params, out: str | Path) -> dict:
         info = learn(model, ds, val, p, lambda epoch: list(mixed_batches(
             new_idx, replay_idx, p.batch_size, params.replay_per_batch, epoch=epoch, seed=p.seed)),
             warmup_epochs=params.warmup_epochs, teacher=teacher, kd_weight=params.replay_kd_weight)
-    refit_prototypes(model, to_float(ds.images), ds.domains)
+    # prototypes of the domains that learned: in a parts step only the new domains' (the known domains'
+    # routing stays as it was); in a joint step every domain with images in the step
+    refit_prototypes(model, *((to_float(new.images), new.domains) if mode == "parts" else (to_float(ds.images), ds.domains)))
     result = {"mode": mode, "mode_reason": why, "new_images": len(new), "past_images": len(past),
               "replay_images": len(keep) if mode == "joint" else 0,
               "new_domains": added, "domains": domains, "epochs": params.parts_epochs if mode == "parts" else p.epochs, "train_s": round(info["train_s"], 2),

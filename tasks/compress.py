@@ -13,16 +13,16 @@ import pandas as pd
 import torch
 from prefect import task
 
-from mdcore.accel import resolve_device
+from mdcore.models.accel import resolve_device
 from mdcore.deploy.distill import DistillConfig
 from mdcore.deploy.run import SHIPPED, ScoreConfig, compress
 from mdcore.deploy.scoring import EvalSets
 from mdcore.deploy.variants import BuildConfig
-from mdcore.io import atomic_dir, sha256_file
-from mdcore.model import WEIGHTS, load_model
+from mdcore.data.io import atomic_dir, sha256_file
+from mdcore.models.model import WEIGHTS, load_model
 from tasks.data import guard_holdout, image_roots, load_split
 from tasks.evaluate import summarize
-from tasks.params import CompressParams
+from tasks.params import StageParams, CompressParams
 from tasks.paths import Paths
 from tasks.stage import StageResult, execute
 
@@ -105,6 +105,6 @@ def run(params: CompressParams, paths: Paths) -> StageResult:
 
 
 @task(name="compress")
-def compress_task(root: str = ".") -> dict:
+def compress_task(root: str = ".", params: StageParams | None = None) -> dict:
     """Prefect task: the compress stage."""
-    return execute("compress", root)
+    return execute("compress", root, params)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mdcore.images import ImageSet, load_images
-from mdcore.manifest import class_names, read_manifest
+from mdcore.data.images import ImageSet, load_images
+from mdcore.data.manifest import class_names, read_manifest
 
 
 def image_roots(raw: str | Path, synthetic: str | Path) -> dict[str, Path]:
@@ -31,9 +31,9 @@ def load_split(
 
 
 def guard_holdout(manifest: str | Path, used: dict[str, pd.DataFrame]) -> None:
-    """Raise ``mdcore.lodo.LeakageError`` if any held-out image (by path or content) is among ``used``
+    """Raise ``mdcore.eval.lodo.LeakageError`` if any held-out image (by path or content) is among ``used``
     (role -> rows): held-out domains measure generalization only if nothing of them was learned from."""
-    from mdcore.lodo import assert_no_leak
+    from mdcore.eval.lodo import assert_no_leak
 
     frame = read_manifest(manifest)
     assert_no_leak(frame[frame["split"] == "holdout"], used)

@@ -7,12 +7,12 @@ import logging
 import pandas as pd
 from prefect import task
 
-from mdcore.accel import resolve_device
-from mdcore.io import atomic_dir
-from mdcore.model import MultiDomainModel, load_model
-from mdcore.train import accuracy_by_domain
+from mdcore.models.accel import resolve_device
+from mdcore.data.io import atomic_dir
+from mdcore.models.model import MultiDomainModel, load_model
+from mdcore.eval.scoring import accuracy_by_domain
 from tasks.data import image_roots, load_split
-from tasks.params import EvaluateParams
+from tasks.params import StageParams, EvaluateParams
 from tasks.paths import Paths
 from tasks.stage import StageResult, execute
 
@@ -92,6 +92,6 @@ def run(params: EvaluateParams, paths: Paths) -> StageResult:
 
 
 @task(name="evaluate")
-def evaluate_task(root: str = ".") -> dict:
+def evaluate_task(root: str = ".", params: StageParams | None = None) -> dict:
     """Prefect task: the evaluate stage."""
-    return execute("evaluate", root)
+    return execute("evaluate", root, params)

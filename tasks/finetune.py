@@ -15,10 +15,10 @@ from pathlib import Path
 
 from prefect import task
 
-from mdcore.io import atomic_dir
-from mdcore.model import CONFIG, WEIGHTS
+from mdcore.data.io import atomic_dir
+from mdcore.models.model import CONFIG, WEIGHTS
 from tasks.finetune_ray import fit
-from tasks.params import FinetuneParams
+from tasks.params import StageParams, FinetuneParams
 from tasks.paths import Paths
 from tasks.stage import StageResult, execute
 
@@ -109,6 +109,6 @@ def transient(task, task_run, state) -> bool:
 
 
 @task(name="finetune", retries=1, retry_delay_seconds=5, retry_condition_fn=transient)
-def finetune_task(root: str = ".") -> dict:
+def finetune_task(root: str = ".", params: StageParams | None = None) -> dict:
     """Prefect task: the finetune stage (a Ray Train job); retried once on a transient failure."""
-    return execute("finetune", root)
+    return execute("finetune", root, params)

@@ -1,5 +1,5 @@
-"""The finetune stage's Ray Train job: the training loop every worker runs, the workers it runs on (Ray
-Train's, or one local process on an explicit device), and ``fit``, which launches it.
+"""The finetune stage's Ray Train job: what every worker runs (data, model, then ``mdcore.train.fit``), the
+workers it runs on (Ray Train's, or one local process on an explicit device), and ``fit``, which launches it.
 
 It imports no Prefect (Ray lazily), so a machine with torch, timm and Ray alone can run the job: the GPU
 check does (``bench/gpu_check.py``). ``tasks/finetune.py`` is the stage around it.
@@ -12,9 +12,9 @@ import os
 import shutil
 import signal
 import tempfile
-import time
 from pathlib import Path
 
+from mdcore.train import Callback, Runtime
 from tasks.params import FinetuneParams
 from tasks.paths import Paths
 
@@ -22,8 +22,8 @@ log = logging.getLogger("mdpipe.finetune")
 
 
 class RayWorker:
-    """What the training loop needs from its runtime, under Ray Train: rank, world, one device per worker
-    (GPU when ``use_gpu``), the checkpoint to resume from, DDP wrapping, and reporting."""
+    """What the worker needs from Ray Train: rank, world, one device per worker (GPU when ``use_gpu``), the
+    checkpoint to resume from, DDP wrapping, and reporting."""
 
     def __init__(self):
         import ray.train
@@ -47,7 +47,7 @@ class RayWorker:
 
 
 class LocalWorker:
-    """The same loop in this process on an explicit device (tests; one machine without Ray): rank 0 of 1;
+    """The same worker in this process on an explicit device (tests; one machine without Ray): rank 0 of 1;
     each reported checkpoint folder is copied to ``out/checkpoint_NNNNNN``."""
 
     def __init__(self, device: str, out: str | Path, resume_from: str | Path | None = None):
@@ -79,21 +79,19 @@ def train_loop_per_worker(cfg: dict) -> None:
 
 
 def train_worker(cfg: dict, worker) -> None:
-    """Load data, build the model, resume if a checkpoint exists, train with DDP on a domain-balanced
-    shard on ``worker.device``, report metrics and (rank 0) a checkpoint every epoch."""
+    """Load data, build the model, and fit it (``mdcore.train.fit``) with DDP on a domain-balanced shard on
+    ``worker.device``, resuming from the worker's checkpoint if there is one; every epoch's metrics and
+    (rank 0) full-state checkpoint go to Ray. Only Ray lives here: the loop is mdcore's."""
+    from contextlib import nullcontext
+
     import torch
 
-    from mdcore.accel import FastForward
-    from mdcore.checkpoint import load_training_state
-    from mdcore.lazy_images import BatchLoader
-    from mdcore.sampler import domain_balanced_batches
-    from mdcore.train import evaluate_split, finetune_epoch, training_view_batches
+    from mdcore.data.lazy_images import BatchLoader
+    from mdcore.train import FitConfig, fit
     from tasks.data import guard_holdout, load_split
-    from tasks.model_setup import (build_method, build_model, build_optimizer, early_stopping, epoch_kwargs,
-                                   needs_find_unused_parameters, on_epoch_start)
+    from tasks.model_setup import build_method, build_model, build_optimizer, fit_config
 
-    p = FinetuneParams.model_validate(cfg["params"])
-    rank, world = worker.rank, worker.world
+    p: FinetuneParams = cfg["params"]  # the typed params the driver validated (Ray pickles the object)
     torch.set_num_threads(max(1, int(p.cpus_per_worker)))
     torch.manual_seed(p.seed)
     roots = {k: Path(v) for k, v in cfg["roots"].items()}
@@ -107,223 +105,132 @@ def train_worker(cfg: dict, worker) -> None:
     method = build_method(p)
     model = build_model(p, train, cfg["backbone"], cfg["image_size"], cfg.get("backbone_weights"), method=method)
     optimizer, scheduler = build_optimizer(p, model)
-    extra = epoch_kwargs(p, train)  # once: it carries state across epochs (GroupDRO weights)
-    start_epoch, history, attempt, best = 0, [], 0, Selection()
+    config: FitConfig = fit_config(p, train.domain_names)
+    runtime = RayRuntime(worker, p, config)
     checkpoint = worker.checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            start_epoch = load_training_state(folder, model, optimizer) + 1
-            history = json.loads((Path(folder) / "history.json").read_text())
-            best.load(Path(folder))
-            _load_run_state(Path(folder), extra)
-        attempt = history[-1].get("attempt", 0) + 1 if history else 1
-        print(f"[finetune] rank {rank}: resumed from the checkpoint of epoch {start_epoch} (attempt {attempt})")
-    device = worker.device
-    fast = FastForward(model, p.precision, p.channels_last, device_type=device.type)
-    if p.compile:
-        fast = torch.compile(fast)
-    ddp_model = worker.prepare(fast, needs_find_unused_parameters(p))
-    optimizer_to(optimizer, device)  # a restored optimizer state was loaded before the model moved
-    mix = p.domain_mix if isinstance(p.domain_mix, str) else _domain_weights(p.domain_mix, train.domain_names)
-    stopper = early_stopping(p)
-    for row in history:  # after a resume, replay the epochs already done
-        stopper.step(row["val_acc"], row["epoch"] - 1)
-    # stream: one loader for the run, its decoding processes kept across epochs (stopped at the end, or when
-    # garbage-collected after an error)
-    loader = BatchLoader(train.images, p.loader_workers if p.loader == "stream" else 0,
-                         pin_memory=device.type == "cuda")
-    for epoch in range(start_epoch, p.epochs):
-        if cfg.get("kill_at_epoch") == epoch and attempt == 0 and rank == world - 1:
-            _barrier(world)  # let rank 0 finish its checkpoint first
-            print(f"[finetune] rank {rank}: injected failure (SIGKILL) before epoch {epoch + 1}", flush=True)
+    with checkpoint.as_directory() if checkpoint else nullcontext(None) as folder:
+        attempt = _attempt(folder)
+        if folder:
+            print(f"[finetune] rank {worker.rank}: resuming from {folder} (attempt {attempt})", flush=True)
+        # stream: one loader for the run, its decoding processes kept across epochs
+        with BatchLoader(train.images, p.loader_workers if p.loader == "stream" else 0,
+                         pin_memory=runtime.device.type == "cuda") as loader:
+            fit(model, method, train, val_set, config, optimizer, scheduler, runtime=runtime, loader=loader,
+                resume_from=folder, callbacks=[
+                    InjectedFailure(cfg.get("kill_at_epoch"), attempt, worker.rank, worker.world),
+                    ReportToRay(worker, model, attempt, p.epochs, cfg.get("progress_file"))])
+
+
+def _attempt(folder: str | None) -> int:
+    """0 for a fresh run; after a restart, one more than the attempt that wrote the checkpoint."""
+    if not folder:
+        return 0
+    history = json.loads((Path(folder) / "history.json").read_text())
+    return history[-1].get("attempt", 0) + 1 if history else 1
+
+
+class RayRuntime(Runtime):
+    """``mdcore.train.Runtime`` under Ray Train: the worker's device, DDP (with mixed precision and
+    torch.compile inside it), sums and buffer averages over workers."""
+
+    def __init__(self, worker, p: FinetuneParams, config):
+        super().__init__(worker.device)
+        self.worker, self.p, self.config = worker, p, config
+        self.rank, self.world = worker.rank, worker.world
+
+    def wrap(self, model):
+        import torch
+
+        from mdcore.models.accel import FastForward
+
+        fast = FastForward(model, self.p.precision, self.p.channels_last, device_type=self.device.type)
+        if self.p.compile:
+            fast = torch.compile(fast)
+        # frozen or later-unfrozen stages get no gradient in some steps: DDP must tolerate them
+        return self.worker.prepare(fast, self.config.freezes)
+
+    def sum(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL rejects CPU tensors
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def average_buffers(self, model) -> None:
+        """Mean of every floating buffer (batch-norm running statistics, per-domain ones included)."""
+        import torch
+        import torch.distributed as dist
+
+        if self.world == 1:
+            return
+        with torch.no_grad():
+            for buf in model.buffers():
+                if buf.is_floating_point():
+                    dist.all_reduce(buf)
+                    buf.div_(self.world)
+
+    def weights_max_diff(self, model) -> float:
+        """Largest difference between any worker's parameters and rank 0's (0.0 when DDP kept them in sync)."""
+        import torch
+        import torch.distributed as dist
+
+        if self.world == 1:
+            return 0.0
+        flat = torch.cat([q.detach().flatten().double() for q in model.parameters()])
+        reference = flat.clone()
+        dist.broadcast(reference, src=0)
+        diff = (flat - reference).abs().max().reshape(1)
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        return float(diff)
+
+
+class InjectedFailure(Callback):
+    """Tests: SIGKILL the last worker before epoch ``kill_at_epoch`` of the first attempt (after rank 0
+    finished the previous epoch's checkpoint)."""
+
+    def __init__(self, kill_at_epoch: int | None, attempt: int, rank: int, world: int):
+        self.kill_at_epoch, self.attempt, self.rank, self.world = kill_at_epoch, attempt, rank, world
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.kill_at_epoch != epoch or self.attempt != 0:
+            return
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # let rank 0 finish its checkpoint first
+        if self.rank == self.world - 1:
+            print(f"[finetune] rank {self.rank}: injected failure (SIGKILL) before epoch {epoch + 1}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        elif cfg.get("kill_at_epoch") == epoch and attempt == 0:
-            _barrier(world)
-        t0 = time.perf_counter()
-        scheduler.step(epoch)
-        frozen = on_epoch_start(p, model, optimizer, epoch) or {}
-        batches = domain_balanced_batches(train.domains, p.batch_size, rank=rank, world=world, epoch=epoch,
-                                          seed=p.seed, mix=mix)
-        stats = finetune_epoch(ddp_model, train, optimizer, batches, epoch=epoch, seed=p.seed, rank=rank,
-                               label_smoothing=p.label_smoothing, device=device, method=method, loader=loader,
-                               **extra)
-        totals = _all_reduce_sum([stats["loss"] * stats["images"], stats["train_acc"] * stats["images"],
-                                  stats["images"]], world, device)
-        elapsed = time.perf_counter() - t0
-        _average_buffers(model, world)  # per-domain normalization statistics: one value on every worker
-        val = evaluate_split(model, val_set, [train.domain_names[d] for d in val_set.domains], 256, device=device)
-        val_acc = val["per_domain"]
-        method.end_epoch(model, epoch, val)
-        best.step(model, epoch, val["acc"] if val_acc else epoch - 1e6)  # no val rows: the last epoch
-        stop = stopper.step(sum(val_acc.values()) / max(len(val_acc), 1), epoch)  # same decision on every rank
-        last = epoch == p.epochs - 1 or stop
-        shipped = {}
-        if last:  # what ships: the best training-domain-validation epoch, or the method's own (SWAD's average)
-            if method.selects_checkpoint():
-                best.restore(model)
-                shipped = {"selected_epoch": best.epoch + 1}
-            else:
-                shipped = method.finalize(model, lambda: training_view_batches(
-                    train, method, p.batch_size, seed=p.seed, epoch=p.epochs, generator_seed=p.seed + 1,
-                    rank=rank, world=world, device=device))
-                shipped["selected_epoch"] = "average"
-            model.fit_prototypes(train.images, train.domains)
-        metrics = {
-            "epoch": epoch + 1,
-            "attempt": attempt,
-            "train_loss": totals[0] / totals[2],
-            "train_acc": totals[1] / totals[2],
-            "val_acc": sum(val_acc.values()) / max(len(val_acc), 1),
-            "val_loss": val["loss"],
-            "lr": optimizer.param_groups[-1]["lr"],
-            "images_per_s": totals[2] / elapsed,
-            **{f"val_domain_acc/{d}": a for d, a in val_acc.items()},
-            **{k: v for k, v in stats.items() if k.startswith("aux/")},
-            **{f"frozen/{k}": v for k, v in frozen.items() if isinstance(v, (int, float))},
-            "early_stopped": stop,
-            **{f"shipped/{k}": v for k, v in shipped.items()},
-        }
-        if last:
-            metrics["weights_max_diff_across_workers"] = _weights_max_diff(model, world)
-        _report(worker, metrics, history, model, optimizer, epoch, p.epochs, best, extra, cfg.get("progress_file"))
-        if stop:
-            break
-    loader.close()
 
 
-class Selection:
-    """Keeps the weights of the epoch with the best training-domain validation accuracy (held-out and test
-    numbers never enter), to restore at the end, after early stopping too; saved in every checkpoint."""
+class ReportToRay(Callback):
+    """Every epoch: every rank reports its metrics; rank 0 also a checkpoint folder with the full training
+    state, the model as it stands (``model/``, what the stage ships after the last epoch) and the history,
+    and a line in the progress file the driver follows (console and Prefect progress artifact)."""
 
-    FILE = "best_model.safetensors"
+    def __init__(self, worker, model, attempt: int, epochs: int, progress_file: str | None):
+        self.worker, self.model, self.attempt, self.epochs = worker, model, attempt, epochs
+        self.progress_file = progress_file
 
-    def __init__(self):
-        self.value, self.epoch, self.state = -float("inf"), -1, None
+    def on_epoch_end(self, epoch: int, metrics: dict, save) -> None:
+        from mdcore.models.model import save_model
 
-    def step(self, model, epoch: int, value: float) -> None:
-        if value > self.value:
-            self.value, self.epoch = value, epoch
-            self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-    def restore(self, model) -> None:
-        if self.state is not None:
-            model.load_state_dict(self.state)
-
-    def save(self, folder: Path) -> None:
-        from safetensors.torch import save_file
-
-        if self.state is not None:
-            save_file({k: v.contiguous() for k, v in self.state.items()}, str(folder / self.FILE),
-                      metadata={"epoch": str(self.epoch), "value": repr(self.value)})
-
-    def load(self, folder: Path) -> None:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        file = folder / self.FILE
-        if file.is_file():
-            with safe_open(str(file), "pt") as f:
-                meta = f.metadata()
-            self.state, self.epoch, self.value = load_file(str(file)), int(meta["epoch"]), float(meta["value"])
-
-
-RUN_STATE = "run_state.json"
-
-
-def _load_run_state(folder: Path, extra: dict) -> None:
-    """Per-run state beyond the weights (GroupDRO's domain weights, the curriculum's running losses)."""
-    file = folder / RUN_STATE
-    weighting = extra.get("domain_weighting")
-    if weighting is not None and file.is_file():
-        weighting.load_state(json.loads(file.read_text()).get("domain_weighting", {}))
-
-
-def _domain_weights(mix: dict[str, float], domains: list[str]) -> dict[int, float]:
-    unknown = sorted(set(mix) - set(domains))
-    if unknown:
-        raise ValueError(f"finetune.domain_mix names {unknown}, not training domains {domains}")
-    return {domains.index(d): w for d, w in mix.items()}
-
-
-def optimizer_to(optimizer, device) -> None:
-    """Move every optimizer state tensor (AdamW moments) to ``device``, where the parameters now live."""
-    import torch
-
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and key != "step":
-                state[key] = value.to(device)
-
-
-def _barrier(world: int) -> None:
-    import torch.distributed as dist
-
-    if world > 1:
-        dist.barrier()
-
-
-def _all_reduce_sum(values: list[float], world: int, device=None) -> list[float]:
-    """On the worker's device: NCCL (GPU workers) rejects CPU tensors."""
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def _average_buffers(model, world: int) -> None:
-    """Mean of every floating buffer (batch-norm running statistics, per-domain ones included) over workers."""
-    import torch
-    import torch.distributed as dist
-
-    if world == 1:
-        return
-    with torch.no_grad():
-        for buf in model.buffers():
-            if buf.is_floating_point():
-                dist.all_reduce(buf)
-                buf.div_(world)
-
-
-def _weights_max_diff(model, world: int) -> float:
-    """Largest difference between any worker's parameters and rank 0's (0.0 when DDP kept them in sync)."""
-    import torch
-    import torch.distributed as dist
-
-    if world == 1:
-        return 0.0
-    flat = torch.cat([p.detach().flatten().double() for p in model.parameters()])
-    reference = flat.clone()
-    dist.broadcast(reference, src=0)
-    diff = (flat - reference).abs().max().reshape(1)
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return float(diff)
-
-
-def _report(worker, metrics, history, model, optimizer, epoch, epochs, best: Selection, extra: dict,
-            progress_file: str | None = None) -> None:
-    from mdcore.checkpoint import save_training_state
-    from mdcore.model import save_model
-
-    if worker.rank != 0:
-        worker.report(metrics, None)
-        return
-    history.append(metrics)
-    if progress_file:  # the driver follows it: console lines and the Prefect progress artifact
-        with open(progress_file, "a") as f:
-            f.write(json.dumps({**metrics, "epochs": epochs}) + "\n")
-    with tempfile.TemporaryDirectory() as tmp:
-        save_training_state(tmp, model, optimizer, epoch, metrics)
-        save_model(model, Path(tmp) / "model", extra={"epoch": epoch + 1,
-                                                      "selected_epoch": metrics.get("shipped/selected_epoch")})
-        (Path(tmp) / "history.json").write_text(json.dumps(history))
-        best.save(Path(tmp))
-        weighting = extra.get("domain_weighting")
-        (Path(tmp) / RUN_STATE).write_text(json.dumps(
-            {"domain_weighting": weighting.state() if weighting is not None else {}}))
-        worker.report(metrics, tmp)
+        metrics["attempt"] = self.attempt
+        if self.worker.rank != 0:
+            self.worker.report(metrics, None)
+            return
+        if self.progress_file:
+            with open(self.progress_file, "a") as f:
+                f.write(json.dumps({**metrics, "epochs": self.epochs}) + "\n")
+        with tempfile.TemporaryDirectory() as tmp:
+            save(tmp)
+            save_model(self.model, Path(tmp) / "model", extra={
+                "epoch": epoch + 1, "selected_epoch": metrics.get("shipped/selected_epoch")})
+            history = json.loads((Path(tmp) / "training_meta.json").read_text())["history"]
+            (Path(tmp) / "history.json").write_text(json.dumps(history))
+            self.worker.report(metrics, tmp)
 
 
 def decoded_cache_dir() -> str:
@@ -380,9 +287,9 @@ def run_name(params: FinetuneParams, paths: Paths, use_pretrained: bool) -> str:
 
 def worker_config(params: FinetuneParams, paths: Paths, pre_config: dict, use_pretrained: bool,
                   kill_at_epoch: int | None = None, progress_file: Path | None = None) -> dict:
-    """What every worker receives: params, data locations and starting weights (all plain values)."""
+    """What every worker receives: the typed params, data locations and starting weights."""
     return {
-        "params": params.model_dump(),
+        "params": params,
         "train_manifest": str(paths.train_manifest),
         "roots": {"real": str(paths.raw), "synthetic": str(paths.synthetic)},
         "backbone": pre_config["backbone"],

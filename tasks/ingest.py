@@ -7,10 +7,10 @@ from pathlib import Path
 
 from prefect import task
 
-from mdcore.builtin import BuiltinSpec, materialize
-from mdcore.io import atomic_dir, atomic_write_text
-from mdcore.manifest import DataLayoutError, build_manifest, dataset_version, manifest_csv, scan_tree, summary
-from tasks.params import IngestParams
+from mdcore.data.builtin import BuiltinSpec, materialize
+from mdcore.data.io import atomic_dir, atomic_write_text
+from mdcore.data.manifest import DataLayoutError, build_manifest, dataset_version, manifest_csv, scan_tree, summary
+from tasks.params import StageParams, IngestParams
 from tasks.paths import Paths
 from tasks.stage import StageResult, execute
 
@@ -39,7 +39,7 @@ def run(params: IngestParams, paths: Paths) -> StageResult:
             log.info("copied %d images from %s", n, source)
             origin = str(source.resolve())
         elif params.builtin == "glyphs":
-            from mdcore.glyphs import materialize as render_glyphs, per_class_for
+            from mdcore.data.glyphs import materialize as render_glyphs, per_class_for
 
             counts = render_glyphs(tmp, seed=params.seed, per_class=per_class_for(params.builtin_limit))
             log.info("built-in glyphs: %s", counts)
@@ -71,6 +71,6 @@ def run(params: IngestParams, paths: Paths) -> StageResult:
 
 
 @task(name="ingest")
-def ingest_task(root: str = ".") -> dict:
+def ingest_task(root: str = ".", params: StageParams | None = None) -> dict:
     """Prefect task: the ingest stage."""
-    return execute("ingest", root)
+    return execute("ingest", root, params)

@@ -201,7 +201,7 @@ class FinetuneParams(StageParams):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     adapters: bool = Field(True, description="Per-domain residual adapters")
     adapter_dim: int = Field(64, ge=1)
-    # per-domain components (see mdcore.model.ModelConfig)
+    # per-domain components (see mdcore.models.model.ModelConfig)
     stage_adapters: list[int] = Field(
         [], description="Per-domain 1x1-conv adapters inside the backbone, at these timm feature_info indices "
                         "(e.g. [-3, -2]); empty = off")
@@ -418,7 +418,7 @@ def write_params(stage: str, params: StageParams, params_dir: str | Path) -> boo
     """Write ``params`` into ``params/STAGE.yaml``, keeping its comments; returns whether anything changed."""
     from ruamel.yaml import YAML
 
-    from mdcore.io import atomic_write_text
+    from mdcore.data.io import atomic_write_text
 
     file = Path(params_dir) / f"{stage}.yaml"
     rt = YAML()

@@ -1,6 +1,7 @@
 """The workspace's paths, read from ``paths.yaml`` (the same file dvc.yaml reads through ``vars``)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,16 @@ class Paths:
 
 
 def load_paths(root: str | Path = ".") -> Paths:
+    """The workspace's paths (``paths.yaml``, the file dvc.yaml reads too): parsed once per file version,
+    however many stages and flows of a run ask."""
     root = Path(root).resolve()
     file = root / PATHS_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: run mdpipe from the project root (or pass --root)")
-    return Paths(root, yaml.safe_load(file.read_text())["paths"])
+    stat = file.stat()
+    return Paths(root, _read_paths(str(file), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=16)
+def _read_paths(file: str, mtime_ns: int, size: int) -> dict:
+    return yaml.safe_load(Path(file).read_text())["paths"]

@@ -20,14 +20,14 @@ import torch
 from prefect import task
 from safetensors.torch import save_file
 
-from mdcore.accel import resolve_device
-from mdcore.input_norm import InputNorm, cfg_norm, input_size, recorded_norm, resolve
-from mdcore.io import atomic_dir
-from mdcore.model import WEIGHT_FILE_SUFFIXES, create_backbone
-from mdcore.probe import probe_backbone, probe_markdown
-from mdcore.train import ContrastiveNet, contrastive_epoch
+from mdcore.models.accel import resolve_device
+from mdcore.models.input_norm import InputNorm, cfg_norm, input_size, recorded_norm, resolve
+from mdcore.data.io import atomic_dir
+from mdcore.models.model import WEIGHT_FILE_SUFFIXES, create_backbone
+from mdcore.eval.probe import probe_backbone, probe_markdown
+from mdcore.train.contrastive import ContrastiveNet, contrastive_epoch
 from tasks.data import guard_holdout, image_roots, load_split
-from tasks.params import PretrainParams
+from tasks.params import StageParams, PretrainParams
 from tasks.paths import Paths
 from tasks.stage import StageResult, execute
 
@@ -131,6 +131,6 @@ def _probe(backbone, probe_data: dict, seed: int, norm, device) -> dict:
 
 
 @task(name="pretrain")
-def pretrain_task(root: str = ".") -> dict:
+def pretrain_task(root: str = ".", params: StageParams | None = None) -> dict:
     """Prefect task: the pretrain stage."""
-    return execute("pretrain", root)
+    return execute("pretrain", root, params)

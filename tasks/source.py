@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prefect import task
 
-from mdcore.io import atomic_write_text
+from mdcore.data.io import atomic_write_text
 from tasks.params import IngestParams
 from tasks.paths import Paths
 from tasks.stage import StageResult, execute

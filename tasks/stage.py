@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mdcore.io import atomic_write_json
-from mdcore.workspace_lock import workspace_lock
-from tasks.params import StageParams, load_params
+from mdcore.data.io import atomic_write_json
+from mdcore.data.workspace_lock import workspace_lock
+from tasks.params import validate_params, StageParams, load_params
 from tasks.paths import Paths, load_paths
 
 STAGES = ("ingest", "validate", "synthesize", "pretrain", "finetune", "evaluate", "compress")
@@ -34,11 +34,17 @@ def stage_module(name: str):
     return importlib.import_module(f"tasks.{name}")
 
 
-def execute(name: str, root: str | Path = ".", params: StageParams | None = None) -> dict:
-    """Run stage ``name`` in workspace ``root``; returns its metrics (also written to reports/metrics)."""
+def execute(name: str, root: str | Path = ".", params: StageParams | dict | None = None) -> dict:
+    """Run stage ``name`` in workspace ``root``; returns its metrics (also written to reports/metrics).
+    ``params``: the stage's params as a flow already read them (a typed object, or its dict as a Prefect
+    task receives it); None reads ``params/NAME.yaml``."""
     paths: Paths = load_paths(root)
     module = stage_module(name)
-    params = params if params is not None else load_params(PARAMS_OF.get(name, name), paths.root / "params")
+    kind = PARAMS_OF.get(name, name)
+    if params is None:
+        params = load_params(kind, paths.root / "params")
+    elif isinstance(params, dict):
+        params = validate_params(kind, params, f"params of stage {name}")
     with workspace_lock(paths.root, f"stage {name}", log=log.warning):  # free inside a flow that holds it
         log.info("stage %s: starting", name)
         t0 = time.perf_counter()

@@ -29,13 +29,13 @@ import pandas as pd
 from PIL import Image, ImageDraw
 from prefect import task
 
-from mdcore.io import atomic_dir, atomic_write_text, sha256_file
-from mdcore.manifest import COLUMNS, class_names, manifest_csv, read_manifest, resolve_in
-from mdcore.policy import apply_policy, fit_policy
-from mdcore.realism import DomainJudge, LabelJudge, StyleSpace, judge_batch
-from mdcore.synth import (find_scarce_domains, fourier_style_transfer, plan_targets, radial_amplitude_profile,
+from mdcore.data.io import atomic_dir, atomic_write_text, sha256_file
+from mdcore.data.manifest import COLUMNS, class_names, manifest_csv, read_manifest, resolve_in
+from mdcore.synth.policy import apply_policy, fit_policy
+from mdcore.synth.realism import DomainJudge, LabelJudge, StyleSpace, judge_batch
+from mdcore.synth.fourier import (find_scarce_domains, fourier_style_transfer, plan_targets, radial_amplitude_profile,
                           split_by_shares, stats_transfer)
-from tasks.params import SynthesizeParams
+from tasks.params import StageParams, SynthesizeParams
 from tasks.paths import Paths
 from tasks.stage import StageResult, execute
 
@@ -352,6 +352,6 @@ def run(params: SynthesizeParams, paths: Paths) -> StageResult:
 
 
 @task(name="synthesize")
-def synthesize_task(root: str = ".") -> dict:
+def synthesize_task(root: str = ".", params: StageParams | None = None) -> dict:
     """Prefect task: the synthesize stage."""
-    return execute("synthesize", root)
+    return execute("synthesize", root, params)

@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
-from mdcore.imagecheck import aspect_ratio, check_images, domain_profile, drift_bound
-from mdcore.io import atomic_dir, atomic_write_json, atomic_write_text
-from mdcore.manifest import COLUMNS, SPLITS, dataset_version, manifest_csv, read_manifest
-from tasks.params import ValidateParams
+from mdcore.data.imagecheck import aspect_ratio, check_images, domain_profile, drift_bound
+from mdcore.data.io import atomic_dir, atomic_write_json, atomic_write_text
+from mdcore.data.manifest import COLUMNS, SPLITS, dataset_version, manifest_csv, read_manifest
+from tasks.params import StageParams, ValidateParams
 from tasks.paths import Paths
 from tasks.stage import StageResult, execute
 
@@ -405,7 +405,7 @@ def run(params: ValidateParams, paths: Paths) -> StageResult:
     known_classes = params.known_classes or (accepted.get("classes") if accepted else None)
 
     t0 = time.perf_counter()
-    from mdcore.pool import progress_logger
+    from mdcore.data.pool import progress_logger
 
     checks = check_images(paths.raw, frame["path"], workers=params.workers,
                           progress=progress_logger(log.info, "validate: images read and decoded"))
@@ -532,6 +532,6 @@ def run(params: ValidateParams, paths: Paths) -> StageResult:
 
 
 @task(name="validate")
-def validate_task(root: str = ".") -> dict:
+def validate_task(root: str = ".", params: StageParams | None = None) -> dict:
     """Prefect task: the validate stage."""
-    return execute("validate", root)
+    return execute("validate", root, params)

@@ -30,7 +30,7 @@ def scratch_caches(tmp_path_factory):
 @pytest.fixture(scope="session")
 def builtin_tree(tmp_path_factory) -> Path:
     """The full built-in dataset (1,797 digits, 4 domains), made once per session."""
-    from mdcore.builtin import materialize
+    from mdcore.data.builtin import materialize
 
     root = tmp_path_factory.mktemp("builtin") / "tree"
     materialize(root, seed=0)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from mdcore.accel import FastForward
-from mdcore.model import ModelConfig, MultiDomainModel
+from mdcore.models.accel import FastForward
+from mdcore.models.model import ModelConfig, MultiDomainModel
 
 
 def model():
@@ -15,7 +15,7 @@ def test_fast_forward_trains_and_returns_float32(precision, channels_last):
     inner = model()
     fast = FastForward(inner, precision, channels_last)
     x, d = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, -1])
-    logits, aux = fast(x, d, return_aux=True)
+    logits, outputs = fast(x, d, return_outputs=True)
     assert logits.dtype == torch.float32 and logits.shape == (4, 3)
     logits.sum().backward()
     assert inner.head.weight.grad is not None and torch.isfinite(inner.head.weight.grad).all()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mdcore.model import create_backbone
+from mdcore.models.model import create_backbone
 from tasks.stage import execute
 from tests.conftest import make_workspace
 
@@ -31,7 +31,7 @@ def test_pretrain_on_digits_export_then_start_a_glyphs_run_from_the_file(tmp_pat
     # the finetune stage starts from these weights (the same path the Ray workers take)
     from tasks.model_setup import build_model
     from tasks.params import FinetuneParams
-    from mdcore.images import ImageSet
+    from mdcore.data.images import ImageSet
 
     train = ImageSet(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.long),
                      torch.zeros(4, dtype=torch.long), ["sans"], ["a", "b"])
@@ -68,7 +68,7 @@ def test_image_size_auto_takes_the_weights_input_size(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from mdcore.input_norm import input_size
+    from mdcore.models.input_norm import input_size
 
     weights = tmp_path / "weights" / "backbone.safetensors"
     weights.parent.mkdir()

@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mdcore.builtin import DOMAINS, BuiltinSpec, materialize
-from mdcore.io import sha256_file
+from mdcore.data.builtin import DOMAINS, BuiltinSpec, materialize
+from mdcore.data.io import sha256_file
 
 
 def files_by_domain(root: Path) -> dict[str, list[Path]]:
@@ -70,7 +70,7 @@ def test_glyphs_outline_domain_is_line_drawings_of_the_same_letters(tmp_path):
     import numpy as np
     from PIL import ImageFilter
 
-    from mdcore.glyphs import CLASSES, DOMAINS, font_dir, materialize, render_glyph
+    from mdcore.data.glyphs import CLASSES, DOMAINS, font_dir, materialize, render_glyph
 
     counts = materialize(tmp_path, per_class=4)
     assert set(counts) == set(DOMAINS) and "outline" in DOMAINS

@@ -14,8 +14,8 @@ from mdcore.deploy.measure import count_macs
 from mdcore.deploy.prune import prune_channels
 from mdcore.deploy.quantize import calibration_feeds, first_convs, quantize_int8
 from mdcore.deploy.scoring import decide
-from mdcore.images import ImageSet, to_float
-from mdcore.model import ModelConfig, MultiDomainModel
+from mdcore.data.images import ImageSet, to_float
+from mdcore.models.model import ModelConfig, MultiDomainModel
 
 TOL = 1e-4  # max |logit difference| between ONNX Runtime fp32 and PyTorch eager
 

@@ -11,10 +11,10 @@ from tests.conftest import REPO
 
 @pytest.fixture(scope="module")
 def scored_workspace(tmp_path_factory):
-    from mdcore.builtin import BuiltinSpec, materialize
-    from mdcore.io import atomic_write_text
-    from mdcore.manifest import build_manifest, class_names, manifest_csv
-    from mdcore.model import ModelConfig, MultiDomainModel, save_model
+    from mdcore.data.builtin import BuiltinSpec, materialize
+    from mdcore.data.io import atomic_write_text
+    from mdcore.data.manifest import build_manifest, class_names, manifest_csv
+    from mdcore.models.model import ModelConfig, MultiDomainModel, save_model
 
     ws = tmp_path_factory.mktemp("champion")
     shutil.copy(REPO / "paths.yaml", ws / "paths.yaml")

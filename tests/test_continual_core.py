@@ -8,11 +8,11 @@ import torch
 from mdcore.continual import (add_domain, few_shot_mask, gem_metrics, mixed_batches, nearest_domain,
                               replay_budget, restore_domains, select_replay, recompute_domain_norm,
                               train_only_domain_parts)
-from mdcore.model import ModelConfig, MultiDomainModel
+from mdcore.models.model import ModelConfig, MultiDomainModel
 
 CLASSES = [str(i) for i in range(4)]
 FULL = dict(domain_bn=True, stage_adapters=[-2], stage_adapter_dim=4, head="moe", moe_experts=2, proj_dim=8,
-            supcon_weight=0.1, input_norm="none")
+            input_norm="none")
 
 
 def tiny(**kw) -> MultiDomainModel:
@@ -157,7 +157,7 @@ def test_interpolating_toward_the_grown_model_moves_shared_weights_and_keeps_the
 
 
 def test_test_time_norm_sets_only_the_new_domains_statistics():
-    from mdcore.domain_norm import DomainBatchNorm2d
+    from mdcore.models.domain_norm import DomainBatchNorm2d
 
     model = add_domain(tiny(), "c", init_from=0).eval()
     bn = next(m for m in model.modules() if isinstance(m, DomainBatchNorm2d))
@@ -182,10 +182,11 @@ def test_few_shot_mask_takes_k_per_class():
 def test_distillation_from_the_model_before_a_new_domain_covers_only_the_domains_it_knows():
     """The add step's replay distillation: the teacher (the model before the arrival) knows 2 domains; a
     batch of the new domain alone has no distillation term, a mixed batch has one from its old images."""
-    from mdcore.images import ImageSet
-    from mdcore.train import finetune_epoch
+    from mdcore.data.images import ImageSet
+    from mdcore.methods import create_method
+    from mdcore.train.epoch import train_epoch
 
-    teacher = tiny(supcon_weight=0.0, proj_dim=0, head="linear")
+    teacher = tiny(proj_dim=0, head="linear")
     perturb(teacher)
     student = add_domain(teacher, "c", init_from=1)
     images = (torch.rand(12, 3, 32, 32) * 255).to(torch.uint8)
@@ -193,9 +194,9 @@ def test_distillation_from_the_model_before_a_new_domain_covers_only_the_domains
     optimizer = torch.optim.SGD(student.parameters(), lr=0.0)  # lr 0: the same weights for both epochs
     seen = []
     teacher.forward = lambda x, d, forward=teacher.forward: seen.append(d.clone()) or forward(x, d)
-    new_only = finetune_epoch(student, data, optimizer, [torch.arange(6)], epoch=0, seed=0, teacher=teacher,
-                              kd_weight=1.0, kd_domains=2)
-    mixed = finetune_epoch(student, data, optimizer, [torch.arange(12)], epoch=0, seed=0, teacher=teacher,
-                           kd_weight=1.0, kd_domains=2)
+    method = create_method("multidomain+distill", {"kd_weight": 1.0, "kd_domains": 2})
+    method.teacher = teacher
+    new_only = train_epoch(student, data, optimizer, [torch.arange(6)], method, epoch=0, seed=0)
+    mixed = train_epoch(student, data, optimizer, [torch.arange(12)], method, epoch=0, seed=0)
     assert "aux/kd" not in new_only and mixed["aux/kd"] > 0
     assert len(seen) == 1 and sorted(seen[0].tolist()) == [0, 0, 0, 1, 1, 1]  # only the old domains' images

@@ -33,5 +33,6 @@ def test_parts_mode_sequence_never_changes_a_known_domain(tmp_path):
     assert champ["gate_pass"] and champ["row"][:2] == champ["champion_row"][:2]
     new = cell["train_images"]["lowlight"]
     assert new - 32 < champ["images_seen"] <= new  # one epoch of its own images (whole batches), no replay
-    assert 0.0 <= champ["acc"] <= 1.0 and champ["time_share"] > 0
+    # the add step learns the new domain: 10 classes, chance 0.1
+    assert champ["acc"] >= 0.25 and champ["time_share"] > 0, champ
     assert "added to a champion trained on the other domains at once" in (out / "continual.md").read_text()

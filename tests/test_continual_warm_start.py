@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pandas as pd
+import pytest
 import torch
 
 from tests.conftest import REPO
@@ -12,12 +13,12 @@ from tests.conftest import REPO
 OLD = ["clean", "ink", "phone"]
 
 
-def _workspace(tmp_path):
-    from mdcore.builtin import BuiltinSpec, materialize
-    from mdcore.images import load_images, to_float
-    from mdcore.io import atomic_write_text
-    from mdcore.manifest import build_manifest, class_names, manifest_csv
-    from mdcore.model import ModelConfig, MultiDomainModel, save_model
+def _workspace(tmp_path, domain_bn=True):
+    from mdcore.data.builtin import BuiltinSpec, materialize
+    from mdcore.data.images import load_images, to_float
+    from mdcore.data.io import atomic_write_text
+    from mdcore.data.manifest import build_manifest, class_names, manifest_csv
+    from mdcore.models.model import ModelConfig, MultiDomainModel, save_model
 
     ws = tmp_path / "ws"
     ws.mkdir()
@@ -27,7 +28,7 @@ def _workspace(tmp_path):
     frame = build_manifest(ws / "data/raw", gate_fraction=0.2, workers=1)
     atomic_write_text(ws / "data/train_manifest.csv", manifest_csv(frame))
     torch.manual_seed(0)
-    model = MultiDomainModel(ModelConfig("test_resnet", OLD, class_names(frame), domain_bn=True, adapter_dim=8))
+    model = MultiDomainModel(ModelConfig("test_resnet", OLD, class_names(frame), domain_bn=domain_bn, adapter_dim=8))
     old_train = frame[(frame["split"] == "train") & frame["domain"].isin(OLD)]
     data = load_images(old_train, {"real": ws / "data/raw"}, 32, OLD)
     model.fit_prototypes(to_float(data.images), data.domains)
@@ -41,7 +42,7 @@ def test_warm_start_adds_the_new_domain_with_replay_and_the_gate_reports_forgett
     from flows.retrain import promote
     from flows.warm_start import warm_start
     from mdcore.continual import replay_budget
-    from mdcore.model import load_model
+    from mdcore.models.model import load_model
     from tasks.params import ContinualParams
     from tasks.paths import load_paths
 
@@ -71,16 +72,19 @@ def test_warm_start_adds_the_new_domain_with_replay_and_the_gate_reports_forgett
         assert "skipped" in warm_start(paths, params, ws / "cand2")
 
 
-def test_warm_start_parts_mode_leaves_the_known_domains_exactly_as_they_were(tmp_path):
+@pytest.mark.parametrize("domain_bn", [True, False])
+def test_warm_start_parts_mode_leaves_the_known_domains_exactly_as_they_were(tmp_path, domain_bn):
     """new_domain: parts: only the new domain's own parts learn; every known domain's answers are unchanged
-    bit for bit, so the gate cannot fail on them; the new domain's parts did learn."""
+    bit for bit, so the gate cannot fail on them; so are the known domains' routing prototypes (unknown-domain
+    routing) and, without domain batch-norm, the shared batch-norm statistics; the new domain's parts did
+    learn."""
     from flows.warm_start import warm_start
-    from mdcore.images import load_images, to_float
-    from mdcore.model import load_model
+    from mdcore.data.images import load_images, to_float
+    from mdcore.models.model import load_model
     from tasks.params import ContinualParams
     from tasks.paths import load_paths
 
-    ws, frame = _workspace(tmp_path)
+    ws, frame = _workspace(tmp_path, domain_bn)
     params = ContinualParams(epochs=3, batch_size=16, new_domain="parts", parts_lr=0.01, parts_epochs=2,
                              warmup_epochs=0)
     result = warm_start(load_paths(ws), params, ws / "cand")
@@ -94,10 +98,18 @@ def test_warm_start_parts_mode_leaves_the_known_domains_exactly_as_they_were(tmp
         before = champion(to_float(test.images[known]), test.domains[known])
         after = cand(to_float(test.images[known]), test.domains[known])
     assert torch.equal(before, after)
+    assert torch.equal(cand.prototypes[: len(OLD)], champion.prototypes)  # routing of unknown domains: known rows kept
+    old_state, new_state = champion.state_dict(), cand.state_dict()
+    shared = [k for k in old_state if k.startswith("backbone.") and "running_" in k and new_state[k].shape == old_state[k].shape]
+    assert bool(shared) != domain_bn  # plain batch-norm layers: shared by every domain
+    assert all(torch.equal(old_state[k], new_state[k]) for k in shared)  # no statistics drift
     new_row = cand.config.domains.index("lowlight")
     init_row = OLD.index(result["new_domains"]["lowlight"]["init_from"])
-    bn = next(m for m in cand.modules() if type(m).__name__ == "DomainBatchNorm2d")
-    assert not torch.equal(bn.weight[new_row], bn.weight[init_row])  # copied from there, then trained
+    if domain_bn:
+        bn = next(m for m in cand.modules() if type(m).__name__ == "DomainBatchNorm2d")
+        assert not torch.equal(bn.weight[new_row], bn.weight[init_row])  # copied from there, then trained
+    learned, copied = cand.adapters[new_row].state_dict(), cand.adapters[init_row].state_dict()
+    assert any(not torch.equal(learned[k], copied[k]) for k in learned)
 
 
 def test_step_mode_is_parts_only_when_every_new_real_row_is_of_a_new_domain():

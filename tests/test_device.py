@@ -1,15 +1,15 @@
 """One device choice (``device: auto|cpu|cuda``) for pretrain, evaluate and compress, read through
-``mdcore.accel.resolve_device``. Run on CPU here: ``device: cpu`` goes through the same code path a GPU
+``mdcore.models.accel.resolve_device``. Run on CPU here: ``device: cpu`` goes through the same code path a GPU
 takes, and a bad or unavailable value is an error naming the param."""
 import json
 
 import pytest
 import torch
 
-from mdcore.accel import resolve_device
+from mdcore.models.accel import resolve_device
 from mdcore.deploy.distill import DistillConfig, distill, student_model
-from mdcore.images import ImageSet
-from mdcore.model import ModelConfig, MultiDomainModel, save_model
+from mdcore.data.images import ImageSet
+from mdcore.models.model import ModelConfig, MultiDomainModel, save_model
 from tasks import evaluate, pretrain
 from tasks.compress import build_config
 from tasks.params import CompressParams, EvaluateParams, ParamsError, PretrainParams, load_params

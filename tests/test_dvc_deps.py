@@ -11,7 +11,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_PACKAGES = ("mdcore", "tasks", "flows")
 SHARED = {"tasks/params.py", "tasks/paths.py", "tasks/stage.py", "tasks/__init__.py", "mdcore/__init__.py",
-          "mdcore/io.py"}  # the runner every stage goes through: params schema, paths, atomic writes
+          "mdcore/data/io.py"}  # the runner every stage goes through: params schema, paths, atomic writes
 
 
 def module_file(name: str) -> Path | None:

@@ -1,5 +1,6 @@
 """The finetune stage as a real Ray Train job: DDP keeps workers in sync, 2 workers match 1, and a
-killed worker is replaced and the run resumes from its last checkpoint."""
+killed worker is replaced and the run resumes from its last checkpoint, shipping what an uninterrupted
+run ships (the default method, SWAD's average included)."""
 import json
 from pathlib import Path
 
@@ -44,17 +45,6 @@ def test_two_workers_stay_in_sync_and_match_one_worker(prepared):
     assert abs(two["train_loss"] - one["train_loss"]) < 0.25
 
 
-@pytest.mark.timeout(600)
-def test_killed_worker_resumes_from_last_checkpoint(prepared):
-    metrics = finetune(prepared, kill_at_epoch=2, num_workers=2, cpus_per_worker=1, epochs=3)
-    assert metrics["restarts"] == 1
-    history = json.loads((load_paths(prepared).finetuned / "history.json").read_text())
-    assert [row["epoch"] for row in history] == [1, 2, 3]
-    # epoch 1 comes from before the failure (its checkpoint was restored, not retrained); a SIGKILL may
-    # lose the epoch whose checkpoint was still being registered, which the restart then redoes
-    assert history[0]["attempt"] == 0 and history[-1]["attempt"] == 1
-
-
 def test_failure_without_retries_is_an_error_and_keeps_the_last_model(prepared):
     pytest.importorskip("ray")
     paths = load_paths(prepared)
@@ -97,3 +87,38 @@ def test_retiring_a_run_drops_finished_checkpoints_and_keeps_unfinished_ones(tmp
 def test_a_scaling_config_this_machine_cannot_run_is_a_clear_error(prepared):
     with pytest.raises(ValueError, match="num_workers x finetune.cpus_per_worker"):
         finetune(prepared, num_workers=64, cpus_per_worker=1)
+
+
+def _shipped(ws) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(load_paths(ws).finetuned / "model.safetensors"))
+
+
+@pytest.mark.timeout(900)
+def test_default_method_killed_worker_resumes_and_ships_the_uninterrupted_runs_weights(prepared):
+    """The shipped default method (SWAD's weight average) as a 2-worker Ray job: a worker killed before the
+    last epoch is replaced, the run resumes from the last checkpoint (SWAD's sums of the epochs before the
+    kill included: ``swad_min_epoch`` 0 averages from the first epoch), and ships the weights the
+    uninterrupted run of the same seed ships."""
+    from tasks.params import load_params
+
+    method = load_params("finetune", prepared / "params").method
+    assert "swad" in method
+    run = {"method": method, "method_hparams": {"swad_min_epoch": 0}, "num_workers": 2, "cpus_per_worker": 1,
+           "epochs": 3}
+    reference = finetune(prepared, **run)
+    assert reference["selected_epoch"] == "average" and reference["restarts"] == 0
+    want = _shipped(prepared)
+    resumed = finetune(prepared, kill_at_epoch=2, **run)  # before the last epoch
+    assert resumed["restarts"] == 1 and resumed["selected_epoch"] == "average"
+    history = json.loads((load_paths(prepared).finetuned / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    # epoch 1 comes from before the failure (its checkpoint was restored, not retrained); a SIGKILL may lose
+    # the checkpoint still being registered, whose epoch the restart then redoes
+    assert history[0]["attempt"] == 0 and history[-1]["attempt"] == 1
+    assert resumed["swad_averaged_steps"] == reference["swad_averaged_steps"]
+    assert resumed["swad_window_epochs"] == reference["swad_window_epochs"]
+    got = _shipped(prepared)
+    worst = max(float((got[k].double() - want[k].double()).abs().max()) for k in want if want[k].numel())
+    assert worst <= 1e-5, f"shipped weights differ from the uninterrupted run by {worst}"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from dvc.repo import Repo
 
-from mdcore.builtin import BuiltinSpec, materialize
-from mdcore.workspace_lock import holder
+from mdcore.data.builtin import BuiltinSpec, materialize
+from mdcore.data.workspace_lock import holder
 from tasks.params import apply_overrides
 from tests.conftest import make_workspace
 

@@ -4,7 +4,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from mdcore.images import to_rgb
+from mdcore.data.decode import to_rgb
 
 
 def reopen(img, fmt="PNG", **kwargs):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mdcore.images import ImageSet, to_float
-from mdcore.input_norm import recorded_norm, resolve
-from mdcore.model import ModelConfig, MultiDomainModel, create_backbone, load_model, save_model
+from mdcore.data.images import ImageSet, to_float
+from mdcore.models.input_norm import recorded_norm, resolve
+from mdcore.models.model import ModelConfig, MultiDomainModel, create_backbone, load_model, save_model
 from tasks.model_setup import build_model
 from tasks.params import FinetuneParams, ParamsError, load_params
 
@@ -81,7 +81,7 @@ def test_auto_follows_the_weights_recorded_pretrained_cfg(tmp_path):
     explicit = build_model(p.model_copy(update={"input_norm": "image"}), train, "test_resnet", 32, weights)
     assert explicit.config.input_norm == "image" and explicit.config.input_mean is None
     # erm's own choice is no normalization; pretrained without weights takes timm's default cfg of the arch
-    assert build_model(FinetuneParams(method="erm"), train, "test_resnet", 32).config.input_norm == "none"
+    assert build_model(FinetuneParams(method="erm", adapters=False, domain_bn=False), train, "test_resnet", 32).config.input_norm == "none"
     assert resolve("pretrained", None, "image", "resnet10t")[1:] == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mdcore.lodo import LeakageError, aggregate, assert_no_leak, cell_rows, markdown, protocol_manifest
+from mdcore.eval.lodo import LeakageError, aggregate, assert_no_leak, cell_rows, markdown, protocol_manifest
 
 
 def tree(root, domains=("a", "b", "c"), classes=("x", "y"), per_class=6):
@@ -41,7 +41,7 @@ def test_guard_catches_held_out_content_under_another_name(tmp_path):
 
 
 def test_pipeline_guard_refuses_holdout_rows_in_training(tmp_path):
-    from mdcore.manifest import build_manifest, manifest_csv
+    from mdcore.data.manifest import build_manifest, manifest_csv
     from tasks.data import guard_holdout
 
     frame = build_manifest(tree(tmp_path / "t"), holdout_domains=["c"])

@@ -1,7 +1,7 @@
 """The training objectives: finite, differentiable, and right on cases where the answer is known."""
 import torch
 
-from mdcore.losses import (coral, distillation_loss, domain_alignment, load_balancing_loss, mmd, supcon_loss)
+from mdcore.models.losses import (coral, distillation_loss, domain_alignment, load_balancing_loss, mmd, supcon_loss)
 
 
 def test_supcon_pulls_same_class_across_domains():

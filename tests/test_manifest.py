@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mdcore.manifest import COLUMNS, DataLayoutError, build_manifest, dataset_version, resolve_in, scan_tree
+from mdcore.data.manifest import COLUMNS, DataLayoutError, build_manifest, dataset_version, resolve_in, scan_tree
 
 
 def make_tree(root, domains=("a", "b", "c"), classes=("x", "y"), per_class=10):
@@ -37,7 +37,7 @@ def test_split_shares_follow_the_fractions():
     """Over many content hashes the split shares match the fractions within 4 standard errors."""
     import hashlib
 
-    from mdcore.manifest import split_of
+    from mdcore.data.manifest import split_of
 
     n = 20000
     splits = [split_of(hashlib.sha256(str(i).encode()).hexdigest(), 0.2, 0.1, seed=3, gate_fraction=0.1)

@@ -4,7 +4,7 @@ domain lacking one class (a warning that names it), junk files beside the images
 import numpy as np
 from PIL import Image
 
-from mdcore.images import to_rgb
+from mdcore.data.decode import to_rgb
 from tasks.paths import load_paths
 from tasks.stage import execute
 from tests.conftest import make_workspace

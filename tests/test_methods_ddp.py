@@ -1,5 +1,5 @@
-"""Under DDP (2 CPU processes, gloo), per-domain parts + freezing + gradual unfreezing keep every
-worker's weights identical, with ``find_unused_parameters`` from ``needs_find_unused_parameters``."""
+"""Under DDP (2 CPU processes, gloo), per-domain parts + freezing + gradual unfreezing + GroupDRO keep every
+worker's weights identical through ``mdcore.train.fit`` (``find_unused_parameters`` when the config freezes)."""
 import os
 import socket
 
@@ -15,27 +15,28 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         from torch.nn.parallel import DistributedDataParallel
 
-        from mdcore.sampler import domain_balanced_batches
-        from mdcore.train import finetune_epoch
-        from tasks.model_setup import (build_model, build_optimizer, epoch_kwargs, needs_find_unused_parameters,
-                                       on_epoch_start)
+        from mdcore.train import Runtime, fit
+        from tasks.model_setup import build_method, build_model, build_optimizer, fit_config
         from tasks.params import FinetuneParams
         from tests.test_methods_transfer import tiny_data
 
+        class DDPRuntime(Runtime):
+            def wrap(self, model):
+                return DistributedDataParallel(model, find_unused_parameters=config.freezes)
+
+        DDPRuntime.rank, DDPRuntime.world = rank, world
         torch.manual_seed(0)
         p = FinetuneParams(epochs=3, adapter_dim=8, batch_size=12, gradual_unfreeze_every=1, freeze_stages=1,
                            stage_adapters=[-2], domain_bn=True, head="moe", supcon_weight=0.1,
-                           domain_weighting="groupdro")
+                           domain_weighting="groupdro", method="multidomain")
         data = tiny_data(24)
-        model = build_model(p, data, "test_resnet", 32)
+        method = build_method(p)
+        model = build_model(p, data, "test_resnet", 32, method=method)
         optimizer, scheduler = build_optimizer(p, model)
-        ddp = DistributedDataParallel(model, find_unused_parameters=needs_find_unused_parameters(p))
-        extra = epoch_kwargs(p, data)
-        for epoch in range(p.epochs):
-            scheduler.step(epoch)
-            on_epoch_start(p, model, optimizer, epoch)
-            batches = domain_balanced_batches(data.domains, p.batch_size, rank=rank, world=world, epoch=epoch)
-            finetune_epoch(ddp, data, optimizer, batches, epoch=epoch, seed=0, rank=rank, **extra)
+        config = fit_config(p, data.domain_names)
+        config.select = False
+        fit(model, method, data, None, config, optimizer, scheduler, runtime=DDPRuntime("cpu"))
+        extra = {"domain_weighting": method.weighting}
         flat = torch.cat([t.detach().flatten() for t in model.parameters()])
         ref = flat.clone()
         dist.broadcast(ref, src=0)

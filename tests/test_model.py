@@ -2,7 +2,7 @@ import pytest
 import torch
 from timm.optim import create_optimizer_v2
 
-from mdcore.model import ModelConfig, MultiDomainModel, load_model, save_model
+from mdcore.models.model import ModelConfig, MultiDomainModel, load_model, save_model
 
 CLASSES = [str(i) for i in range(5)]
 

@@ -5,20 +5,17 @@ import copy
 import pytest
 import torch
 
-from mdcore.domain_norm import DomainBatchNorm2d, freeze_domain_statistics
-from mdcore.model import ModelConfig, MultiDomainModel, load_model, save_model
+from mdcore.models.domain_norm import DomainBatchNorm2d, freeze_domain_statistics
+from mdcore.models.model import ModelConfig, MultiDomainModel, load_model, save_model
 
 CLASSES = [str(i) for i in range(5)]
 COMPONENTS = {
     "stage_adapters": dict(stage_adapters=[-3, -2], stage_adapter_dim=4),
     "domain_bn": dict(domain_bn=True),
     "moe": dict(head="moe", moe_experts=3, moe_balance_weight=0.01),
-    "supcon": dict(proj_dim=8, supcon_weight=0.5),
-    "coral": dict(align="coral", align_weight=0.5),
-    "mmd": dict(align="mmd", align_weight=0.5),
+    "projections": dict(proj_dim=8),
 }
-FULL = {k: v for c in COMPONENTS.values() for k, v in c.items() if k not in ("align", "align_weight")} | dict(
-    align="coral", align_weight=0.5)
+FULL = {k: v for c in COMPONENTS.values() for k, v in c.items()}
 
 
 def tiny(**kw) -> MultiDomainModel:
@@ -46,10 +43,15 @@ def perturb(model):
 def test_every_component_forward_shapes_aux_and_gradients(name):
     model = tiny(**(FULL if name == "full" else COMPONENTS[name])).train()
     x, d, y = batch()
-    logits, aux = model(x, d, return_aux=True, labels=y)
-    assert logits.shape == (12, 5)
-    assert all(v.ndim == 0 and torch.isfinite(v) for v in aux.values())
-    (logits.logsumexp(1).mean() + sum(aux.values())).backward()
+    logits, outputs = model(x, d, return_outputs=True)
+    assert logits.shape == (12, 5) and outputs["features"].shape[0] == 12 and outputs["routing"].shape == (12, 3)
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in outputs["terms"].values())
+    assert ("moe_balance" in outputs["terms"]) == (model.config.head == "moe")
+    assert ("projection" in outputs) == (model.config.proj_dim > 0)
+    loss = logits.logsumexp(1).mean() + sum(outputs["terms"].values())
+    if "projection" in outputs:
+        loss = loss + outputs["projection"].pow(2).mean()
+    loss.backward()
     # every parameter gets a gradient each step (DDP without find_unused_parameters)
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
     model.eval()
@@ -110,8 +112,10 @@ def test_bad_component_settings_are_clear_errors():
         tiny(stage_adapters=[9])
     with pytest.raises(ValueError, match="twice"):
         tiny(stage_adapters=[-2, 3])
-    with pytest.raises(ValueError, match="proj_dim"):
-        tiny(supcon_weight=0.1)
+    # configs saved before the methods owned their losses still load (their loss weights are ignored)
+    old = ModelConfig.from_dict({"backbone": "test_resnet", "domains": ["a"], "classes": ["0"], "supcon_weight": 0.1,
+                                 "align": "coral", "align_weight": 0.1, "supcon_temperature": 0.1})
+    assert old.backbone == "test_resnet" and not hasattr(old, "align_weight")
 
 
 def test_save_load_roundtrip_of_full_config_and_deepcopy(tmp_path):

@@ -1,4 +1,4 @@
-from mdcore.promotion import decide
+from mdcore.eval.promotion import decide
 
 
 def test_first_model_becomes_champion():

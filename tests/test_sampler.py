@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mdcore.sampler import domain_balanced_batches, domain_quota
+from mdcore.data.sampler import domain_balanced_batches, domain_quota
 
 
 def test_quota_sums_to_the_batch_and_follows_the_mix():

@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from mdcore.augment import ssl_view, train_view
-from mdcore.checkpoint import load_training_state, save_training_state
-from mdcore.io import atomic_dir
-from mdcore.losses import nt_xent
-from mdcore.synth import find_scarce_domains, fourier_style_transfer, plan_targets
-from mdcore.train import shard_batches
+from mdcore.synth.augment import ssl_view, train_view
+from mdcore.train.checkpoint import load_training_state, save_training_state
+from mdcore.data.io import atomic_dir
+from mdcore.models.losses import nt_xent
+from mdcore.synth.fourier import find_scarce_domains, fourier_style_transfer, plan_targets
+from mdcore.train.epoch import shard_batches
 
 
 def test_fourier_transfer_keeps_content_and_takes_style():
@@ -30,17 +30,64 @@ def test_scarce_domains_and_targets():
 
 
 def test_checkpoint_restores_model_optimizer_and_epoch(tmp_path):
-    net = torch.nn.Linear(4, 2)
-    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
-    net(torch.randn(3, 4)).sum().backward()
-    opt.step()
+    """The shipped optimizer (tasks.model_setup.build_optimizer: timm's AdamW with fused=True) really runs
+    fused, steps as the reference (non-fused) AdamW does, and resumes from a checkpoint exactly: the step
+    after a restore equals the step the uninterrupted run takes."""
+    import copy
+
+    from mdcore.data.images import ImageSet, to_float
+    from tasks.model_setup import build_model, build_optimizer
+    from tasks.params import FinetuneParams
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g),
+                    torch.randint(0, 3, (8,), generator=g), torch.tensor([0, 1] * 4), ["a", "b"], ["0", "1", "2"])
+    p = FinetuneParams(method="erm", lr=1e-2, weight_decay=0.05, adapters=False, domain_bn=False)
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        model = build_model(p, data, "test_resnet", 32)
+        return model, build_optimizer(p, model)[0]
+
+    def step(model, opt):
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model(to_float(data.images), data.domains), data.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    net, opt = fresh(0)
+    assert opt.param_groups and all(group.get("fused") is True for group in opt.param_groups), \
+        [group.get("fused") for group in opt.param_groups]
+    # the reference: torch's for-loop AdamW over the same groups (same lr, betas, eps, weight decay)
+    ref_net = copy.deepcopy(net)
+    name_of = {id(t): n for n, t in net.named_parameters()}
+    ref_params = dict(ref_net.named_parameters())
+    ref_opt = torch.optim.AdamW([{**{k: v for k, v in group.items() if k not in ("params", "fused", "foreach")},
+                                  "params": [ref_params[name_of[id(t)]] for t in group["params"]]}
+                                 for group in opt.param_groups], fused=False, foreach=False)
+    before = {n: t.detach().clone() for n, t in net.named_parameters()}
+    for _ in range(2):
+        step(net, opt)
+        step(ref_net, ref_opt)
+    moved = [n for n, t in net.named_parameters() if not torch.equal(t, before[n])]
+    assert len(moved) == len(before)  # every parameter took the steps (none frozen here)
+    for n, t in net.named_parameters():
+        assert torch.allclose(t, ref_params[n], rtol=1e-4, atol=1e-5), n  # steps move ~1e-3
+
     save_training_state(tmp_path, net, opt, epoch=4)
-    net2 = torch.nn.Linear(4, 2)
-    opt2 = torch.optim.AdamW(net2.parameters(), lr=0.1)
-    assert load_training_state(tmp_path, net2, opt2) == 4
-    assert torch.equal(net.weight, net2.weight)
-    s1, s2 = opt.state_dict()["state"][0], opt2.state_dict()["state"][0]
-    assert torch.equal(s1["exp_avg"], s2["exp_avg"]) and float(s1["step"]) == float(s2["step"])
+    net2, opt2 = fresh(1)  # other weights and no optimizer state: all of it must come from the checkpoint
+    assert load_training_state(tmp_path, net2, opt2)["epoch"] == 4
+    assert all(torch.equal(v, net2.state_dict()[k]) for k, v in net.state_dict().items())
+    assert all(group["fused"] is True for group in opt2.param_groups)
+    for i, s1 in opt.state_dict()["state"].items():
+        s2 = opt2.state_dict()["state"][i]
+        assert torch.equal(s1["exp_avg"], s2["exp_avg"]) and torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"])
+        assert float(s1["step"]) == float(s2["step"]) == 2.0
+    step(net, opt)
+    step(net2, opt2)
+    for (n, a), b in zip(net.named_parameters(), net2.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-7), n
 
 
 def test_atomic_dir_keeps_the_old_folder_on_failure(tmp_path):
@@ -96,7 +143,7 @@ def test_epoch_progress_reports_complete_lines_only_and_skips_epochs_of_a_resume
 
 
 def test_map_chunks_reports_progress_in_order_and_results_are_unchanged():
-    from mdcore.pool import map_chunks
+    from mdcore.data.pool import map_chunks
 
     seen = []
     out = map_chunks(_double, list(range(10)), chunk_size=3, progress=lambda done, total: seen.append((done, total)))
@@ -114,8 +161,8 @@ def test_images_decoded_on_demand_equal_the_in_memory_ones_with_loader_workers_a
     import torch
     from PIL import Image
 
-    from mdcore.images import load_images
-    from mdcore.lazy_images import LazyImages, batch_images
+    from mdcore.data.images import load_images
+    from mdcore.data.lazy_images import LazyImages, batch_images
 
     rng = np.random.default_rng(0)
     rows = []

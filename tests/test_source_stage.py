@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mdcore.builtin import BuiltinSpec, materialize
+from mdcore.data.builtin import BuiltinSpec, materialize
 from tasks.params import IngestParams
 from tasks.source import fingerprint
 from tests.conftest import make_workspace

@@ -3,8 +3,8 @@ import shutil
 
 import pytest
 
-from mdcore.builtin import BuiltinSpec, materialize
-from mdcore.manifest import DataLayoutError, read_manifest
+from mdcore.data.builtin import BuiltinSpec, materialize
+from mdcore.data.manifest import DataLayoutError, read_manifest
 from tasks.params import apply_overrides
 from tasks.paths import load_paths
 from tasks.stage import execute

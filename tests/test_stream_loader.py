@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mdcore.images import load_images
-from mdcore.lazy_images import BatchLoader, LazyImages
-from mdcore.sampler import domain_balanced_batches
+from mdcore.data.images import load_images
+from mdcore.data.lazy_images import BatchLoader, LazyImages
+from mdcore.data.sampler import domain_balanced_batches
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,11 @@ def test_workers_persist_across_epochs_with_the_memory_paths_batches(sets):
     assert not any(w.is_alive() for w in workers)  # close() stopped them
 
 
-def test_finetune_epoch_trains_the_same_with_a_persistent_loader(sets):
+def test_train_epoch_trains_the_same_with_a_persistent_loader(sets):
     """Two epochs through a persistent stream loader give the same weights as the in-memory path."""
-    from mdcore.model import create_backbone
-    from mdcore.train import finetune_epoch
+    from mdcore.models.model import create_backbone
+    from mdcore.methods import create_method
+    from mdcore.train.epoch import train_epoch
 
     memory, lazy = sets
     results, threads = [], torch.get_num_threads()
@@ -69,7 +70,7 @@ def test_finetune_epoch_trains_the_same_with_a_persistent_loader(sets):
         with BatchLoader(data.images, workers=workers) as loader:
             for epoch in range(2):
                 batches = domain_balanced_batches(data.domains, 6, epoch=epoch, seed=0)
-                finetune_epoch(net, data, opt, batches, epoch=epoch, seed=0, loader=loader)
+                train_epoch(net, data, opt, batches, create_method("multidomain"), epoch=epoch, seed=0, loader=loader)
         results.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
     torch.set_num_threads(threads)
     assert torch.equal(results[0], results[1])
@@ -80,5 +81,5 @@ class _Net(torch.nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, torch.nn.Linear(backbone.num_features, 2)
 
-    def forward(self, x, domains=None, return_aux=False, labels=None):
+    def forward(self, x, domains=None, return_outputs=False):
         return self.head(self.backbone(x))

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mdcore.builtin import BuiltinSpec, materialize
-from mdcore.imstats import STAT_NAMES, image_stats
-from mdcore.policy import apply_policy, fit_policy
-from mdcore.realism import DomainJudge, LabelJudge, StyleSpace, judge_batch
-from mdcore.synth import fourier_style_transfer, radial_amplitude_profile, split_by_shares, stats_transfer
+from mdcore.data.builtin import BuiltinSpec, materialize
+from mdcore.data.imstats import STAT_NAMES, image_stats
+from mdcore.synth.policy import apply_policy, fit_policy
+from mdcore.synth.realism import DomainJudge, LabelJudge, StyleSpace, judge_batch
+from mdcore.synth.fourier import fourier_style_transfer, radial_amplitude_profile, split_by_shares, stats_transfer
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from mdcore.manifest import read_manifest
+from mdcore.data.manifest import read_manifest
 from tasks.params import apply_overrides
 from tasks.paths import load_paths
 from tasks.stage import execute

@@ -1,4 +1,4 @@
-"""Image-level checks (mdcore.imagecheck): each planted fault is seen for what it is, from one read of
+"""Image-level checks (mdcore.data.imagecheck): each planted fault is seen for what it is, from one read of
 the file, the same in a process pool as in this process, and nothing in the tree is written."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mdcore.imagecheck import check_file, check_images, domain_profile, drift_bound, sniff_format
-from mdcore.manifest import DataLayoutError
+from mdcore.data.imagecheck import check_file, check_images, domain_profile, drift_bound, sniff_format
+from mdcore.data.manifest import DataLayoutError
 
 
 def png_bytes(size=(16, 16), mode="RGB", level=0.5, seed=0, fmt="PNG") -> bytes:

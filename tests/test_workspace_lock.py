@@ -5,11 +5,11 @@ import time
 
 import pytest
 
-from mdcore.workspace_lock import WorkspaceBusy, holder, workspace_lock
+from mdcore.data.workspace_lock import WorkspaceBusy, holder, workspace_lock
 
 HOLD = """
 import sys, time
-from mdcore.workspace_lock import workspace_lock
+from mdcore.data.workspace_lock import workspace_lock
 with workspace_lock(sys.argv[1], "test holder"):
     print("held", flush=True)
     time.sleep(60)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from mdcore.domain_norm import DomainBatchNorm2d
-from mdcore.model import MultiDomainModel
+from mdcore.models.domain_norm import DomainBatchNorm2d
+from mdcore.models.model import MultiDomainModel
 
 
 def few_shot_mask(labels: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:

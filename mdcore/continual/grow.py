@@ -13,9 +13,9 @@ from dataclasses import asdict, replace
 import torch
 import torch.nn.functional as F
 
-from mdcore.adapters import StageAdapterBank
-from mdcore.domain_norm import DomainBatchNorm2d
-from mdcore.model import ModelConfig, MultiDomainModel
+from mdcore.models.adapters import StageAdapterBank
+from mdcore.models.domain_norm import DomainBatchNorm2d
+from mdcore.models.model import ModelConfig, MultiDomainModel
 
 _LISTS = ("adapters", "projections")  # nn.ModuleList with one entry per domain
 
@@ -93,10 +93,16 @@ def train_only_domain_parts(model: MultiDomainModel) -> int:
 
 @torch.no_grad()
 def restore_domains(model: MultiDomainModel, reference: dict[str, torch.Tensor], keep: int | list[int]) -> None:
-    """Copy every per-domain row except those of domain(s) ``keep`` back from ``reference`` (a state dict
-    of the same model taken before training), so training some domains' parts cannot touch the others."""
-    kept = {keep} if isinstance(keep, int) else set(keep)
-    _copy_domain_rows(model, reference, [d for d in range(len(model.config.domains)) if d not in kept])
+    """Bring every tensor back from ``reference`` (a state dict of the same model taken before training)
+    except the per-domain rows of domain(s) ``keep``: training some domains' parts then cannot touch the
+    others, nor the shared weights and statistics (a shared batch-norm's running statistics move in any
+    forward pass in training mode), nor the other domains' routing prototypes."""
+    kept = [keep] if isinstance(keep, int) else list(keep)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    for key, value in model.state_dict().items():
+        if key in reference:
+            value.copy_(reference[key])
+    _copy_domain_rows(model, trained, kept)
 
 
 @torch.no_grad()

@@ -93,7 +93,7 @@ def mixed_batches(new: torch.Tensor, replay: torch.Tensor, batch_size: int, repl
 def per_sample_losses(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor,
                       batch_size: int = 256) -> torch.Tensor:
     """Cross-entropy of every image under ``model`` (uint8 images, as stored): what ``hardest`` ranks by."""
-    from mdcore.images import to_float
+    from mdcore.data.images import to_float
 
     model.eval()
     out = [torch.nn.functional.cross_entropy(model(to_float(images[s : s + batch_size]), domains[s : s + batch_size]),

@@ -1,6 +1,6 @@
 """Knowledge distillation (Hinton et al., 2015) from the multi-domain teacher into a smaller model: a
 student on a smaller timm backbone with the teacher's per-domain parts, or the teacher after channel
-pruning (its recovery fine-tune). One loop for both: ``mdcore.train.finetune_epoch`` with a teacher."""
+pruning (its recovery fine-tune). One loop for both: ``mdcore.train.fit`` with the ``distill`` method."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -9,10 +9,10 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from mdcore.images import ImageSet, to_float
-from mdcore.model import ModelConfig, MultiDomainModel
-from mdcore.sampler import domain_balanced_batches
-from mdcore.train import finetune_epoch
+from mdcore.data.images import ImageSet
+from mdcore.methods import create_method
+from mdcore.models.model import ModelConfig, MultiDomainModel
+from mdcore.train import FitConfig, Runtime, fit
 
 
 @dataclass
@@ -30,8 +30,7 @@ class DistillConfig:
 def student_model(teacher: MultiDomainModel, backbone: str, backbone_kwargs: dict | None = None) -> MultiDomainModel:
     """A fresh model with the teacher's domains, classes and per-domain parts on another timm backbone
     (random init: nothing is downloaded). A backbone that cannot host them is refused by the model."""
-    data = asdict(teacher.config) | {"backbone": backbone, "backbone_kwargs": dict(backbone_kwargs or {}),
-                                     "supcon_weight": 0.0, "proj_dim": 0, "align": "none", "align_weight": 0.0}
+    data = asdict(teacher.config) | {"backbone": backbone, "backbone_kwargs": dict(backbone_kwargs or {}), "proj_dim": 0}
     return MultiDomainModel(ModelConfig.from_dict(data))
 
 
@@ -57,16 +56,13 @@ def _distill(student, teacher, train: ImageSet, cfg: DistillConfig, device) -> l
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    method = create_method("multidomain+distill", {"kd_weight": cfg.kd_weight, "kd_temperature": cfg.kd_temperature})
+    method.teacher = teacher
     optimizer = create_optimizer_v2(student, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = CosineLRScheduler(optimizer, t_initial=max(cfg.epochs, 1), lr_min=cfg.lr * 0.01)
-    history = []
-    for epoch in range(cfg.epochs):
-        scheduler.step(epoch)
-        batches = domain_balanced_batches(train.domains, cfg.batch_size, epoch=epoch, seed=cfg.seed)
-        stats = finetune_epoch(student, train, optimizer, batches, epoch=epoch, seed=cfg.seed,
-                               label_smoothing=cfg.label_smoothing, teacher=teacher, kd_weight=cfg.kd_weight,
-                               kd_temperature=cfg.kd_temperature, device=device)
-        history.append({"epoch": epoch + 1, **stats})
+    # no validation split here: the last epoch ships (compress accepts or rejects the variant on its own split)
+    config = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+                       label_smoothing=cfg.label_smoothing, select=False)
+    result = fit(student, method, train, None, config, optimizer, scheduler, runtime=Runtime(device))
     student.eval()
-    student.fit_prototypes(to_float(train.images), train.domains)
-    return history
+    return result.history

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdcore.model import MultiDomainModel
-from mdcore.moe import MoEHead
+from mdcore.models.model import MultiDomainModel
+from mdcore.models.moe import MoEHead
 
 INPUTS = ("images", "domain")
 OUTPUT = "logits"
@@ -43,7 +43,7 @@ class ExportNet(nn.Module):
 
     def forward(self, images: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         m = self.model
-        x = images.float() / 127.5 - 1.0  # mdcore.images.to_float
+        x = images.float() / 127.5 - 1.0  # mdcore.data.images.to_float
         onehot = (domain[:, None] == torch.arange(self.n_domains, device=domain.device)[None]).to(x.dtype)
         if m.routes_inside_backbone:
             unknown = torch.nonzero(domain < 0)[:, 0]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mdcore.images import to_float
+from mdcore.data.images import to_float
 
 
 def count_params(model: nn.Module) -> int:

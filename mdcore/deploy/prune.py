@@ -9,8 +9,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mdcore.domain_norm import DomainBatchNorm2d
-from mdcore.model import MultiDomainModel
+from mdcore.models.domain_norm import DomainBatchNorm2d
+from mdcore.models.model import MultiDomainModel
 
 
 def _domain_bn_pruner():

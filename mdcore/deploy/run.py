@@ -17,8 +17,8 @@ from mdcore.deploy.report import model_card, plot_variants, variants_table
 from mdcore.deploy.scoring import (EvalSets, accuracy_per_domain, corruption_accuracy, decide, eager_predict,
                                    measure_latency, ort_predict)
 from mdcore.deploy.variants import BuildConfig, build_variants
-from mdcore.images import ImageSet
-from mdcore.model import MultiDomainModel
+from mdcore.data.images import ImageSet
+from mdcore.models.model import MultiDomainModel
 
 log = logging.getLogger("mdpipe.compress")
 SHIPPED = "model.onnx"

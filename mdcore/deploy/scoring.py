@@ -12,7 +12,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from mdcore.deploy.corrupt import CORRUPTIONS, SEVERITIES, corrupt
 from mdcore.deploy.export import ort_logits
 from mdcore.deploy.measure import latency, with_threads
-from mdcore.images import ImageSet, to_float
+from mdcore.data.images import ImageSet, to_float
 
 Predict = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 

@@ -15,8 +15,8 @@ from mdcore.deploy.export import export_onnx
 from mdcore.deploy.measure import count_macs, count_params
 from mdcore.deploy.prune import prune_channels
 from mdcore.deploy.quantize import calibration_feeds, first_convs, quantize_int8
-from mdcore.images import ImageSet, to_float
-from mdcore.model import MultiDomainModel
+from mdcore.data.images import ImageSet, to_float
+from mdcore.models.model import MultiDomainModel
 
 log = logging.getLogger("mdpipe.compress")
 

@@ -5,9 +5,10 @@ with ``+`` where they can (``multidomain+randconv+swad``): the composite is a cl
 named ones, so each hook runs every component's version in turn.
 
     create_method("randconv+swad", {"randconv_p": 0.5})
-    list_methods()  # ["erm", "linedraw", "mixstyle", "multidomain", "randconv", "swad"]
+    list_methods()  # coral, distill, erm, groupdro, linedraw, mixstyle, mmd, multidomain, randconv, reweight, supcon, swad
 """
-from mdcore.methods.base import ERM, Method, create_method, list_methods, method_class, register_method
-from mdcore.methods import multidomain, randconv, linedraw, mixstyle, swad  # noqa: F401  (register them)
+from mdcore.methods.base import ERM, Batch, Method, create_method, list_methods, method_class, register_method
+from mdcore.methods import (alignment, distill, groupdro, linedraw, mixstyle, multidomain, randconv,  # noqa: F401
+                            supcon, swad)  # (imported to register them)
 
-__all__ = ["ERM", "Method", "create_method", "list_methods", "method_class", "register_method"]
+__all__ = ["ERM", "Batch", "Method", "create_method", "list_methods", "method_class", "register_method"]

@@ -1,14 +1,18 @@
 """The method interface, the registry, and ERM: the parent every method extends.
 
-A method does not own the training loop (the Ray workers and the LODO protocol share one loop,
-``mdcore.train.finetune_epoch``); it plugs into it through five hooks:
+A method does not own the training loop (everything that trains calls ``mdcore.train.fit``); it plugs
+into it through these hooks:
 
 - ``configure(cfg)``: edit the model config (which per-domain parts exist, input standardization);
 - ``attach(model)``: training-only hooks on the built model (MixStyle);
 - ``augment(x, g)``: the label-preserving augmentation (none for ERM, as in a plain loop);
 - ``transform_input(x, domains, g)``: style randomization of the augmented batch (RandConv);
+- ``loss(batch, logits, aux)``: the training loss and its named terms (GroupDRO re-weights domains,
+  distillation adds a term towards a teacher);
 - ``after_step(model)`` / ``end_epoch(model, epoch, val)``: state across steps (SWAD's averages);
-- ``finalize(model, batches)``: the model to ship (SWAD: the average, batch-norm statistics recomputed).
+- ``finalize(model, batches)``: the model to ship (SWAD: the average, batch-norm statistics recomputed);
+- ``state_dict()`` / ``load_state_dict(state)``: what the method carries across steps, saved in every
+  checkpoint so a resumed run equals an uninterrupted one.
 
 Hyper-parameters live beside each method as a dataclass ``Hparams``; a composite takes the union, and
 an unknown key is an error that lists the known ones.
@@ -21,11 +25,23 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from mdcore.models.losses import classification_loss
+
 _REGISTRY: dict[str, type["Method"]] = {}
 
-# ModelConfig fields that make a model multi-domain; ERM turns every one of them off.
-PER_DOMAIN_OFF = dict(adapters=False, stage_adapters=[], domain_bn=False, head="linear", proj_dim=0,
-                      supcon_weight=0.0, align="none", align_weight=0.0, moe_balance_weight=0.0)
+# ModelConfig fields that make a model multi-domain, as they read when off.
+PER_DOMAIN_OFF = dict(adapters=False, stage_adapters=[], domain_bn=False, head="linear")
+
+
+@dataclasses.dataclass
+class Batch:
+    """One training step's inputs as the model saw them (``images`` after the method's training view)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    domains: torch.Tensor
+    epoch: int
+    label_smoothing: float = 0.0
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:
@@ -106,6 +122,9 @@ class Method:
     def attach(self, model: nn.Module) -> None:
         pass
 
+    def bind(self, domains: torch.Tensor, n_domains: int) -> None:
+        """Told the training images' domain indices once before training (GroupDRO sizes its weights)."""
+
     def augment(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
         return x
 
@@ -115,6 +134,21 @@ class Method:
     def training_view(self, x: torch.Tensor, domains: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
         """What the model trains on: ``transform_input(augment(x))``."""
         return self.transform_input(self.augment(x, g), domains, g)
+
+    def loss(self, batch: Batch, logits: torch.Tensor, outputs: dict
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to minimize and its named extra terms (logged): cross-entropy plus the model parts' own
+        regularizers (``outputs["terms"]``). ``outputs``: what ``MultiDomainModel.forward(...,
+        return_outputs=True)`` returns beside the logits (features, routing, projection). A method that
+        adds a term overrides this and calls ``super().loss`` first."""
+        return self.plus_terms(classification_loss(logits, batch.labels, batch.label_smoothing), outputs)
+
+    @staticmethod
+    def plus_terms(loss: torch.Tensor, outputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms = dict(outputs.get("terms", {}))
+        for term in terms.values():
+            loss = loss + term
+        return loss, terms
 
     def after_step(self, model: nn.Module) -> None:
         pass
@@ -133,7 +167,15 @@ class Method:
         return True
 
     def state(self) -> dict:
+        """A JSON summary for the run record (not for resuming: see :meth:`state_dict`)."""
         return {}
+
+    def state_dict(self) -> dict:
+        """Everything the method carries across steps, as tensors and JSON-able values (flat keys)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (a resumed run continues with the same sums, weights, ...)."""
 
 
 @register_method
@@ -144,8 +186,14 @@ class ERM(Method):
     name = "erm"
 
     def configure(self, cfg: dict) -> dict:
+        """A method without per-domain parts refuses a config that asks for some (never a silent drop)."""
         cfg = dict(cfg)
         if not self.per_domain_parts:
-            cfg.update(PER_DOMAIN_OFF)
+            asked = {k: cfg[k] for k, off in PER_DOMAIN_OFF.items() if k in cfg and cfg[k] != off}
+            if asked:
+                hosts = [n for n, c in sorted(_REGISTRY.items()) if c.per_domain_parts]
+                raise ValueError(f"method {self.name!r} trains no per-domain parts, but {asked} asks for them: "
+                                 f"switch them off ({', '.join(f'{k}: {v!r}' for k, v in PER_DOMAIN_OFF.items())})"
+                                 f" or add a method that hosts them ({' or '.join(hosts)})")
         cfg["input_norm"] = self.input_norm
         return cfg

@@ -15,7 +15,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from mdcore.augment import replace_rows
+from mdcore.synth.augment import replace_rows
 from mdcore.methods.base import ERM, register_method
 
 _SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])

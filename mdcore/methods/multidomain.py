@@ -2,7 +2,7 @@
 finetune params switch on (domain batch-norm, adapters, expert routing, contrastive and alignment losses)."""
 from __future__ import annotations
 
-from mdcore.augment import train_view
+from mdcore.synth.augment import train_view
 from mdcore.methods.base import ERM, register_method
 
 
@@ -16,5 +16,5 @@ class MultiDomain(ERM):
     input_norm = "image"
 
     def augment(self, x, g):
-        """Mild, label-preserving geometric and photometric jitter (``mdcore.augment.train_view``)."""
+        """Mild, label-preserving geometric and photometric jitter (``mdcore.synth.augment.train_view``)."""
         return train_view(super().augment(x, g), g)

@@ -8,7 +8,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from mdcore.augment import replace_rows
+from mdcore.synth.augment import replace_rows
 from mdcore.methods.base import ERM, register_method
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from mdcore.bn_stats import recompute_bn_statistics
+from mdcore.models.bn_stats import recompute_bn_statistics
 from mdcore.methods.base import ERM, register_method
 
 
@@ -99,3 +99,22 @@ class SWAD(ERM):
 
     def state(self) -> dict:
         return {"val_loss": self._val_loss, "window": self.window()}
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update({f"swad/sum/{e}/{k}": v for e, sums in self._sums.items() for k, v in sums.items()})
+        state["swad/steps"] = {str(e): n for e, n in self._steps.items()}
+        state["swad/val_loss"] = {str(e): v for e, v in self._val_loss.items()}
+        state["swad/epoch"] = self._epoch
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._sums = {}
+        for key, value in state.items():
+            if key.startswith("swad/sum/"):
+                epoch, name = key[len("swad/sum/"):].split("/", 1)
+                self._sums.setdefault(int(epoch), {})[name] = value.clone()
+        self._steps = {int(e): int(n) for e, n in state.get("swad/steps", {}).items()}
+        self._val_loss = {int(e): float(v) for e, v in state.get("swad/val_loss", {}).items()}
+        self._epoch = int(state.get("swad/epoch", 0))

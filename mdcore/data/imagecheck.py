@@ -2,7 +2,7 @@
 bytes say (against its extension), whether it decodes completely, its size, colour mode and channels,
 and its pixel mean and standard deviation (the per-domain drift profile is built from those).
 
-Files are read once each, in parallel (:mod:`mdcore.pool`); nothing in the tree is ever written.
+Files are read once each, in parallel (:mod:`mdcore.data.pool`); nothing in the tree is ever written.
 The results are plain columns (:data:`FIELDS`) that the validate stage's expectation suite checks.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from mdcore.io import sha256_bytes
-from mdcore.manifest import DataLayoutError, resolve_in
-from mdcore.pool import map_chunks
+from mdcore.data.io import sha256_bytes
+from mdcore.data.manifest import DataLayoutError, resolve_in
+from mdcore.data.pool import map_chunks
 
 # What each accepted extension promises about the file's content.
 FORMAT_OF_EXTENSION = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
@@ -67,7 +67,7 @@ def sniff_format(head: bytes) -> str:
 
 def _pixel_stats(img: Image.Image) -> tuple[float, float]:
     if img.mode not in ("L", "RGB"):
-        from mdcore.images import to_rgb
+        from mdcore.data.decode import to_rgb
 
         img = to_rgb(img)  # CMYK, palette, alpha, 16-bit...: statistics on what the model will see
     x = np.frombuffer(img.tobytes(), np.uint8)  # every channel of every pixel
@@ -136,7 +136,7 @@ def check_chunk(root: str, rels: list[str]) -> list[tuple]:
 
 def checked_paths(root: str | Path, rels: Sequence[str]) -> None:
     """Refuse manifest paths that are absolute or climb out of ``root``, checking each folder once with
-    :func:`mdcore.manifest.resolve_in`; the files themselves are opened without following symlinks."""
+    :func:`mdcore.data.manifest.resolve_in`; the files themselves are opened without following symlinks."""
     seen = set()
     for rel in rels:
         p = PurePosixPath(rel)

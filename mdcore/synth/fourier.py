@@ -8,7 +8,7 @@
 - Feature-statistics matching (AdaIN in pixel space): the content's per-channel mean and std replaced
   by a target-domain image's.
 
-The per-domain augmentation policies (the other method) live in ``mdcore.policy``.
+The per-domain augmentation policies (the other method) live in ``mdcore.synth.policy``.
 """
 from __future__ import annotations
 

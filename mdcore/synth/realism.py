@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from mdcore.imstats import as_float, luminance, sobel, style_features
+from mdcore.data.imstats import as_float, luminance, sobel, style_features
 
 JUDGE_SIZE = 32
 

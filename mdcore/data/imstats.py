@@ -1,8 +1,8 @@
 """Per-image acquisition statistics, vectorized over a batch of RGB images (N x H x W x 3 float in 0..1).
 
 These describe an image's *style* (exposure, contrast, colour cast, blur, sensor noise, uneven light),
-not its content. The augmentation policies (``mdcore.policy``) are fitted on them and the realism judge
-(``mdcore.realism``) uses them as features.
+not its content. The augmentation policies (``mdcore.synth.policy``) are fitted on them and the realism judge
+(``mdcore.synth.realism``) uses them as features.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from mdcore.io import sha256_bytes
+from mdcore.data.io import sha256_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 COLUMNS = ["path", "domain", "label", "split", "sha256", "width", "height", "mode", "source", "generator"]
@@ -148,7 +148,7 @@ def build_manifest(
     if len(set(domains) - set(holdout_domains)) == 0:
         raise DataLayoutError("holdout_domains holds out every domain: nothing is left to train on")
     frame = pd.DataFrame(rows, columns=["path", "domain", "label"])
-    from mdcore.pool import map_chunks  # files are read and decoded in parallel, once each
+    from mdcore.data.pool import map_chunks  # files are read and decoded in parallel, once each
 
     described = map_chunks(describe_chunk, list(frame["path"]), str(root), workers=workers)
     frame["sha256"], frame["width"], frame["height"], frame["mode"] = zip(*described)

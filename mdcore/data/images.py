@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
-from mdcore.manifest import class_names, resolve_in
+from mdcore.data.decode import decode_resized
+from mdcore.data.manifest import class_names, resolve_in
 
 
 @dataclass
 class ImageSet:
-    """Images (N,3,H,W uint8; in memory, or :class:`mdcore.lazy_images.LazyImages` decoding on demand),
+    """Images (N,3,H,W uint8; in memory, or :class:`mdcore.data.lazy_images.LazyImages` decoding on demand),
     labels and domain indices of a manifest slice."""
 
     images: torch.Tensor
@@ -32,34 +32,6 @@ class ImageSet:
         return ImageSet(self.images[mask], self.labels[mask], self.domains[mask], self.domain_names, self.class_names)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """What a viewer shows, as 8-bit RGB: EXIF rotation applied, palette/alpha/CMYK converted, 16-bit and
-    32-bit integer images scaled to 8 bits (a plain ``convert`` would clip them to white), alpha composited
-    on white."""
-    from PIL import ImageOps
-
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
-
-
-def _decode(path: Path, size: int) -> np.ndarray:
-    with Image.open(path) as img:
-        img = to_rgb(img)
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-
-
 def load_images(
     frame: pd.DataFrame,
     roots: dict[str, Path],
@@ -74,18 +46,18 @@ def load_images(
 
     ``domain_names``/``classes`` fix the index order (a model's order); rows of a domain the model does
     not know get domain index -1 (the unknown-domain path). ``lazy``: nothing is decoded now; the images
-    decode when indexed (:class:`mdcore.lazy_images.LazyImages`, optionally cached in ``cache_dir``).
+    decode when indexed (:class:`mdcore.data.lazy_images.LazyImages`, optionally cached in ``cache_dir``).
     """
     domain_names = list(domain_names) if domain_names is not None else sorted(frame["domain"].unique())
     classes = list(classes) if classes is not None else class_names(frame)
     paths = [resolve_in(roots[s], p) for s, p in zip(frame["source"], frame["path"])]
     if lazy:
-        from mdcore.lazy_images import LazyImages
+        from mdcore.data.lazy_images import LazyImages
 
         images = LazyImages(paths, size, cache_dir=cache_dir, threads=min(threads, 2))
     else:
         with ThreadPoolExecutor(threads) as pool:
-            arrays = list(pool.map(lambda p: _decode(p, size), paths))
+            arrays = list(pool.map(lambda p: decode_resized(p, size), paths))
         images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0, 3, size, size, dtype=torch.uint8)
     class_index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(frame["label"]) - set(class_index))

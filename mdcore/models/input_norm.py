@@ -1,6 +1,6 @@
 """What the backbone sees: the input normalization, one module for training, saved models and ONNX export.
 
-Images reach the model as floats in [-1, 1] (``mdcore.images.to_float``). Pretrained timm weights were
+Images reach the model as floats in [-1, 1] (``mdcore.data.images.to_float``). Pretrained timm weights were
 trained on ``(x01 - mean) / std`` with ``x01`` in [0, 1] and timm's ``pretrained_cfg`` mean/std; fed
 per-image-standardized inputs instead, their first layers see the wrong statistics and transfer worse.
 So the normalization is part of the model config (``input_norm`` + ``input_mean``/``input_std``):
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mdcore.images import standardize
+from mdcore.data.images import standardize
 
 KINDS = ("image", "pretrained", "none")
 CHOICES = ("auto", *KINDS)

@@ -9,15 +9,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from mdcore.images import to_float
-from mdcore.input_norm import as_norm
+from mdcore.data.images import to_float
+from mdcore.models.input_norm import as_norm
 
 
 @torch.no_grad()
 def frozen_features(backbone: nn.Module, images: torch.Tensor, batch_size: int = 256,
                     input_norm="image", device="cpu") -> np.ndarray:
     """Pooled features of uint8 ``images`` (N,3,H,W), backbone in eval mode (restored afterwards);
-    ``input_norm``: a kind name or an ``mdcore.input_norm.InputNorm``."""
+    ``input_norm``: a kind name or an ``mdcore.models.input_norm.InputNorm``."""
     was_training = backbone.training
     backbone.eval()
     norm = as_norm(input_norm).to(device)

@@ -1,6 +1,6 @@
 """Images decoded on demand: memory per training worker stays flat as the dataset grows.
 
-``LazyImages`` stands where :class:`mdcore.images.ImageSet` holds its uint8 tensor: indexing it with a
+``LazyImages`` stands where :class:`mdcore.data.images.ImageSet` holds its uint8 tensor: indexing it with a
 batch of row indices (or a slice) decodes those files, so every loop that indexes ``data.images`` works
 unchanged. :class:`BatchLoader` puts a torch ``DataLoader`` in front of each epoch's list of batches (the
 domain-balanced sampler's), so the next batches decode in worker processes, kept alive across epochs,
@@ -17,6 +17,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+
+from mdcore.data.decode import decode_resized
 
 
 class LazyImages:
@@ -58,16 +60,15 @@ class LazyImages:
         return torch.from_numpy(np.stack(arrays))
 
     def _load(self, path: Path) -> np.ndarray:
-        from mdcore.images import _decode
 
         if self.cache_dir is None:
-            return _decode(path, self.size)
+            return decode_resized(path, self.size)
         st = path.stat()
         key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}|{self.size}".encode()).hexdigest()
         cached = self.cache_dir / f"{key}.npy"
         if cached.is_file():
             return np.load(cached, allow_pickle=False)
-        array = _decode(path, self.size)
+        array = decode_resized(path, self.size)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(tmp, array, allow_pickle=False)
         tmp.replace(cached)  # atomic: a reader never sees half a file
@@ -110,14 +111,14 @@ class BatchLoader:
     def __init__(self, images, workers: int = 0, prefetch: int = 2, pin_memory: bool = False):
         """``pin_memory`` (training on a GPU): batches arrive in page-locked memory, copied by a thread of
         this process while the GPU works, so their transfer to the device can run asynchronously."""
-        from mdcore.pool import _context
+        from mdcore.data.pool import _context
 
         self.images, self._loader = images, None
         # forkserver (or spawn), never a bare fork: the training process runs threads (Ray, Prefect, torch)
         # that a forked child would inherit half-held
         # torch preloaded: each DataLoader worker forks with it instead of importing it (about 2 s of CPU
         # each, which the first epoch paid while training shared the cores)
-        context = (_context(["torch", "mdcore.lazy_images"]) if isinstance(images, LazyImages) and workers > 0
+        context = (_context(["torch", "mdcore.data.lazy_images"]) if isinstance(images, LazyImages) and workers > 0
                    else None)
         if context is not None:
             self._sampler = EpochBatches()

@@ -1,7 +1,7 @@
 """Semantics-preserving augmentation policies fitted per domain.
 
 A :class:`DomainPolicy` is estimated from a domain's real training images: the per-image acquisition
-statistics of ``mdcore.imstats`` (brightness, contrast, colour tint, sharpness, noise, uneven light) and
+statistics of ``mdcore.data.imstats`` (brightness, contrast, colour tint, sharpness, noise, uneven light) and
 the spread of rotations (estimated by aligning each image to its class template from a reference
 domain). Applying it to an image of another domain (or the same one) samples a target statistics vector
 around a random real image of the domain and renders the content with it: rotate, blur (searched to
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from mdcore.imstats import LUMA, STAT_NAMES, as_float, image_stats, luminance, noise_sigma, sharpness
+from mdcore.data.imstats import LUMA, STAT_NAMES, as_float, image_stats, luminance, noise_sigma, sharpness
 
 ANGLES = np.arange(-45, 46, 5, dtype=np.float32)
 LUMA_NOISE_GAIN = float(np.sqrt((LUMA ** 2).sum()))  # iid channel noise -> luminance noise

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mdcore.adapters import BottleneckAdapter, StageAdapterBank
-from mdcore.domain_norm import DomainBatchNorm2d, Permute, Routed, convert_to_domain_bn, require_batchnorm
-from mdcore.input_norm import InputNorm, check as check_input_norm
-from mdcore.losses import domain_alignment, load_balancing_loss, supcon_loss
-from mdcore.moe import MoEHead
-from mdcore.io import atomic_dir
+from mdcore.models.adapters import BottleneckAdapter, StageAdapterBank
+from mdcore.models.domain_norm import DomainBatchNorm2d, Permute, Routed, convert_to_domain_bn, require_batchnorm
+from mdcore.models.input_norm import InputNorm, check as check_input_norm
+from mdcore.models.losses import load_balancing_loss
+from mdcore.models.moe import MoEHead
+from mdcore.data.io import atomic_dir
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -51,17 +51,16 @@ class ModelConfig:
     head: str = "linear"
     moe_experts: int = 4
     domain_embed_dim: int = 16
-    proj_dim: int = 0  # > 0: per-domain projection heads for the supervised contrastive loss
-    # weights of the auxiliary training losses computed in forward (0 = off); not needed for inference
-    moe_balance_weight: float = 0.0
-    supcon_weight: float = 0.0
-    supcon_temperature: float = 0.1
-    align: str = "none"  # "none", "coral" or "mmd" between the domains' features
-    align_weight: float = 0.0
+    proj_dim: int = 0  # > 0: per-domain projection heads (the supcon method's loss reads their output)
+    moe_balance_weight: float = 0.0  # the moe head's load-balancing term in training (0 = off)
+
+    # loss weights that older configs carried; the methods own their losses now (ignored on load)
+    RETIRED = ("supcon_weight", "supcon_temperature", "align", "align_weight")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         known = {f for f in cls.__dataclass_fields__}
+        data = {k: v for k, v in data.items() if k not in cls.RETIRED}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"model config has unknown fields {unknown}; known: {sorted(known)}")
@@ -166,10 +165,19 @@ class MultiDomainModel(nn.Module):
         return self
 
     def no_weight_decay(self) -> set[str]:
-        """Per-domain batch-norm affine parameters (one row per domain, so 2-D) are exempt from weight decay
-        like ordinary 1-D batch-norm affine parameters; timm's optimizer factory reads this set."""
-        return {f"{name}.{p}" for name, m in self.named_modules() if isinstance(m, DomainBatchNorm2d)
-                for p in ("weight", "bias")}
+        """Names of the parameters exempt from weight decay; timm's optimizer factory reads this set, with
+        and without layer decay. timm already exempts 1-D parameters (and, without layer decay only, names
+        ending in ``.bias``), but the per-domain parts hold one row per domain, so they are 2-D and its rule
+        misses them: this lists every bias (``bias`` or ``*_bias``: the stage adapters' per-domain bias
+        rows), every norm layer's parameters (per-domain batch-norm included), every embedding (the MoE
+        head's domain embedding, ``nn.Embedding``, tokens) and what the backbone itself exempts (a ViT's
+        position embedding and class token)."""
+        names = {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay", set)()}
+        for module_name, module in self.named_modules():
+            for leaf, _ in module.named_parameters(recurse=False):
+                if no_weight_decay_param(module, leaf):
+                    names.add(f"{module_name}.{leaf}" if module_name else leaf)
+        return names
 
     @property
     def num_features(self) -> int:
@@ -243,11 +251,11 @@ class MultiDomainModel(nn.Module):
             feats = self._backbone(images, weights, domains if bool(known.all()) else None)
         return self.adapt(feats, weights), weights
 
-    def forward(self, images: torch.Tensor, domains: torch.Tensor | None = None, return_aux: bool = False,
-                labels: torch.Tensor | None = None):
-        """Logits; with ``return_aux`` also a dict of extra (already weighted) training loss terms.
-
-        ``labels`` (training only) enable the label-dependent terms (supervised contrastive).
+    def forward(self, images: torch.Tensor, domains: torch.Tensor | None = None, return_outputs: bool = False):
+        """Logits; with ``return_outputs`` also what training losses read (``mdcore.methods`` own them):
+        ``features`` (adapted, pooled), ``routing`` (N, D domain weights), ``projection`` (the per-domain
+        projection heads' output, when the config has them) and ``terms``, the parts' own weighted
+        regularizers (the moe head's load balancing). Computed here, inside forward, where DDP sees them.
         """
         if domains is None:
             domains = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
@@ -257,25 +265,15 @@ class MultiDomainModel(nn.Module):
             logits, gate = self.head(z, weights, return_gate=True)
         else:
             logits = self.head(z)
-        if not return_aux:
+        if not return_outputs:
             return logits
-        return logits, self.aux_losses(z, weights, domains, labels, gate)
-
-    def aux_losses(self, z, weights, domains, labels, gate=None) -> dict[str, torch.Tensor]:
-        """Extra training loss terms, already weighted by the config (each one a scalar tensor)."""
-        cfg, aux = self.config, {}
-        if gate is not None and cfg.moe_balance_weight > 0:
-            aux["moe_balance"] = cfg.moe_balance_weight * load_balancing_loss(gate)
-        if self.projections is not None and labels is not None:
+        outputs = {"features": z, "routing": weights, "terms": {}}
+        if gate is not None and self.config.moe_balance_weight > 0:
+            outputs["terms"]["moe_balance"] = self.config.moe_balance_weight * load_balancing_loss(gate)
+        if self.projections is not None:
             proj = torch.stack([p(z) for p in self.projections], dim=1)  # N, D, P: all heads in the graph
-            proj = (weights[..., None].to(proj.dtype) * proj).sum(dim=1)
-            if cfg.supcon_weight > 0:
-                aux["supcon"] = cfg.supcon_weight * supcon_loss(proj, labels, domains, cfg.supcon_temperature)
-            else:
-                aux["supcon"] = proj.sum() * 0.0
-        if cfg.align != "none" and cfg.align_weight > 0:
-            aux["align"] = cfg.align_weight * domain_alignment(z, domains, cfg.align)
-        return aux
+            outputs["projection"] = (weights[..., None].to(proj.dtype) * proj).sum(dim=1)
+        return logits, outputs
 
     @torch.no_grad()
     def fit_prototypes(self, images: torch.Tensor, domains: torch.Tensor, batch_size: int = 256) -> None:
@@ -287,7 +285,7 @@ class MultiDomainModel(nn.Module):
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size]
             if x.dtype == torch.uint8:  # raw images (in memory or decoded on demand): the loader's scaling
-                from mdcore.images import to_float
+                from mdcore.data.images import to_float
 
                 x = to_float(x)
             feats = F.normalize(self.features(x.to(sums.device)).float(), dim=1)
@@ -313,14 +311,21 @@ class MultiDomainModel(nn.Module):
             raise ValueError(f"backbone weights do not fit {self.config.backbone}: missing {missing}, unexpected {unexpected}")
 
 
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, DomainBatchNorm2d)
+
+
+def no_weight_decay_param(module: nn.Module, name: str) -> bool:
+    """Whether ``module``'s own parameter ``name`` takes no weight decay, whatever its shape: a bias
+    (``bias``, ``*_bias``), a norm layer's parameter (torch's and timm's norm layers, per-domain batch-norm),
+    an embedding (``nn.Embedding``, ``*embed*``) or a token (``*_token``)."""
+    return (name == "bias" or name.endswith("_bias") or "embed" in name or name.endswith("_token")
+            or isinstance(module, NORM_LAYERS + (nn.Embedding, nn.EmbeddingBag)) or "Norm" in type(module).__name__)
+
+
 def _check_config(config: ModelConfig) -> None:
     check_input_norm(config.input_norm, config.input_mean, config.input_std)
     if config.head not in ("linear", "moe"):
         raise ValueError(f"model config head={config.head!r}: expected 'linear' or 'moe'")
-    if config.align not in ("none", "coral", "mmd"):
-        raise ValueError(f"model config align={config.align!r}: expected 'none', 'coral' or 'mmd'")
-    if config.supcon_weight > 0 and config.proj_dim <= 0:
-        raise ValueError("model config supcon_weight > 0 needs proj_dim > 0 (the per-domain projection heads)")
 
 
 def _feature_info(backbone: nn.Module, name: str) -> list[dict]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mdcore.manifest import build_manifest
+from mdcore.data.manifest import build_manifest
 
 BUILTIN_DATASETS = ("digits", "glyphs")
 
@@ -27,17 +27,17 @@ def materialize_dataset(name: str, folder: Path, seed: int = 0, limit: int | Non
     raw = folder / "raw"
     if (raw / ".complete").is_file():
         return raw
-    from mdcore.io import atomic_dir
+    from mdcore.data.io import atomic_dir
 
     with atomic_dir(raw) as tmp:
         if name == "digits":
-            from mdcore.builtin import BuiltinSpec, materialize
+            from mdcore.data.builtin import BuiltinSpec, materialize
 
             materialize(tmp, seed=seed, spec=BuiltinSpec(limit=limit))
         elif name == "glyphs":
-            from mdcore.glyphs import materialize as glyphs
+            from mdcore.data.glyphs import materialize as glyphs
 
-            from mdcore.glyphs import per_class_for
+            from mdcore.data.glyphs import per_class_for
 
             glyphs(tmp, seed=seed, per_class=per_class_for(limit))
         else:
@@ -96,9 +96,13 @@ def _ms(values) -> dict:
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": int(len(a))}
 
 
-def aggregate(cells: list[dict]) -> dict:
+def aggregate(cells: list[dict], choose_without: list[str] | tuple[str, ...] = ()) -> dict:
     """Cell results -> per method: per held-out domain, the average over domains, and seen-domain accuracy,
-    each as mean ± std over seeds (the average is computed per seed first, as DomainBed does)."""
+    each as mean ± std over seeds (the average is computed per seed first, as DomainBed does).
+
+    ``choose_without``: domains a choosing table must not contain (the domains the demo reports as held out):
+    ``average_choosing`` averages the other columns, the number a default may be chosen on; ``average``
+    (every column) then only reports."""
     table: dict[str, dict] = {}
     methods = sorted({c["method"] for c in cells})
     domains = sorted({c["heldout"] for c in cells})
@@ -114,12 +118,17 @@ def aggregate(cells: list[dict]) -> dict:
         complete = [s for s in seeds if all(any(c["seed"] == s and c["heldout"] == d for c in mine) for d in domains)]
         per_seed = {s: [c for c in mine if c["seed"] == s] for s in complete}
         row["average"] = _ms([np.mean([c["heldout_acc"] for c in per_seed[s]]) for s in complete]) if complete else None
+        allowed = [d for d in domains if d not in choose_without]
+        if choose_without and allowed and complete:
+            row["average_choosing"] = _ms([np.mean([c["heldout_acc"] for c in per_seed[s] if c["heldout"] in allowed])
+                                           for s in complete])
         row["oracle_average"] = (_ms([np.mean([c["oracle_heldout_acc"] for c in per_seed[s]]) for s in complete])
                                  if complete else None)
         row["seen"] = _ms([np.mean([c["seen_acc"] for c in per_seed[s]]) for s in complete]) if complete else None
         row["train_s"] = _ms([c["train_s"] for c in mine])
         table[m] = row
-    return {"methods": methods, "domains": domains, "table": table}
+    return {"methods": methods, "domains": domains, "table": table,
+            "choose_without": [d for d in choose_without if d in domains]}
 
 
 def percent_mean_sd(values) -> str:
@@ -137,16 +146,24 @@ def _f(ms: dict | None, pct: bool = True) -> str:
 def markdown(summary: dict, title: str) -> str:
     agg = summary["aggregate"]
     domains, table = agg["domains"], agg["table"]
+    excluded = agg.get("choose_without") or []
+    choosing = f"avg without {', '.join(excluded)} (chooses)" if excluded else ""
     lines = [f"# {title}", "",
              "Leave-one-domain-out: each column holds out one domain, trains on the others and chooses the "
              "checkpoint on the training domains' validation split (training-domain validation). Accuracy "
              "(%) on every image of the held-out domain, mean ± sd over seeds; *avg* averages the held-out "
-             "domains per seed first; *seen* is the mean test accuracy of the training domains.", "",
-             "| method | " + " | ".join(domains) + " | avg | seen | s/cell |",
-             "|---|" + "---:|" * (len(domains) + 3)]
+             "domains per seed first; *seen* is the mean test accuracy of the training domains."
+             + (f" A default may be chosen only on *{choosing}*: {', '.join(excluded)} is what the demo reports "
+                "as held out, so *avg* (every column) only reports." if excluded else ""), "",
+             "| method | " + " | ".join(domains) + " | avg |" + (f" {choosing} |" if excluded else "")
+             + " seen | s/cell |",
+             "|---|" + "---:|" * (len(domains) + 3 + bool(excluded))]
     for m, row in table.items():
         cells = " | ".join(_f(row["heldout"].get(d)) for d in domains)
-        lines.append(f"| {m} | {cells} | **{_f(row['average'])}** | {_f(row['seen'])} | {row['train_s']['mean']:.0f} |")
+        chosen = f" **{_f(row.get('average_choosing'))}** |" if excluded else ""
+        avg = _f(row["average"]) if excluded else f"**{_f(row['average'])}**"
+        lines.append(f"| {m} | {cells} | {avg} |{chosen} {_f(row['seen'])} | "
+                     f"{row['train_s']['mean']:.0f} |")
     lines += ["", "Oracle selection (checkpoint chosen on the held-out domain itself; optimistic, for reference "
                   "only, never used to choose anything):", "",
               "| method | " + " | ".join(domains) + " | avg |", "|---|" + "---:|" * (len(domains) + 1)]
@@ -154,7 +171,8 @@ def markdown(summary: dict, title: str) -> str:
         lines.append(f"| {m} | " + " | ".join(_f(row["oracle"].get(d)) for d in domains)
                      + f" | {_f(row['oracle_average'])} |")
     cfg = summary.get("config", {})
-    lines += ["", f"Seeds {summary.get('seeds')}; budget: `{json.dumps(cfg, sort_keys=True)}`; "
+    code = f"; code {summary['code_version'][:12]}" if summary.get("code_version") else ""
+    lines += ["", f"Seeds {summary.get('seeds')}; budget: `{json.dumps(cfg, sort_keys=True)}`{code}; "
                   f"{summary.get('cells_run', 0)} cells trained in this run, {summary.get('cells_cached', 0)} "
                   f"reused; wall time {summary.get('wall_s', 0):.0f} s."]
     if min((len(r["seeds"]) for r in table.values()), default=0) < 3:
@@ -167,6 +185,7 @@ def metrics(summary: dict) -> dict:
     out = {}
     for m, row in summary["aggregate"]["table"].items():
         out[m] = {"avg_heldout_acc": row["average"]["mean"] if row["average"] else None,
+                  **({"avg_heldout_acc_choosing": row["average_choosing"]["mean"]} if row.get("average_choosing") else {}),
                   "seen_acc": row["seen"]["mean"] if row["seen"] else None,
                   **{f"heldout_acc/{d}": ms["mean"] for d, ms in row["heldout"].items()}}
     return out

@@ -15,7 +15,7 @@ from typing import Callable, Sequence, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-PRELOAD = ["numpy", "PIL.Image", "PIL.PngImagePlugin", "PIL.JpegImagePlugin", "mdcore.imagecheck", "mdcore.manifest"]
+PRELOAD = ["numpy", "PIL.Image", "PIL.PngImagePlugin", "PIL.JpegImagePlugin", "mdcore.data.imagecheck", "mdcore.data.manifest"]
 
 
 def available_cores() -> int:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdcore.domain_norm import Routed
+from mdcore.models.domain_norm import Routed
 
 
 class BottleneckAdapter(nn.Module):

@@ -1,0 +1,1 @@
+"""Synthetic data and augmentation: Fourier style transfer, the synthesis policy, realism scores, training views."""
