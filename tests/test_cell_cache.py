@@ -86,7 +86,7 @@ def test_flows_put_the_code_version_in_every_cell_key(tmp_path, monkeypatch):
     monkeypatch.setattr(continual, "prepare_data", fake_prepare)
     monkeypatch.setattr(lodo, "run_cell", fake_cell)
     monkeypatch.setattr(continual, "run_sequence", lambda spec, out: fake_cell(spec, out))
-    monkeypatch.setattr(lodo_core, "aggregate", lambda cells: (_ for _ in ()).throw(stop))
+    monkeypatch.setattr(lodo_core, "aggregate", lambda cells, **kw: (_ for _ in ()).throw(stop))
     monkeypatch.setattr(continual, "aggregate", lambda cells: (_ for _ in ()).throw(stop))
 
     def run(fn, **kw):
