@@ -166,10 +166,6 @@ class Method:
         (False for a method whose ``finalize`` decides what ships, such as weight averaging)."""
         return True
 
-    def state(self) -> dict:
-        """A JSON summary for the run record (not for resuming: see :meth:`state_dict`)."""
-        return {}
-
     def state_dict(self) -> dict:
         """Everything the method carries across steps, as tensors and JSON-able values (flat keys)."""
         return {}

@@ -97,9 +97,6 @@ class SWAD(ERM):
         self._sums.clear()
         return done | {"swad_window_epochs": [e + 1 for e in window], "swad_averaged_steps": steps}
 
-    def state(self) -> dict:
-        return {"val_loss": self._val_loss, "window": self.window()}
-
     def state_dict(self) -> dict:
         state = super().state_dict()
         state.update({f"swad/sum/{e}/{k}": v for e, sums in self._sums.items() for k, v in sums.items()})

@@ -74,13 +74,3 @@ class DomainWeighting:
         self.running_loss[first] = mean[first]
         later = present & ~first
         self.running_loss[later] = self.ema * self.running_loss[later] + (1 - self.ema) * mean[later]
-
-    def state(self) -> dict[str, list[float]]:
-        return {"q": self.q.tolist(), "running_loss": self.running_loss.tolist()}
-
-    def load_state(self, state: dict) -> None:
-        """Restore :meth:`state` (a resumed run continues with the same domain weights)."""
-        if "q" in state:
-            self.q = torch.tensor(state["q"], dtype=torch.float32)
-        if "running_loss" in state:
-            self.running_loss = torch.tensor(state["running_loss"], dtype=torch.float32)
