@@ -28,7 +28,7 @@ def plain_loop(paths, params, threads: int) -> float:
     from mdcore.data.sampler import domain_balanced_batches
     from mdcore.train.epoch import train_epoch
     from tasks.data import image_roots, load_split
-    from tasks.model_setup import build_method, build_model, build_optimizer
+    from mdcore.train.setup import build_method, build_model, build_optimizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(params.seed)

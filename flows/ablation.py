@@ -2,7 +2,7 @@
 model, at the same seeds and budget, on the workspace's data.
 
 Each (variant, seed) trains in this process (no Ray: one worker, ``torch`` threads = ``threads``) with
-the finetune stage's own builders (``tasks.model_setup``) and loop (``mdcore.train.fit``: the best
+the finetune stage's own builders (``mdcore.train.setup``) and loop (``mdcore.train.fit``: the best
 training-domain validation epoch ships, as in the stage), then is scored per domain on the test split of seen domains and on every image of held-out domains, with
 the domain id and without it (unknown-domain routing). Writes ``reports/experiments/ablation.md`` and
 ``.json`` (mean ± std over seeds). Needs the stages up to ``pretrain`` (``mdpipe run`` or
@@ -43,6 +43,9 @@ COMPONENTS: dict[str, dict] = {
 }
 VARIANTS: dict[str, dict] = {"erm": {}, **COMPONENTS,
                              "full": {k: v for c in COMPONENTS.values() for k, v in c.items()}}
+# arms on the shipped finetune params (no ERM reset): one default switched, the rest as shipped; not in the
+# default list, named with --variants (e.g. ``--variants shipped no_domain_bn``)
+SHIPPED_ARMS: dict[str, dict] = {"shipped": {}, "no_domain_bn": dict(domain_bn=False)}
 
 
 def list_variants() -> list[str]:
@@ -50,9 +53,12 @@ def list_variants() -> list[str]:
 
 
 def variant_params(name: str, base: dict) -> dict:
-    """FinetuneParams fields of variant ``name``: ``base`` with every component off, then the variant's."""
+    """FinetuneParams fields of variant ``name``: ``base`` with every component off, then the variant's
+    (a ``SHIPPED_ARMS`` name: ``base`` as it is, then the arm's)."""
+    if name in SHIPPED_ARMS:
+        return base | SHIPPED_ARMS[name]
     if name not in VARIANTS:
-        raise ValueError(f"unknown ablation variant {name!r}; known: {list_variants()}")
+        raise ValueError(f"unknown ablation variant {name!r}; known: {list_variants() + list(SHIPPED_ARMS)}")
     return base | ERM | VARIANTS[name]
 
 
@@ -83,7 +89,7 @@ def run_variant(root: str, name: str, params: dict, threads: int = 2) -> dict:
     from mdcore.eval.scoring import accuracy_by_domain
     from mdcore.train import fit
     from tasks.data import load_split
-    from tasks.model_setup import build_method, build_model, build_optimizer, fit_config
+    from mdcore.train.setup import build_method, build_model, build_optimizer, fit_config
     from tasks.params import FinetuneParams
 
     t0 = time.perf_counter()
@@ -111,10 +117,13 @@ def run_variant(root: str, name: str, params: dict, threads: int = 2) -> dict:
     train_s = time.perf_counter() - t0
     names = list(rows["domain"])
     with_id = accuracy_by_domain(model, test, names, 256, use_domain=True)
+    # the seen domains' validation split (what chose the checkpoint, and what may choose a default)
+    val_acc = accuracy_by_domain(model, val, [val.domain_names[i] for i in val.domains.tolist()], 256)
     without_id = accuracy_by_domain(model, test, names, 256, use_domain=False)
     counts = rows.groupby("domain").size()
     out = {d: {"kind": "seen" if d in train.domain_names else "held-out", "images": int(counts[d]),
-               "acc": with_id[d], "acc_unknown_domain": without_id[d]} for d in with_id}
+               "acc": with_id[d], "acc_unknown_domain": without_id[d]} | ({"val_acc": val_acc[d]} if d in val_acc else {})
+           for d in with_id}
     out["_run"] = {"variant": name, "seed": p.seed, "epochs": p.epochs, "train_s": round(train_s, 1),
                    "s_per_epoch": round(train_s / max(p.epochs, 1), 2), "final_train_loss": history[-1]["train_loss"],
                    "selected_epoch": result.shipped.get("selected_epoch"),
@@ -141,6 +150,8 @@ def aggregate(results: dict[str, dict[int, dict]]) -> dict:
         for d in domains:
             row["domains"][d] = {"kind": kinds[d], "acc": _ms([by_seed[s][d]["acc"] for s in seeds]),
                                  "acc_unknown_domain": _ms([by_seed[s][d]["acc_unknown_domain"] for s in seeds])}
+            if "val_acc" in by_seed[seeds[0]][d]:
+                row["domains"][d]["val_acc"] = _ms([by_seed[s][d]["val_acc"] for s in seeds])
         for key in ("acc", "acc_unknown_domain"):
             seen = [[by_seed[s][d][key] for d in domains if kinds[d] == "seen"] for s in seeds]
             held = [[by_seed[s][d][key] for d in domains if kinds[d] == "held-out"] for s in seeds]
@@ -148,6 +159,10 @@ def aggregate(results: dict[str, dict[int, dict]]) -> dict:
             row["summary"][f"worst_seen_{key}"] = _ms([np.min(v) for v in seen])
             if held[0]:
                 row["summary"][f"mean_heldout_{key}"] = _ms([np.mean(v) for v in held])
+        val = [[by_seed[s][d]["val_acc"] for d in domains if "val_acc" in by_seed[s][d]] for s in seeds]
+        if all(val):  # the seen domains' validation split: the columns a default may be chosen on
+            row["summary"]["mean_seen_val_acc"] = _ms([np.mean(v) for v in val])
+            row["summary"]["worst_seen_val_acc"] = _ms([np.min(v) for v in val])
         row["s_per_epoch"] = _ms([by_seed[s]["_run"]["s_per_epoch"] for s in seeds])
         row["parameters"] = by_seed[seeds[0]]["_run"]["parameters"]
         table[variant] = row
@@ -171,12 +186,16 @@ def write_report(folder: Path, summary: dict) -> None:
         "split of seen domains and on every image of held-out domains; *routed* = without the domain id "
         "(unknown-domain routing). Mean ± std over seeds. s/epoch is wall time on this machine, other load "
         "included: compare per-step costs with a quiet machine (bench/) before trusting it.", "",
-        "| variant | mean seen | worst seen | mean held-out | mean seen (routed) | held-out (routed) | s/epoch | params |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "*val* = the seen domains' validation split (mean and worst domain): the only columns that may choose "
+        "a default; test and held-out columns report only.", "",
+        "| variant | mean seen val | worst seen val | mean seen | worst seen | mean held-out | mean seen (routed) "
+        "| held-out (routed) | s/epoch | params |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for variant, row in agg.items():
         s = row["summary"]
-        lines.append(f"| {variant} | {_f(s['mean_seen_acc'])} | {_f(s['worst_seen_acc'])} | "
+        lines.append(f"| {variant} | {_f(s.get('mean_seen_val_acc'))} | {_f(s.get('worst_seen_val_acc'))} | "
+                     f"{_f(s['mean_seen_acc'])} | {_f(s['worst_seen_acc'])} | "
                      f"{_f(s.get('mean_heldout_acc'))} | {_f(s['mean_seen_acc_unknown_domain'])} | "
                      f"{_f(s.get('mean_heldout_acc_unknown_domain'))} | {row['s_per_epoch']['mean']:.1f} | "
                      f"{row['parameters'] / 1e6:.2f}M |")
@@ -186,8 +205,17 @@ def write_report(folder: Path, summary: dict) -> None:
               "|---|" + "---:|" * len(domains)]
     for variant, row in agg.items():
         lines.append(f"| {variant} | " + " | ".join(_f(row["domains"][d]["acc"]) for d in domains) + " |")
-    lines += ["", "Variants: " + "; ".join(f"`{k}` = `{json.dumps(v, sort_keys=True)}`" for k, v in VARIANTS.items()
-                                            if v),
+    seen = [d for d in domains if "val_acc" in next(iter(agg.values()))["domains"][d]]
+    if seen:
+        lines += ["", "Per seen domain, validation split:", "", "| variant | " + " | ".join(seen) + " |",
+                  "|---|" + "---:|" * len(seen)]
+        for variant, row in agg.items():
+            lines.append(f"| {variant} | " + " | ".join(_f(row["domains"][d]["val_acc"]) for d in seen) + " |")
+    shipped = [k for k in SHIPPED_ARMS if k in agg]
+    lines += ["", "Variants: " + "; ".join(f"`{k}` = `{json.dumps(v, sort_keys=True)}`" for k, v in
+                                            (VARIANTS | {k: SHIPPED_ARMS[k] for k in shipped}).items() if v)
+              + (f" ({', '.join(f'`{k}`' for k in shipped)}: on `params/finetune.yaml` as it is, no ERM reset)"
+                 if shipped else ""),
               f"Wall time: {summary['wall_s']:.0f} s."]
     if len(seeds) < 3:
         lines += ["", "Fewer than 3 seeds: not evidence that one variant beats another."]
@@ -225,7 +253,7 @@ def run_ablation(root: str | Path = ".", seeds=(0, 1, 2), epochs: int | None = N
             out["_run"] = runs[-1]
             results[v][int(seed)] = out
     summary = {"seeds": [int(s) for s in seeds], "epochs": base["epochs"], "threads": threads,
-               "variants": {v: VARIANTS[v] for v in variants},
+               "variants": {v: (VARIANTS | SHIPPED_ARMS)[v] for v in variants},
                "finetune_params": {k: v for k, v in base.items() if k != "seed"},
                "aggregate": aggregate(results), "runs": runs, "wall_s": round(time.perf_counter() - t0, 1)}
     write_report(paths.experiments, summary)
@@ -246,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="default: params/finetune.yaml")
-    parser.add_argument("--variants", nargs="+", default=None, choices=list_variants())
+    parser.add_argument("--variants", nargs="+", default=None, choices=list_variants() + list(SHIPPED_ARMS))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

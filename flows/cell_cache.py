@@ -11,7 +11,7 @@ import hashlib
 from pathlib import Path
 
 # the source a cell's training imports: the whole core library and the cell modules outside it
-CELL_SOURCES = ("mdcore", "flows/lodo_cell.py", "flows/continual_cell.py", "tasks/model_setup.py", "tasks/params.py")
+CELL_SOURCES = ("mdcore", "flows/lodo_cell.py", "flows/continual_cell.py", "tasks/params.py")
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding mdcore/, flows/ and tasks/
 
 

@@ -213,9 +213,33 @@ def aggregate(cells: list[dict]) -> dict:
     out["add_to_champion"]["old_mean_after"] = _ms([sum(c["add_to_champion"]["row"][:-1]) / (len(c["order"]) - 1)
                                                     for c in cells])
     out["few_shot"]["gate_pass"] = sum(c["few_shot"]["gate_pass"] for c in cells)
+    out["validation"] = validation(cells)
     out["full_retrain"] = {"train_s": _ms([c["full_retrain"]["train_s"] for c in cells]),
                            "row": np.asarray([c["full_retrain"]["row"] for c in cells]).mean(0).tolist()}
     out["n"] = len(cells)
+    return out
+
+
+def validation(cells: list[dict]) -> dict:
+    """The validation split after the last arrival (the numbers that may choose an add-step recipe): the old
+    domains' mean, worst and largest drop against before the arrival, and the new domain's accuracy; for the
+    sequence's replay arm and for the arrival added to the champion. Empty for cells made before it was
+    recorded."""
+    out = {}
+    for way, get in (("sequence", lambda c: c["arms"]["replay"]["steps"][-1]), ("champion", lambda c: c["add_to_champion"])):
+        if not all("val_after" in get(c) for c in cells):
+            continue
+        old = [[d for d in get(c)["val_before"]] for c in cells]
+        out[way] = {
+            "old_mean": _ms([np.mean([get(c)["val_after"][d] for d in o]) for c, o in zip(cells, old)]),
+            "old_worst": _ms([min(get(c)["val_after"][d] for d in o) for c, o in zip(cells, old)]),
+            "old_mean_before": _ms([np.mean([get(c)["val_before"][d] for d in o]) for c, o in zip(cells, old)]),
+            "old_worst_drop": _ms([max(get(c)["val_before"][d] - get(c)["val_after"][d] for d in o)
+                                   for c, o in zip(cells, old)]),
+            "new": _ms([get(c)["val_after"][c["order"][-1]] for c in cells]),
+            "per_seed": [{"old_mean": float(np.mean([get(c)["val_after"][d] for d in o])),
+                          "new": get(c)["val_after"][c["order"][-1]]} for c, o in zip(cells, old)],
+        }
     return out
 
 
@@ -273,6 +297,17 @@ def markdown(summary: dict) -> str:
                   f"{_f(ac['old_mean_after'])}), then {order[-1]} is added with the add step above. The full "
                   f"retrain, put to the same gate against that champion, passes it in "
                   f"{ac['full_retrain_gate_pass']}/{n} seeds."]
+    if agg.get("validation"):
+        lines += ["", f"## Validation split after the last arrival ({order[-1]}): the numbers that may choose", "",
+                  "Accuracy (%) on the validation split, with the domain id: the old domains (known before the "
+                  "arrival) and the new one. *worst drop*: the old domain that lost most against before the "
+                  "arrival, per seed.", "",
+                  "| way | old domains before | old domains after | worst old domain after | worst drop | new domain |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        names = {"sequence": "the sequence, + replay", "champion": "added to a champion trained at once"}
+        for way, v in agg["validation"].items():
+            lines.append(f"| {names[way]} | {_f(v['old_mean_before'])} | {_f(v['old_mean'])} | {_f(v['old_worst'])} "
+                         f"| {_f(v['old_worst_drop'])} | {_f(v['new'])} |")
     lines += ["", f"Gate: each old domain's accuracy on the gate split may drop by at most {cfg['tolerance']}. "
                   f"Budget `{json.dumps(cfg, sort_keys=True)}`"
                   f"{'; code ' + summary['code_version'][:12] if summary.get('code_version') else ''}; "

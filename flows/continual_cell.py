@@ -5,7 +5,7 @@ retrain on every domain (the reference), the same arrival added to a champion tr
 domain at once (the product's case: the pipeline trains its champion that way), few-shot adaptation (k per
 class, the new domain's parts only) and test-time normalization (no labels).
 
-Everything trains in this process with the finetune stage's builders (``tasks.model_setup``); selection
+Everything trains in this process with the finetune stage's builders (``mdcore.train.setup``); selection
 uses the validation split of the domains the model knows, never test; the gate split scores the old
 domains before and after each arrival, as the promotion gate would.
 """
@@ -37,7 +37,7 @@ def learn(model, train: ImageSet, val: ImageSet, p, batches: Callable[[int], Ite
     Returns timings and the history."""
     from mdcore.methods import create_method
     from mdcore.train import fit
-    from tasks.model_setup import build_optimizer, fit_config, method_spec
+    from mdcore.train.setup import build_optimizer, fit_config, method_spec
 
     if method is None:
         spec, hparams = method_spec(p)
@@ -129,7 +129,7 @@ def train_sequence(spec: dict) -> dict:
     from mdcore.eval.promotion import decide
     from mdcore.data.sampler import domain_balanced_batches
     from mdcore.eval.scoring import evaluate_split
-    from tasks.model_setup import build_model
+    from mdcore.train.setup import build_model
     from tasks.params import FinetuneParams
 
     t_start = time.perf_counter()
@@ -156,6 +156,10 @@ def train_sequence(spec: dict) -> dict:
     def gate_acc(model, upto: int) -> dict[str, float]:
         g = known(gate, upto)
         return evaluate_split(model, g, [order[d] for d in g.domains])["per_domain"]
+
+    def val_acc(model, upto: int) -> dict[str, float]:  # the known domains' validation split: what may choose
+        v = known(val, upto)
+        return evaluate_split(model, v, [order[d] for d in v.domains])["per_domain"]
 
     def balanced(ds: ImageSet, params) -> Callable[[int], Iterable[torch.Tensor]]:
         return lambda epoch: list(domain_balanced_batches(ds.domains, params.batch_size, epoch=epoch, seed=seed,
@@ -215,7 +219,7 @@ def train_sequence(spec: dict) -> dict:
         for t in range(1, len(order)):
             new = order[t]
             nearest, sims = nearest_domain(model.eval(), to_float(train[new].images))
-            before_gate = gate_acc(model, t - 1)
+            before_gate, before_val = gate_acc(model, t - 1), val_acc(model, t - 1)
             # the model before the arrival, kept only for replay distillation
             teacher = copy.deepcopy(model).eval() if float(spec.get("replay_kd_weight", 0.0)) > 0 else None
             model = add_domain(model, new, init_from=nearest)
@@ -236,6 +240,7 @@ def train_sequence(spec: dict) -> dict:
                           "past_images": len(past), "train_s": round(info["train_s"], 2),
                           "images_seen": info["images_seen"], "gate_before": before_gate, "gate_after": after_gate,
                           "gate_pass": decision.promote, "gate_reason": decision.reason,
+                          "val_before": before_val, "val_after": val_acc(model, t),
                           **({"merge_alpha": info["merge_alpha"]} if "merge_alpha" in info else {})})
             if arm == "replay" and t == len(order) - 2:
                 before_last = copy.deepcopy(model)
@@ -262,7 +267,7 @@ def train_sequence(spec: dict) -> dict:
     refit_prototypes(champion, to_float(champ_train.images), champ_train.domains)
     champion_row = _row(champion, tests, n - 1)
     init_c, _ = nearest_domain(champion.eval(), to_float(train[last].images))
-    gate_before_c = gate_acc(champion, n - 2)
+    gate_before_c, val_before_c = gate_acc(champion, n - 2), val_acc(champion, n - 2)
     teacher_c = copy.deepcopy(champion).eval() if float(spec.get("replay_kd_weight", 0.0)) > 0 else None
     grown_c = add_domain(champion, last, init_from=init_c)
     budget_c = replay_budget(len(champ_train), float(spec["replay_fraction"]))
@@ -322,7 +327,8 @@ def train_sequence(spec: dict) -> dict:
                             "champion_train_s": round(champ_info["train_s"], 2), "champion_row": champion_row,
                             "row": row_c, "gate_before": gate_before_c, "gate_after": gate_after_c,
                             "gate_pass": decision_c.promote, "gate_reason": decision_c.reason,
-                            "full_retrain_gate": full_gate, "full_retrain_gate_pass": decision_full.promote},
+                            "full_retrain_gate": full_gate, "full_retrain_gate_pass": decision_full.promote,
+                            "val_before": val_before_c, "val_after": val_acc(grown_c, n - 1)},
         "few_shot": {"k": k, "images": len(shots), "acc": fs_acc, "before_acc": before_acc, "full_acc": full_row[-1],
                      "recovered": recovered(fs_acc), "train_s": round(fs_info["train_s"], 2),
                      "gate_pass": fs_gate.promote},

@@ -70,7 +70,7 @@ def train_cell(spec: dict) -> dict:
     from mdcore.eval.lodo import cell_rows
     from mdcore.eval.scoring import evaluate_split
     from mdcore.train import fit
-    from tasks.model_setup import build_method, build_model, build_optimizer, fit_config, without_unhosted_parts
+    from mdcore.train.setup import build_method, build_model, build_optimizer, fit_config, without_unhosted_parts
     from tasks.params import FinetuneParams
 
     t0 = time.perf_counter()

@@ -59,7 +59,8 @@ def load_sets(paths: Paths, cfg, p: CompressParams):
     g = torch.Generator().manual_seed(p.seed)
     pick = seen_test[torch.randperm(len(seen_test), generator=g)[: p.corruption_images]]
     sets = EvalSets(select, list(select_rows["domain"]),
-                    report, list(report_rows["domain"]), report.subset(torch.isin(torch.arange(len(report)), pick)))
+                    report, list(report_rows["domain"]), report.subset(torch.isin(torch.arange(len(report)), pick)),
+                    select_splits=list(select_rows["split"]))
     return train, sets, report_rows
 
 
@@ -93,7 +94,9 @@ def run(params: CompressParams, paths: Paths) -> StageResult:
                          "macs": r["macs"], "params": r["params"], "b1_median_ms": r["latency"]["b1"]["median_ms"],
                          "b1_p95_ms": r["latency"]["b1"]["p95_ms"], "b64_median_ms": r["latency"]["b64"]["median_ms"],
                          "b64_images_per_s": r["latency"]["b64"]["images_per_s"],
-                         "worst_select_drop": r.get("worst_select_drop"), "report_acc": r["report_acc"],
+                         "worst_select_drop": r.get("worst_select_drop"), "worst_val_drop": r.get("worst_val_drop"),
+                         "worst_val_domain": r.get("worst_val_domain"), "val_acc": r.get("val_acc"),
+                         "report_acc": r["report_acc"],
                          "corrupt_mean": sum(r["corruption_acc"].values()) / len(r["corruption_acc"])}
                      for n, r in rows.items()},
         **summarize(table),

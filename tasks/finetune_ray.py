@@ -89,7 +89,7 @@ def train_worker(cfg: dict, worker) -> None:
     from mdcore.data.lazy_images import BatchLoader
     from mdcore.train import FitConfig, fit
     from tasks.data import guard_holdout, load_split
-    from tasks.model_setup import build_method, build_model, build_optimizer, fit_config
+    from mdcore.train.setup import build_method, build_model, build_optimizer, fit_config
 
     p: FinetuneParams = cfg["params"]  # the typed params the driver validated (Ray pickles the object)
     torch.set_num_threads(max(1, int(p.cpus_per_worker)))

@@ -29,7 +29,7 @@ def test_pretrain_on_digits_export_then_start_a_glyphs_run_from_the_file(tmp_pat
     mine, theirs = load_file(target / "models/pretrained/backbone.safetensors"), load_file(exported)
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     # the finetune stage starts from these weights (the same path the Ray workers take)
-    from tasks.model_setup import build_model
+    from mdcore.train.setup import build_model
     from tasks.params import FinetuneParams
     from mdcore.data.images import ImageSet
 

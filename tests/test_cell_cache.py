@@ -21,7 +21,7 @@ def _tree(tmp_path: Path) -> Path:
 def test_code_version_follows_the_cell_sources(tmp_path):
     root = _tree(tmp_path)
     files = source_files(root)
-    assert "mdcore/models/model.py" in files and "flows/lodo_cell.py" in files and "tasks/model_setup.py" in files
+    assert "mdcore/models/model.py" in files and "flows/lodo_cell.py" in files and "mdcore/train/setup.py" in files
     assert "flows/lodo.py" not in files  # the flow itself does not decide a cell's result
     version = code_version(root)
     assert len(version) == 64 and code_version(root) == version  # nothing changed: the same version

@@ -49,3 +49,21 @@ def test_aggregate_averages_seeds_per_arm_and_reports_the_gate():
     assert "| added to a champion trained on the other domains at once (+ replay) | 82.0 ± 1.0 | -3.0 ± 1.0 |" in text
     summary["aggregate"] = aggregate(cells[:2])
     assert "Fewer than 3 seeds" in markdown(summary)
+
+
+def test_validation_after_the_last_arrival_is_aggregated_and_reported():
+    cells = [cell(0, 0.01), cell(1, 0.03), cell(2, 0.02)]
+    for c in cells:
+        c["arms"]["replay"]["steps"][-1] |= {"val_before": {"a": 0.9}, "val_after": {"a": 0.8, "b": 0.7}}
+        c["add_to_champion"] |= {"val_before": {"a": 0.95}, "val_after": {"a": 0.95, "b": 0.6 + c["seed"] / 10}}
+    v = aggregate(cells)["validation"]
+    assert v["sequence"]["old_mean"]["mean"] == pytest.approx(0.8)
+    assert v["sequence"]["old_worst_drop"]["mean"] == pytest.approx(0.1)
+    assert v["champion"]["new"]["mean"] == pytest.approx(0.7) and v["champion"]["old_worst_drop"]["mean"] == 0
+    assert aggregate([cell(0, 0.01)])["validation"] == {}
+    summary = {"dataset": "digits", "order": ["a", "b"], "seeds": [0, 1, 2], "aggregate": aggregate(cells),
+               "cells_run": 3, "cells_cached": 0, "wall_s": 1.0,
+               "config": {"method": "multidomain", "epochs": 2, "add_epochs": 1, "replay_strategy": "reservoir",
+                          "replay_fraction": 0.05, "replay_per_batch": 4, "batch_size": 8, "few_shot_k": 10,
+                          "tolerance": 0.02}}
+    assert "| added to a champion trained at once | 95.0 ± 0.0 | 95.0 ± 0.0 |" in markdown(summary)

@@ -8,7 +8,7 @@ from mdcore.data.images import ImageSet
 from mdcore.methods import create_method, list_methods
 from mdcore.train import Callback, FitConfig, fit
 from mdcore.train.checkpoint import load_training_state, save_training_state
-from tasks.model_setup import build_method, build_model, build_optimizer, fit_config, without_unhosted_parts
+from mdcore.train.setup import build_method, build_model, build_optimizer, fit_config, without_unhosted_parts
 from tasks.params import FinetuneParams
 
 CLASSES = ["0", "1", "2", "3"]

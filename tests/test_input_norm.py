@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from mdcore.data.images import ImageSet, to_float
 from mdcore.models.input_norm import recorded_norm, resolve
 from mdcore.models.model import ModelConfig, MultiDomainModel, create_backbone, load_model, save_model
-from tasks.model_setup import build_model
+from mdcore.train.setup import build_model
 from tasks.params import FinetuneParams, ParamsError, load_params
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -28,3 +28,18 @@ def test_aggregate_means_over_seeds():
     assert s["mean_seen_acc"]["mean"] == pytest.approx(0.7)
     assert s["worst_seen_acc"]["mean"] == pytest.approx(0.6)
     assert s["mean_heldout_acc"]["mean"] == pytest.approx(0.5)
+
+
+def test_shipped_arms_keep_the_shipped_params_and_val_accuracy_is_aggregated():
+    base = FinetuneParams().model_dump()
+    assert variant_params("shipped", base) == base
+    assert variant_params("no_domain_bn", base) == base | {"domain_bn": False}
+
+    def fake(acc):
+        return {"a": {"kind": "seen", "images": 10, "acc": acc, "acc_unknown_domain": acc, "val_acc": acc},
+                "b": {"kind": "seen", "images": 10, "acc": acc, "acc_unknown_domain": acc, "val_acc": acc - 0.2},
+                "h": {"kind": "held-out", "images": 5, "acc": 0.5, "acc_unknown_domain": 0.5},
+                "_run": {"s_per_epoch": 1.0, "parameters": 100}}
+    s = aggregate({"shipped": {0: fake(0.9), 1: fake(0.7)}})["shipped"]["summary"]
+    assert s["mean_seen_val_acc"]["mean"] == pytest.approx(0.7)
+    assert s["worst_seen_val_acc"]["values"] == pytest.approx([0.7, 0.5])

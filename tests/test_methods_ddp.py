@@ -16,7 +16,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         from mdcore.train import Runtime, fit
-        from tasks.model_setup import build_method, build_model, build_optimizer, fit_config
+        from mdcore.train.setup import build_method, build_model, build_optimizer, fit_config
         from tasks.params import FinetuneParams
         from tests.test_methods_transfer import tiny_data
 

@@ -11,7 +11,7 @@ from mdcore.methods.base import ERM
 from mdcore.data.sampler import domain_balanced_batches
 from mdcore.eval.scoring import evaluate_split
 from mdcore.train.epoch import train_epoch
-from tasks.model_setup import build_method, build_model, build_optimizer, without_unhosted_parts
+from mdcore.train.setup import build_method, build_model, build_optimizer, without_unhosted_parts
 from tasks.params import FinetuneParams, ParamsError, validate_params
 
 

@@ -11,7 +11,7 @@ from mdcore.train.early_stopping import EarlyStopping
 from mdcore.train.epoch import train_epoch
 from mdcore.train.freezing import frozen_group_count, per_domain_parameter_names
 from mdcore.train.loop import _freeze
-from tasks.model_setup import build_method, build_model, build_optimizer, fit_config
+from mdcore.train.setup import build_method, build_model, build_optimizer, fit_config
 from tasks.params import FinetuneParams
 
 

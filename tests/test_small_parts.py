@@ -30,13 +30,13 @@ def test_scarce_domains_and_targets():
 
 
 def test_checkpoint_restores_model_optimizer_and_epoch(tmp_path):
-    """The shipped optimizer (tasks.model_setup.build_optimizer: timm's AdamW with fused=True) really runs
+    """The shipped optimizer (mdcore.train.setup.build_optimizer: timm's AdamW with fused=True) really runs
     fused, steps as the reference (non-fused) AdamW does, and resumes from a checkpoint exactly: the step
     after a restore equals the step the uninterrupted run takes."""
     import copy
 
     from mdcore.data.images import ImageSet, to_float
-    from tasks.model_setup import build_model, build_optimizer
+    from mdcore.train.setup import build_model, build_optimizer
     from tasks.params import FinetuneParams
 
     g = torch.Generator().manual_seed(0)

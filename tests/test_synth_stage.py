@@ -52,7 +52,7 @@ def test_batches_are_scored_reported_and_only_enter_training(workspace):
 
 
 def test_a_bad_batch_is_rejected_and_never_written(workspace, monkeypatch):
-    import tasks.synthesize as stage
+    import mdcore.synth.generate as generators
 
     paths = _prepare(workspace)
     rng = np.random.default_rng(0)
@@ -63,8 +63,8 @@ def test_a_bad_batch_is_rejected_and_never_written(workspace, monkeypatch):
     def keep_content(content, style, beta, profile=None):  # wrong-domain style: content left as it was
         return content
 
-    monkeypatch.setattr(stage, "apply_policy", destroy_labels)
-    monkeypatch.setattr(stage, "fourier_style_transfer", keep_content)
+    monkeypatch.setattr(generators, "apply_policy", destroy_labels)
+    monkeypatch.setattr(generators, "fourier_style_transfer", keep_content)
     m = execute("synthesize", workspace)
     assert sorted(m["rejected_batches"]) == ["phone/augment", "phone/fourier"] and not m["accepted_batches"]
     assert any("label agreement" in r for r in m["batches"]["phone/augment"]["reasons"])

@@ -1,7 +1,7 @@
 """Weight decay reaches only the weights of convolutions and linear layers: every bias (the stage adapters'
 per-domain bias rows too, which are 2-D so timm's 1-D rule misses them), every norm parameter (per-domain
 batch-norm included) and every embedding (the MoE head's domain embedding) gets none, with and without
-layer-wise lr decay. The optimizer is built as tasks/model_setup.build_optimizer builds it."""
+layer-wise lr decay. The optimizer is built as mdcore/train/setup.build_optimizer builds it."""
 import pytest
 import torch
 from timm.optim import create_optimizer_v2
@@ -51,7 +51,7 @@ def _check(model: MultiDomainModel, decay: dict[str, float]) -> None:
 @pytest.mark.parametrize("extra", [{}, {"domain_bn": True, "proj_dim": 8}], ids=["moe+stage_adapters", "+domain_bn"])
 def test_no_weight_decay_on_biases_norms_and_embeddings(layer_decay, extra):
     model = _model(**extra)
-    # the arguments of tasks/model_setup.build_optimizer (finetune params' default weight decay)
+    # the arguments of mdcore/train/setup.build_optimizer (finetune params' default weight decay)
     optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=layer_decay, fused=True)
     _check(model, _decay_of(model, optimizer))
     if extra.get("domain_bn"):
@@ -60,7 +60,7 @@ def test_no_weight_decay_on_biases_norms_and_embeddings(layer_decay, extra):
 
 @pytest.mark.parametrize("layer_decay", [None, 0.8])
 def test_build_optimizer_exempts_them_too(layer_decay):
-    from tasks.model_setup import build_optimizer
+    from mdcore.train.setup import build_optimizer
     from tasks.params import FinetuneParams
 
     p = FinetuneParams(layer_decay=layer_decay)

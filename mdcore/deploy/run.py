@@ -68,6 +68,10 @@ def machine() -> dict:
 def _score(name, runtime, predict, run, sets: EvalSets, sc: ScoreConfig, kinds: dict, extra: dict) -> dict:
     row = {"name": name, "runtime": runtime, "threads": sc.threads, "kinds": kinds, **extra}
     row["select_acc"] = accuracy_per_domain(predict, sets.select, sets.select_names)
+    if sets.select_splits is not None:  # the validation split alone: what may choose a recipe (the gate may not)
+        mask = [s == "val" for s in sets.select_splits]
+        row["val_acc"] = accuracy_per_domain(predict, sets.select.subset(mask),
+                                             [n for n, m in zip(sets.select_names, mask) if m])
     row["report_acc"] = accuracy_per_domain(predict, sets.report, sets.report_names)
     row["report_acc_unknown_domain"] = accuracy_per_domain(predict, sets.report, sets.report_names, use_domain=False)
     row["corruption_acc"] = corruption_accuracy(predict, sets.corruption, sc.seed)

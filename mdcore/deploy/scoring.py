@@ -27,6 +27,7 @@ class EvalSets:
     report: ImageSet
     report_names: list[str]
     corruption: ImageSet  # a seeded subsample of the seen test rows
+    select_splits: list[str] | None = None  # each select row's split (val or gate): accuracy recorded per split too
 
 
 def eager_predict(model: torch.nn.Module, batch_size: int = 256) -> Predict:
@@ -92,6 +93,10 @@ def decide(reference: dict, row: dict, max_drop: float) -> tuple[bool, str]:
     worst = max(drops, key=drops.get)
     row["worst_select_drop"] = drops[worst]
     row["worst_select_domain"] = worst
+    if "val_acc" in reference and "val_acc" in row:  # recorded beside the rule, not part of it
+        val = {d: reference["val_acc"][d] - row["val_acc"].get(d, 0.0) for d in reference["val_acc"]}
+        row["worst_val_domain"] = max(val, key=val.get)
+        row["worst_val_drop"] = val[row["worst_val_domain"]]
     if drops[worst] > max_drop + 1e-9:
         return False, f"worst-domain drop {100 * drops[worst]:.1f} points on {worst} > max_drop {100 * max_drop:.1f}"
     ref_ms, ms = reference["latency"]["b1"]["median_ms"], row["latency"]["b1"]["median_ms"]

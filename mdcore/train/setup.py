@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from typing import Any
 
 from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
@@ -16,10 +17,13 @@ from mdcore.data.images import ImageSet
 from mdcore.methods import Method, create_method, method_class
 from mdcore.train import FitConfig
 from mdcore.models.model import ModelConfig, MultiDomainModel
-from tasks.params import FinetuneParams
+
+#: The finetune params: ``tasks.params.FinetuneParams`` (validated from ``params/finetune.yaml``) or any
+#: pydantic model with its fields. mdcore reads them and never loads or validates a params file itself.
+FinetuneSettings = Any
 
 
-def method_spec(p: FinetuneParams) -> tuple[str, dict]:
+def method_spec(p: FinetuneSettings) -> tuple[str, dict]:
     """The method name and hyper-parameters the params select: ``method``, plus the loss methods that the
     finetune params switch on by name (the one place they are translated): ``reweight`` for
     ``domain_weighting``/``curriculum``, ``supcon`` for ``supcon_weight`` > 0, ``coral``/``mmd`` for
@@ -39,7 +43,7 @@ def method_spec(p: FinetuneParams) -> tuple[str, dict]:
     return spec, hparams | dict(p.method_hparams)
 
 
-def without_unhosted_parts(p: FinetuneParams) -> FinetuneParams:
+def without_unhosted_parts(p: FinetuneSettings) -> FinetuneSettings:
     """``p`` with the per-domain parts off when its method hosts none (``erm``, ``randconv``, ...): for code
     that swaps the method of a params file (the LODO cells), where the file's parts are not a request."""
     if method_class(p.method).per_domain_parts:
@@ -47,12 +51,12 @@ def without_unhosted_parts(p: FinetuneParams) -> FinetuneParams:
     return p.model_copy(update={"adapters": False, "stage_adapters": [], "domain_bn": False, "head": "linear"})
 
 
-def build_method(p: FinetuneParams) -> Method:
+def build_method(p: FinetuneSettings) -> Method:
     """The domain-generalization method the params name (one object per training run: it carries state)."""
     return create_method(*method_spec(p))
 
 
-def fit_config(p: FinetuneParams, domains: list[str]) -> FitConfig:
+def fit_config(p: FinetuneSettings, domains: list[str]) -> FitConfig:
     """The loop settings of the params; ``domains``: the training domains (``domain_mix`` names them)."""
     mix = p.domain_mix
     if not isinstance(mix, str):
@@ -66,7 +70,7 @@ def fit_config(p: FinetuneParams, domains: list[str]) -> FitConfig:
                      gradual_unfreeze_every=p.gradual_unfreeze_every)
 
 
-def model_config(p: FinetuneParams, domains: list[str], classes: list[str], backbone: str,
+def model_config(p: FinetuneSettings, domains: list[str], classes: list[str], backbone: str,
                  image_size: int, weights_norm: dict | None = None) -> ModelConfig:
     """The ModelConfig the finetune params select: the per-domain parts and the weights of their losses,
     as the method keeps or removes them (``erm`` and its children have none, and no standardization).
@@ -81,7 +85,7 @@ def model_config(p: FinetuneParams, domains: list[str], classes: list[str], back
     return ModelConfig(**(cfg | {"input_norm": kind, "input_mean": mean, "input_std": std}))
 
 
-def _component_config(p: FinetuneParams, domains: list[str], classes: list[str], backbone: str,
+def _component_config(p: FinetuneSettings, domains: list[str], classes: list[str], backbone: str,
                       image_size: int) -> ModelConfig:
     return ModelConfig(
         backbone=backbone, domains=list(domains), classes=list(classes), image_size=image_size,
@@ -91,7 +95,7 @@ def _component_config(p: FinetuneParams, domains: list[str], classes: list[str],
     )
 
 
-def build_model(p: FinetuneParams, train: ImageSet, backbone: str, image_size: int,
+def build_model(p: FinetuneSettings, train: ImageSet, backbone: str, image_size: int,
                 backbone_weights: str | None = None, method: Method | None = None) -> MultiDomainModel:
     """The model of the params; ``method`` (from :func:`build_method`) attaches its training-only hooks.
     A ``backbone_weights`` file exported by the pretrain stage brings its recorded pretrained_cfg along."""
@@ -106,7 +110,7 @@ def build_model(p: FinetuneParams, train: ImageSet, backbone: str, image_size: i
     return model
 
 
-def build_optimizer(p: FinetuneParams, model: MultiDomainModel, warmup_epochs: int | None = None):
+def build_optimizer(p: FinetuneSettings, model: MultiDomainModel, warmup_epochs: int | None = None):
     """timm's optimizer factory (layer-wise lr decay included) over *every* parameter (frozen ones get no
     gradient, so AdamW leaves them alone until they are unfrozen), and timm's cosine schedule stepped per
     epoch, with warm restarts when ``lr_cycles`` > 1. AdamW runs fused (one kernel over all tensors, on CPU
