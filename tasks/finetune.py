@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import task
 
 from mdcore.data.io import atomic_dir
-from mdcore.models.model import CONFIG, WEIGHTS
+from mdcore.models.model import CONFIG, STARTING_WEIGHTS, WEIGHTS
 from tasks.finetune_ray import fit
 from tasks.params import StageParams, FinetuneParams
 from tasks.paths import Paths
@@ -60,6 +60,16 @@ def write_live(history: list[dict], folder: Path) -> None:
             live.next_step()
 
 
+def starting_weights(paths: Paths, params: FinetuneParams) -> dict:
+    """Where the fine-tuned backbone started (the model card's licence and source line): the pretrain
+    stage's record of its starting weights, with its self-supervised epochs; random when not used."""
+    pre = json.loads((paths.pretrained / "config.json").read_text())
+    if not (params.init_from_pretrain and pre.get("pretrained", False)):
+        return {"kind": "random"}
+    return {**pre.get("weights_source", {"kind": "unrecorded"}),
+            "self_supervised_epochs": pre.get("self_supervised_epochs", 0)}
+
+
 def run(params: FinetuneParams, paths: Paths, kill_at_epoch: int | None = None) -> StageResult:
     """``kill_at_epoch`` (tests only) SIGKILLs the last worker before that epoch, once."""
     t0 = time.perf_counter()
@@ -73,6 +83,7 @@ def run(params: FinetuneParams, paths: Paths, kill_at_epoch: int | None = None) 
             for name in (WEIGHTS, CONFIG):
                 shutil.copyfile(folder / "model" / name, tmp / name)
             (tmp / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+            (tmp / STARTING_WEIGHTS).write_text(json.dumps(starting_weights(paths, params), indent=2) + "\n")
     with atomic_dir(paths.finetune_live) as tmp:
         write_live(history, tmp)
     last = history[-1]

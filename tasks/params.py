@@ -139,9 +139,11 @@ class PretrainParams(StageParams):
                                             "domain-adaptive continued pretraining); off = use the weights as they are")
     backbone: str = Field("resnet10t", description="Any timm model name")
     backbone_weights: str | None = Field(
-        None, description="Starting weights: empty = random init; a file (safetensors, or a PyTorch state dict, "
-                          "e.g. models/pretrained/backbone.safetensors of another run); or a timm pretrained tag "
-                          "of the backbone ('default', 'a1_in1k', ...; downloaded to the Hugging Face cache)")
+        None, description="Starting weights: empty = random init; 'imagenet' = the ImageNet-1k weights installed "
+                          "with a Python package, offline (backbone tf_efficientnet_lite0; or 'package:NAME'); a "
+                          "file (safetensors, or a PyTorch state dict, e.g. models/pretrained/backbone.safetensors "
+                          "of another run); or a timm pretrained tag of the backbone ('default', 'a1_in1k', ...; "
+                          "downloaded to the Hugging Face cache)")
     image_size: Annotated[int, Field(ge=8)] | Literal["auto"] = Field(
         32, description="Side of the square images the model sees; auto = the input size of the starting "
                         "weights' pretrained_cfg (backbone_weights must carry one)")

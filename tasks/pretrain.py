@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from mdcore.models.accel import resolve_device
 from mdcore.models.input_norm import InputNorm, cfg_norm, input_size, recorded_norm, resolve
 from mdcore.data.io import atomic_dir
-from mdcore.models.model import WEIGHT_FILE_SUFFIXES, create_backbone
+from mdcore.models.model import WEIGHT_FILE_SUFFIXES, create_backbone, weights_provenance
 from mdcore.eval.probe import probe_backbone, probe_markdown
 from mdcore.train.contrastive import ContrastiveNet, contrastive_epoch
 from tasks.data import guard_holdout, image_roots, load_split
@@ -43,6 +43,7 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
     device = resolve_device(params.device, "pretrain.device")
     backbone = create_backbone(params.backbone, weights=params.backbone_weights).to(device)
     weights_norm = _weights_norm(params.backbone_weights, backbone)
+    weights_source = weights_provenance(params.backbone_weights, params.backbone, backbone)
     image_size = input_size(params.image_size, weights_norm, "pretrain.image_size")
     data, rows = load_split(paths.train_manifest, roots, image_size, splits)
     if not params.include_holdout_unlabelled:  # generalization, not adaptation: nothing of them is seen
@@ -70,7 +71,8 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
         (tmp / "config.json").write_text(json.dumps({
             "backbone": params.backbone, "image_size": image_size,
             "pretrained": bool(params.enabled and params.epochs > 0) or bool(params.backbone_weights),
-            "backbone_weights": params.backbone_weights, "self_supervised_epochs": len(history),
+            "backbone_weights": params.backbone_weights, "weights_source": weights_source,
+            "self_supervised_epochs": len(history),
             "input_norm": kind,
             "pretrained_cfg": _exported_norm(kind, mean, std, weights_norm, trained=bool(history)),
             "images": len(data), "history": history}, indent=2) + "\n")
@@ -79,7 +81,7 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
             (tmp / "probe.json").write_text(json.dumps(probe, indent=2) + "\n")
             (tmp / "probe.md").write_text(probe_markdown(probe_before, probe_after, probe_data["kinds"]))
     metrics = {"images": len(data), "epochs": params.epochs if params.enabled else 0, "device": str(device),
-               "backbone_weights": params.backbone_weights,
+               "backbone_weights": params.backbone_weights, "weights_source": weights_source,
                "final_ssl_loss": history[-1]["ssl_loss"] if history else None, "backbone": params.backbone}
     if probe_data:
         metrics["linear_probe"] = {

@@ -78,6 +78,30 @@ def _graph_norm(config) -> str:
     return "scales to [-1, 1]"
 
 
+def _starting_weights_lines(record: dict | None) -> list[str]:
+    """The card's answer to "what did this start from, under which licence"."""
+    if not record:
+        return []
+    kind = record.get("kind")
+    if kind == "package":
+        what = (f"{record['dataset']} weights of `{record['architecture']}` from the Python package "
+                f"`{record['distribution']}` {record['version']} (`{record['file_name']}`, sha256 "
+                f"`{record['sha256'][:16]}...`); origin: {record['origin']}")
+    elif kind == "timm-hub":
+        what = f"timm pretrained tag `{record['tag']}` (Hugging Face `{record.get('hf_hub_id')}`)"
+    elif kind == "file":
+        what = f"the file `{record['path']}` (sha256 `{record['sha256'][:16]}...`)"
+    else:
+        what = "random initialization" if kind == "random" else f"{kind}"
+    lines = ["## Starting weights", f"- {what}"]
+    if record.get("license"):
+        lines.append(f"- Licence of the starting weights: {record['license']}")
+    if record.get("self_supervised_epochs"):
+        lines.append(f"- Then {record['self_supervised_epochs']} epochs of self-supervised pretraining on the "
+                     "training images (the pretrain stage)")
+    return lines + [""]
+
+
 def model_card(row: dict, config, provenance: dict, machine: dict) -> str:
     """Markdown model card of the shipped variant."""
     lines = [f"# Model card: `{row['name']}` (mdpipe compress)", "",
@@ -104,5 +128,6 @@ def model_card(row: dict, config, provenance: dict, machine: dict) -> str:
              f"batch 64: median {row['latency']['b64']['median_ms']:.1f} ms ({row['latency']['b64']['images_per_s']:.0f} images/s)",
              f"- Parameters {row['params']:,}; MACs per image {row['macs'] / 1e6:.1f} M; file {row['file_bytes'] / 1e6:.2f} MB",
              f"- Decision: {row['reason']}", "",
+             *_starting_weights_lines(provenance.get("recipe", {}).get("source", {}).get("starting_weights")),
              "## Provenance", "```json", json.dumps(provenance, indent=2, sort_keys=True), "```", ""]
     return "\n".join(lines)

@@ -6,6 +6,7 @@ per-domain parts by the image's similarity to each domain's feature prototype.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -22,10 +23,13 @@ from mdcore.models.domain_norm import DomainBatchNorm2d, Permute, Routed, conver
 from mdcore.models.input_norm import InputNorm, check as check_input_norm
 from mdcore.models.losses import load_balancing_loss
 from mdcore.models.moe import MoEHead
+from mdcore.models.packaged_weights import create_packaged_backbone, is_packaged
+from mdcore.models.packaged_weights import provenance as packaged_provenance
 from mdcore.data.io import atomic_dir
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+STARTING_WEIGHTS = "starting_weights.json"  # where the backbone started: package, file, hub tag or random
 
 
 @dataclass
@@ -73,13 +77,16 @@ WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 def create_backbone(name: str, weights: str | None = None, **kwargs) -> nn.Module:
     """Any timm model as a pooled feature extractor: random init, or pretrained ``weights``.
 
-    ``weights`` is a file (safetensors, or a PyTorch state dict read with ``weights_only=True``) or a timm
-    pretrained tag of ``name`` ("default", or e.g. "a1_in1k"). Both go through timm's own loading, which
-    drops classifier heads and adapts the input channels."""
+    ``weights`` is a file (safetensors, or a PyTorch state dict read with ``weights_only=True``), a timm
+    pretrained tag of ``name`` ("default", or e.g. "a1_in1k"; both through timm's own loading, which drops
+    classifier heads and adapts the input channels), or weights installed with a package ("imagenet",
+    "package:NAME": ``mdcore.models.packaged_weights``, offline)."""
     if name not in timm.list_models() and not timm.is_model(name):
         raise ValueError(f"unknown timm backbone {name!r}; see timm.list_models() for the known names")
     if not weights:
         return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    if is_packaged(weights):
+        return create_packaged_backbone(name, weights, **kwargs)
     path = Path(weights).expanduser()
     if path.suffix in WEIGHT_FILE_SUFFIXES or path.exists():
         if not path.is_file():
@@ -101,6 +108,19 @@ def create_backbone(name: str, weights: str | None = None, **kwargs) -> nn.Modul
             f"{HF_HUB_CACHE}; on a machine without network, copy them there, or pass a file: "
             "backbone_weights: /path/to/weights.safetensors") from None
 
+
+
+def weights_provenance(weights: str | None, name: str, backbone: nn.Module) -> dict:
+    """Where a backbone's starting weights came from, for the run record and the model card."""
+    if not weights:
+        return {"kind": "random"}
+    if is_packaged(weights):
+        return packaged_provenance(weights, name)
+    path = Path(weights).expanduser()
+    if path.suffix in WEIGHT_FILE_SUFFIXES or path.exists():
+        return {"kind": "file", "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    return {"kind": "timm-hub", "tag": weights, "hf_hub_id": cfg.get("hf_hub_id"), "license": cfg.get("license")}
 
 class MultiDomainModel(nn.Module):
     """Shared timm backbone + the per-domain parts ``config`` selects (see ``ModelConfig``).
