@@ -62,7 +62,7 @@ class OracleScore(Callback):
 
 def train_cell(spec: dict) -> dict:
     """``spec``: manifest, image_root, method, heldout, seed, finetune (FinetuneParams fields), backbone,
-    image_size, threads. Returns held-out accuracy (selected on training-domain validation), the oracle
+    image_size, threads, and optionally backbone_weights (ImageNet weights; default random). Returns held-out accuracy (selected on training-domain validation), the oracle
     accuracy (best epoch on the held-out domain's val rows, scored there: reference only), seen-domain
     test accuracy."""
     import torch
@@ -89,7 +89,8 @@ def train_cell(spec: dict) -> dict:
     assert bool((held.domains == -1).all()) and bool((train.domains >= 0).all()) and bool((val.domains >= 0).all())
     torch.manual_seed(p.seed)
     method = build_method(p)
-    model = build_model(p, train, spec["backbone"], int(spec["image_size"]), method=method)
+    model = build_model(p, train, spec["backbone"], int(spec["image_size"]), spec.get("backbone_weights"),
+                        method=method)
     optimizer, scheduler = build_optimizer(p, model)
     result = fit(model, method, train, val, fit_config(p, domains), optimizer, scheduler,
                  callbacks=[OracleScore(model, oracle, proto, spec["heldout"])])

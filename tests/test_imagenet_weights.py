@@ -116,3 +116,20 @@ def test_pretrain_stage_passes_the_packaged_weights_on_with_their_source_and_nor
     for name, layer in layers.items():
         want = state[f"{name}.running_var"]
         assert torch.equal(layer.running_var, want[None].expand(len(train.domain_names), -1)), name
+
+
+def test_a_lodo_cell_model_starts_from_the_packaged_weights_with_their_normalization():
+    """``build_model`` (what every LODO cell calls) takes ``imagenet`` directly: cells may start from weights
+    that never saw the user's images."""
+    from mdcore.data.images import ImageSet
+    from mdcore.train.setup import build_model
+    from tasks.params import FinetuneParams
+
+    train = ImageSet(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]),
+                     torch.tensor([0, 0, 1, 1]), ["a", "b"], ["x", "y"])
+    model = build_model(FinetuneParams(), train, "tf_efficientnet_lite0", 32, "imagenet")
+    assert model.config.input_norm == "pretrained" and model.config.input_std == [0.5, 0.5, 0.5]
+    reference = create_backbone("tf_efficientnet_lite0", "imagenet").state_dict()
+    got = model.backbone.state_dict()
+    assert torch.equal(got["conv_stem.weight"], reference["conv_stem.weight"])
+    assert torch.equal(got["blocks.6.0.conv_pwl.weight"], reference["blocks.6.0.conv_pwl.weight"])

@@ -110,14 +110,25 @@ def create_backbone(name: str, weights: str | None = None, **kwargs) -> nn.Modul
 
 
 
+def weights_kind(weights: str | None) -> str:
+    """random, file, package or timm-hub: how :func:`create_backbone` reads ``weights``."""
+    if not weights:
+        return "random"
+    if is_packaged(weights):
+        return "package"
+    path = Path(weights).expanduser()
+    return "file" if path.suffix in WEIGHT_FILE_SUFFIXES or path.exists() else "timm-hub"
+
+
 def weights_provenance(weights: str | None, name: str, backbone: nn.Module) -> dict:
     """Where a backbone's starting weights came from, for the run record and the model card."""
-    if not weights:
+    kind = weights_kind(weights)
+    if kind == "random":
         return {"kind": "random"}
-    if is_packaged(weights):
+    if kind == "package":
         return packaged_provenance(weights, name)
-    path = Path(weights).expanduser()
-    if path.suffix in WEIGHT_FILE_SUFFIXES or path.exists():
+    if kind == "file":
+        path = Path(weights).expanduser()
         return {"kind": "file", "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     return {"kind": "timm-hub", "tag": weights, "hf_hub_id": cfg.get("hf_hub_id"), "license": cfg.get("license")}

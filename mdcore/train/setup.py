@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file
@@ -98,16 +99,30 @@ def _component_config(p: FinetuneSettings, domains: list[str], classes: list[str
 def build_model(p: FinetuneSettings, train: ImageSet, backbone: str, image_size: int,
                 backbone_weights: str | None = None, method: Method | None = None) -> MultiDomainModel:
     """The model of the params; ``method`` (from :func:`build_method`) attaches its training-only hooks.
-    A ``backbone_weights`` file exported by the pretrain stage brings its recorded pretrained_cfg along."""
-    from mdcore.models.input_norm import recorded_norm
-
+    ``backbone_weights``: a file exported by the pretrain stage (its recorded pretrained_cfg comes along), or
+    weights timm or a package provides (``imagenet``, a hub tag: with their own pretrained_cfg)."""
+    state, weights_norm = starting_backbone(backbone, backbone_weights)
     model = MultiDomainModel(model_config(p, train.domain_names, train.class_names, backbone, image_size,
-                                          recorded_norm(backbone_weights)))
-    if backbone_weights:
-        model.load_backbone(load_file(backbone_weights))
+                                          weights_norm))
+    if state is not None:
+        model.load_backbone(state)
     if method is not None:
         method.attach(model)
     return model
+
+
+def starting_backbone(backbone: str, weights: str | None) -> tuple[dict | None, dict | None]:
+    """(backbone state dict, pretrained_cfg mean/std/size) of the starting ``weights``; (None, None) for none."""
+    from mdcore.models.input_norm import cfg_norm, recorded_norm
+    from mdcore.models.model import create_backbone, weights_kind
+
+    kind = weights_kind(weights)
+    if kind == "random":
+        return None, None
+    if kind == "file":
+        return load_file(str(Path(weights).expanduser())), recorded_norm(weights)
+    source = create_backbone(backbone, weights)
+    return source.state_dict(), cfg_norm(source.pretrained_cfg)
 
 
 def build_optimizer(p: FinetuneSettings, model: MultiDomainModel, warmup_epochs: int | None = None):
