@@ -17,7 +17,7 @@ def test_parts_mode_sequence_never_changes_a_known_domain(tmp_path):
     ws = make_workspace(tmp_path / "ws")
     with prefect_test_harness(server_startup_timeout=120):
         summary = continual_flow(data="digits", order=["clean", "ink", "lowlight"], seeds=[0], epochs=2, add_epochs=1,
-                                 batch_size=32, few_shot_epochs=1, threads=2, limit=600, add_mode="parts",
+                                 batch_size=32, few_shot_epochs=1, threads=2, limit=400, add_mode="parts",
                                  parts_lr_scale=10.0, finetune_overrides={"stage_adapters": [-2]}, root=str(ws))
     assert summary["cells_run"] == 1 and summary["config"]["add_mode"] == "parts"
     out = ws / "reports/experiments/continual/digits"
