@@ -76,8 +76,9 @@ def test_int8_is_a_real_integer_graph_smaller_and_close(tmp_path):
         calibration_feeds(x, torch.full((96,), -1))
 
 
-def test_channel_pruning_removes_channels_and_still_exports(tmp_path):
-    m = model(backbone="test_resnet")
+@pytest.mark.parametrize("backbone", ["test_resnet", "tf_efficientnet_lite0"])  # depthwise/pointwise blocks too
+def test_channel_pruning_removes_channels_and_still_exports(tmp_path, backbone):
+    m = model(backbone=backbone)
     macs, params = count_macs(m, 32), sum(p.numel() for p in m.parameters())
     summary = prune_channels(m, 0.5, to_float(images(2)), torch.tensor([0, 1]))
     assert count_macs(m, 32) < 0.5 * macs and summary["params_after"] < 0.5 * params
@@ -146,7 +147,8 @@ def test_compress_builds_scores_and_ships_an_onnx_file_with_card(tmp_path):
     data = ImageSet(x, y, d, names, classes)
     held = ImageSet(x[:12], y[:12], torch.full((12,), -1), names, classes)
     report = ImageSet(torch.cat([x, held.images]), torch.cat([y, held.labels]), torch.cat([d, held.domains]), names, classes)
-    sets = EvalSets(data, [names[i] for i in d], report, [names[i] for i in d] + ["z"] * 12, data.subset(torch.arange(48) < 8))
+    sets = EvalSets(data, [names[i] for i in d], report, [names[i] for i in d] + ["z"] * 12, data.subset(torch.arange(48) < 8),
+                    select_splits=["val", "gate"] * 24)
     out, rep = tmp_path / "out", tmp_path / "rep"
     out.mkdir(), rep.mkdir()
     build = BuildConfig(calibration_images=48, prune_ratio=0.5, recovery=DistillConfig(epochs=1, batch_size=24),
@@ -156,6 +158,8 @@ def test_compress_builds_scores_and_ships_an_onnx_file_with_card(tmp_path):
     rows = {r["name"]: r for r in result["rows"]}
     assert set(rows) == {"fp32-eager", "fp32", "int8", "pruned", "pruned+int8"}
     assert rows["fp32"]["worst_select_drop"] == 0.0  # the ONNX copy predicts like PyTorch
+    # the validation rows alone are scored too (recorded beside the rule: what may choose a recipe)
+    assert rows["fp32"]["worst_val_drop"] == 0.0 and set(rows["pruned"]["val_acc"]) == set(names)
     assert rows["pruned"]["macs"] < 0.5 * rows["fp32"]["macs"]
     assert rows["int8"]["file_bytes"] < 0.6 * rows["fp32"]["file_bytes"]  # a tiny model: fp32 stem, BN tables
     assert rows["fp32"]["kinds"]["z"] == "held-out"
