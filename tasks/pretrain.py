@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from mdcore.models.accel import resolve_device
 from mdcore.models.input_norm import InputNorm, cfg_norm, input_size, recorded_norm, resolve
 from mdcore.data.io import atomic_dir
-from mdcore.models.model import WEIGHT_FILE_SUFFIXES, create_backbone, weights_provenance
+from mdcore.models.model import create_backbone, weights_kind, weights_provenance
 from mdcore.eval.probe import probe_backbone, probe_markdown
 from mdcore.train.contrastive import ContrastiveNet, contrastive_epoch
 from tasks.data import guard_holdout, image_roots, load_split
@@ -110,11 +110,11 @@ def _probe_data(paths: Paths, data, rows, image_size: int) -> dict | None:
 
 def _weights_norm(weights: str | None, backbone) -> dict | None:
     """The starting weights' pretrained_cfg: recorded beside a file, or timm's for a tag."""
-    if not weights:
+    kind = weights_kind(weights)
+    if kind == "random":
         return None
-    path = Path(weights).expanduser()
-    if path.suffix in WEIGHT_FILE_SUFFIXES or path.exists():
-        return recorded_norm(path)
+    if kind == "file":
+        return recorded_norm(Path(weights).expanduser())
     return cfg_norm(getattr(backbone, "pretrained_cfg", None))
 
 

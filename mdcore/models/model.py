@@ -83,12 +83,13 @@ def create_backbone(name: str, weights: str | None = None, **kwargs) -> nn.Modul
     "package:NAME": ``mdcore.models.packaged_weights``, offline)."""
     if name not in timm.list_models() and not timm.is_model(name):
         raise ValueError(f"unknown timm backbone {name!r}; see timm.list_models() for the known names")
-    if not weights:
+    kind = weights_kind(weights)
+    if kind == "random":
         return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    if is_packaged(weights):
+    if kind == "package":
         return create_packaged_backbone(name, weights, **kwargs)
-    path = Path(weights).expanduser()
-    if path.suffix in WEIGHT_FILE_SUFFIXES or path.exists():
+    if kind == "file":
+        path = Path(weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"pretrain.backbone_weights: {path} is not a file")
         try:
