@@ -1,8 +1,8 @@
 """``mdpipe``: run the whole pipeline (a Prefect flow), one stage (what dvc.yaml calls), or show params.
 
-    mdpipe run [--data PATH] [--holdout DOMAIN ...] [-S finetune.epochs=3 ...] [--force]
-    mdpipe stage NAME [-S KEY=VALUE ...]
-    mdpipe params [STAGE]
+    mdpipe run [--data PATH|digits|glyphs] [--holdout DOMAIN ...] [-S finetune.epochs=3 ...] [--force]
+    mdpipe stage NAME [-S STAGE.KEY=VALUE ...]
+    mdpipe params [STAGE | STAGE.KEY]
     mdpipe retrain [--tolerance 0.01] [--force] [--accept-domain DOMAIN ...] [--no-warm-start]
     mdpipe serve [--cron "0 3 * * *"]
     mdpipe experiment synthetic|ablation [--seeds 0 1 2] [-S finetune.epochs=8]
@@ -47,7 +47,7 @@ def _setup_logging() -> None:
 
 
 def cmd_stage(args) -> int:
-    from tasks.params import apply_overrides, parse_overrides
+    from tasks.params import merged_params, params_kept_on_failure, parse_overrides, write_params
     from tasks.paths import load_paths
     from tasks.stage import PARAMS_OF, STAGES, execute
 
@@ -56,14 +56,28 @@ def cmd_stage(args) -> int:
               file=sys.stderr)
         return 2
     paths = load_paths(args.root)
-    overrides = parse_overrides([f"{args.name}.{s}" for s in args.set])
-    if overrides:
-        apply_overrides(paths.root / "params", overrides)
-    execute(args.name, paths.root)
+    params_dir = paths.root / "params"
+    overrides = parse_overrides(args.set, default_stage=PARAMS_OF.get(args.name, args.name))
+    if not overrides:
+        execute(args.name, paths.root)
+        return 0
+    from flows.pipeline import PipelineParams
+    from tasks.preflight import check_run
+
+    changed = merged_params(params_dir, overrides)
+    whole = PipelineParams.from_files(params_dir)
+    for stage, value in changed.items():
+        setattr(whole, "validate_" if stage == "validate" else stage, value)
+    check_run(whole, paths.root)
+    with params_kept_on_failure(params_dir, log=logging.getLogger("mdpipe").warning):
+        for stage, value in changed.items():
+            write_params(stage, value, params_dir)  # where DVC sees what ran
+        execute(args.name, paths.root)
     return 0
 
 
 def cmd_params(args) -> int:
+    """A stage's validated params, or one parameter with its value, description and file."""
     import yaml
 
     from tasks.params import load_params
@@ -71,9 +85,34 @@ def cmd_params(args) -> int:
     from tasks.stage import STAGES
 
     paths = load_paths(args.root)
+    if args.stage and ("." in args.stage or ":" in args.stage):  # one parameter: finetune.epochs
+        return _show_param(args.stage, paths.root / "params")
     for name in [args.stage] if args.stage else STAGES:
         print(yaml.safe_dump({name: load_params(name, paths.root / "params").model_dump(mode="json")},
                              sort_keys=False), end="")
+    return 0
+
+
+def _show_param(key: str, params_dir: Path) -> int:
+    import json
+
+    from tasks.params import SCHEMAS, ParamsError, load_params, override_key
+
+    stage, field, _ = override_key(key + "=")
+    top, *inner = field.split(".")
+    schema = SCHEMAS[stage]
+    if top not in schema.model_fields:
+        raise ParamsError(f"{key}: {stage} has no parameter {top!r}; its parameters: {list(schema.model_fields)}")
+    value = load_params(stage, params_dir).model_dump(mode="json")[top]
+    for part in inner:
+        if not isinstance(value, dict) or part not in value:
+            raise ParamsError(f"{key}: {'.'.join([stage, top])} has no key {part!r}")
+        value = value[part]
+    info = schema.model_fields[top]
+    print(f"{stage}.{field} = {json.dumps(value)}")
+    print(f"  file:    {params_dir / (stage + '.yaml')}")
+    print(f"  default: {json.dumps(info.get_default(call_default_factory=True), default=str)}")
+    print(f"  {info.description or '(no description)'}")
     return 0
 
 
@@ -82,20 +121,20 @@ def cmd_run(args) -> int:
     from flows.summary import print_summary
     from tasks.params import merge_fields, parse_overrides, validate_params
     from tasks.paths import load_paths
+    from tasks.preflight import check_run, data_choice
 
     paths = load_paths(args.root)
     params = PipelineParams.from_files(paths.root / "params")
     overrides = parse_overrides(args.set)
     if args.data is not None:
-        overrides.setdefault("ingest", {})["data_root"] = str(Path(args.data).expanduser().resolve()) if args.data else None
+        overrides["ingest"] = merge_fields(overrides.get("ingest", {}), data_choice(args.data, paths.root))
     if args.holdout is not None:
         overrides.setdefault("ingest", {})["holdout_domains"] = args.holdout
-    elif args.data:  # a user's tree: the built-in data's held-out domain means nothing there
-        overrides.setdefault("ingest", {})["holdout_domains"] = []
     for stage, fields in overrides.items():
         current = params.stage(stage).model_dump()
         new = validate_params(stage, merge_fields(current, fields), f"override of params/{stage}.yaml")
         setattr(params, "validate_" if stage == "validate" else stage, new)
+    check_run(params, paths.root, warn=False)  # fails in seconds, before Prefect starts (the flow checks again: the UI's door)
     t0 = time.perf_counter()
     report = pipeline(params=params, root=str(paths.root), force=args.force, wait_if_busy=not args.no_wait)
     print_summary(report, paths, time.perf_counter() - t0)
@@ -133,16 +172,12 @@ def cmd_experiment(args) -> int:
     """Experiments outside the demo's budget: each trains several models and writes reports/experiments/."""
     from tasks.paths import load_paths
 
-    import yaml
-
     root = str(load_paths(args.root).root)
     if args.name == "continual":
         from flows.continual import continual_flow
-        from tasks.params import ParamsError, load_params, parse_overrides
+        from tasks.params import load_params, parse_overrides
 
-        overrides = parse_overrides(args.set)
-        if set(overrides) - {"finetune"}:
-            raise ParamsError(f"continual: -S sets finetune params only (finetune.KEY=VALUE), got {sorted(overrides)}")
+        overrides = parse_overrides(args.set, default_stage="finetune")
 
         cont = load_params("continual", Path(root) / "params")  # what the CLI leaves out
         pick = lambda value, default: default if value is None else value  # noqa: E731
@@ -166,19 +201,16 @@ def cmd_experiment(args) -> int:
         return 0
     if args.name == "lodo":
         from flows.lodo import DEFAULT_METHODS, lodo_flow
-        from tasks.params import ParamsError, parse_overrides
+        from tasks.params import parse_overrides
 
-        overrides = parse_overrides(args.set)
-        if set(overrides) - {"finetune"}:
-            raise ParamsError(f"lodo: -S sets finetune params only (finetune.KEY=VALUE), got {sorted(overrides)}")
+        overrides = parse_overrides(args.set, default_stage="finetune")
         lodo_flow(data=args.data, methods=args.methods or DEFAULT_METHODS, seeds=args.seeds, epochs=args.epochs,
                   batch_size=args.batch_size, heldout=args.heldout, threads=args.threads, workers=args.workers,
                   root=root, finetune_overrides=overrides.get("finetune"))
         return 0
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key.removeprefix("finetune.")] = yaml.safe_load(value)
+    from tasks.params import parse_overrides
+
+    overrides = parse_overrides(args.set, default_stage="finetune").get("finetune", {})
     if args.name == "synthetic":
         from flows.experiments import compare_synthetic_flow
 
@@ -222,20 +254,20 @@ def cmd_serve(args) -> int:
     """Serve the pipeline (run on demand from the UI) and the retraining loop (on a cron schedule)."""
     from prefect import serve
 
-    from flows.pipeline import PipelineParams, pipeline
+    from flows.pipeline import form_parameters, pipeline
     from flows.retrain import retrain
     from tasks.paths import load_paths
 
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
 
     root = str(load_paths(args.root).root)
-    PipelineParams.from_files(Path(root) / "params")  # refuse to serve invalid params files
     # one run per deployment at a time (a second waits, shown as AwaitingConcurrencySlot in the UI); runs of
     # different deployments, or from the shell, wait on the workspace lock with a message in their logs
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE")
     serve(
-        # no frozen params: a run without parameters uses params/*.yaml as they are when it starts
-        pipeline.to_deployment(name="mdpipe", parameters={"root": root}, concurrency_limit=one_at_a_time,
+        # the form opens on params/*.yaml as they are now; a run applies only the fields changed in it, onto
+        # the files as they are when it starts
+        pipeline.to_deployment(name="mdpipe", parameters=form_parameters(root), concurrency_limit=one_at_a_time,
                                description="The whole DAG; params/*.yaml unless the run form sets parameters"),
         retrain.to_deployment(name="mdpipe-retrain", cron=args.cron, parameters={"root": root},
                               concurrency_limit=one_at_a_time,
@@ -250,11 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
-    run.add_argument("--data", help="image tree ROOT/DOMAIN/CLASS/IMAGE; '' = built-in digits")
+    run.add_argument("--data", help="image tree ROOT/DOMAIN/CLASS/IMAGE, or a built-in dataset (digits, glyphs; "
+                                    "when no folder has that name); '' = built-in digits")
     run.add_argument("--holdout", nargs="*", metavar="DOMAIN",
-                     help="domains to hold out of training (with --data and no --holdout: none)")
+                     help="domains to hold out of training (ingest.holdout_domains; with --data PATH and no --holdout: none)")
     run.add_argument("-S", "--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                     help="override a parameter (written to params/STAGE.yaml so DVC sees it)")
+                     help="override a parameter (also params/STAGE.yaml:KEY=VALUE); checked with the whole "
+                          "run before anything is written, then written to params/STAGE.yaml so DVC sees it")
     run.add_argument("--force", action="store_true", help="rerun stages even when DVC says they are up to date")
     run.add_argument("--no-wait", action="store_true",
                      help="when another run holds this workspace, stop at once instead of waiting for it")
@@ -262,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
     stage.add_argument("name", help="source, ingest, validate, synthesize, pretrain, finetune, evaluate or compress")
-    stage.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
+    stage.add_argument("-S", "--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                       help="override a parameter of this stage (STAGE.KEY=VALUE, params/STAGE.yaml:KEY=VALUE or "
+                            "KEY=VALUE; checked, then written to params/STAGE.yaml so DVC sees it)")
     stage.set_defaults(func=cmd_stage)
 
     again = sub.add_parser("retrain", help="continuous learning: retrain if the data changed, promote if no domain is worse")
@@ -281,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--methods", nargs="+", metavar="METHOD", help="lodo: methods (default: erm, randconv, "
                                                                     "multidomain+randconv+swad, "
                                                                     "multidomain+randconv+linedraw+swad)")
-    exp.add_argument("--heldout", nargs="+", metavar="DOMAIN", help="lodo: hold out only these domains")
+    exp.add_argument("--holdout", "--heldout", dest="heldout", nargs="+", metavar="DOMAIN",
+                     help="lodo: hold out only these domains (one at a time)")
     exp.add_argument("--epochs", type=int, default=8, help="lodo: epochs per cell")
     exp.add_argument("--batch-size", type=int, default=32, help="lodo: batch per step")
     exp.add_argument("--threads", type=int, default=2, help="lodo: torch threads per cell")
@@ -330,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cron", default="0 3 * * *", help="schedule of the retraining deployment")
     serve.set_defaults(func=cmd_serve)
 
-    show = sub.add_parser("params", help="print the validated parameters")
-    show.add_argument("stage", nargs="?")
+    show = sub.add_parser("params", help="print the validated parameters, or one with its description and file")
+    show.add_argument("stage", nargs="?", metavar="STAGE|STAGE.KEY", help="e.g. finetune, or finetune.epochs")
     show.set_defaults(func=cmd_params)
     return parser
 

@@ -20,8 +20,10 @@ from tasks.evaluate import evaluate_task
 from tasks.finetune import finetune_task
 from tasks.ingest import ingest_task
 from tasks.params import (CompressParams, EvaluateParams, FinetuneParams, IngestParams, PretrainParams,
-                          SynthesizeParams, ValidateParams, load_params, write_params)
+                          SynthesizeParams, ValidateParams, load_params, merge_fields, params_kept_on_failure,
+                          write_params)
 from tasks.paths import load_paths
+from tasks.preflight import check_run, data_choice
 from tasks.pretrain import pretrain_task
 from tasks.source import source_task
 from tasks.stage import STAGES
@@ -77,15 +79,65 @@ class QuickSettings(BaseModel):
     epochs: int | None = Field(None, ge=1, description="Fine-tuning epochs (finetune.epochs)")
     num_workers: int | None = Field(None, ge=1, description="Ray Train workers (finetune.num_workers)")
 
-    def apply(self, params: "PipelineParams") -> "PipelineParams":
-        updates = {"ingest": {"data_root": self.data_root, "holdout_domains": self.holdout_domains},
-                   "finetune": {"epochs": self.epochs, "num_workers": self.num_workers}}
-        for stage, fields in updates.items():
-            fields = {k: v for k, v in fields.items() if v is not None}
+    def apply(self, params: "PipelineParams", root: str | Path = ".") -> "PipelineParams":
+        """``params`` with the settings given here; ``data_root`` acts as ``mdpipe run --data`` does (a folder's
+        held-out domains are none unless given; a built-in name picks that dataset)."""
+        ingest = data_choice(self.data_root, Path(root)) if self.data_root is not None else {}
+        if self.holdout_domains is not None:
+            ingest["holdout_domains"] = self.holdout_domains
+        finetune = {k: v for k, v in {"epochs": self.epochs, "num_workers": self.num_workers}.items() if v is not None}
+        for stage, fields in {"ingest": ingest, "finetune": finetune}.items():
             if fields:
                 current = params.stage(stage)
                 setattr(params, stage, current.model_validate({**current.model_dump(), **fields}))
         return params
+
+
+def changed_fields(shown: dict, submitted: dict) -> dict:
+    """The fields of ``submitted`` that differ from ``shown`` (nested mappings compared key by key)."""
+    out = {}
+    for key, value in submitted.items():
+        before = shown.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            inner = changed_fields(before, value)
+            if inner:
+                out[key] = inner
+        elif value != before:
+            out[key] = value
+    return out
+
+
+def run_params(quick: QuickSettings | None, params: PipelineParams | None, params_dir: Path,
+               form_defaults: dict | None = None) -> PipelineParams:
+    """What a run uses: ``params/*.yaml`` as they are now, with what the run was given laid over them.
+
+    From a deployment's run form (``form_defaults``: the deployment's own ``params``, what the form showed),
+    only the fields the user changed apply, so a form opened before the files changed cannot reset them;
+    ``params`` passed in code apply whole. ``quick`` applies last."""
+    files = PipelineParams.from_files(params_dir)
+    if params is None:
+        params = files
+    elif form_defaults is not None:
+        submitted = params.model_dump(mode="json", by_alias=True)
+        try:
+            shown = PipelineParams.model_validate(form_defaults).model_dump(mode="json", by_alias=True)
+        except ValueError:
+            shown = form_defaults
+        merged = files.model_dump(mode="json", by_alias=True)
+        for stage, fields in changed_fields(shown, submitted).items():
+            merged[stage] = merge_fields(merged[stage], fields)
+        params = PipelineParams.model_validate(merged)
+    if quick is not None:
+        params = quick.apply(params, params_dir.parent)
+    return params
+
+
+def form_parameters(root: str) -> dict:
+    """A deployment's parameters: what the run form opens on (the quick settings empty, every stage as
+    ``params/*.yaml`` has it; invalid files are refused here). :func:`run_params` applies only what changed."""
+    files = PipelineParams.from_files(Path(root) / "params")
+    return {"root": root, "quick": QuickSettings().model_dump(mode="json"),
+            "params": files.model_dump(mode="json", by_alias=True)}
 
 
 def record_failed_run(flow, flow_run, state) -> None:
@@ -118,13 +170,32 @@ def pipeline(quick: QuickSettings | None = None, params: PipelineParams | None =
         return _run_stages(quick, params, paths, force, logger)
 
 
+def deployment_form_params() -> dict | None:
+    """The ``params`` the run form showed: those of the deployment this run came from (None outside one)."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment
+
+    if not deployment.id:
+        return None
+    with get_client(sync_client=True) as client:
+        return (client.read_deployment(UUID(deployment.id)).parameters or {}).get("params")
+
+
 def _run_stages(quick, params, paths, force, logger) -> dict:
-    if quick is not None:
-        params = quick.apply(params or PipelineParams.from_files(paths.root / "params"))
-    if params is not None:
+    params = run_params(quick, params, paths.root / "params", deployment_form_params() if params is not None else None)
+    check_run(params, paths.root)  # before any params file is written
+    logger.info("training %s at %d px (pretrain.image_size) on %s", params.pretrain.backbone,
+                params.pretrain.image_size, params.ingest.data_root or f"the built-in {params.ingest.builtin}")
+    with params_kept_on_failure(paths.root / "params", log=logger.warning):
         for name in STAGES:
             if write_params(name, params.stage(name), paths.root / "params"):
                 logger.info("params/%s.yaml updated from the run's parameters", name)
+        return _run_checked(paths, force, logger)
+
+
+def _run_checked(paths, force, logger) -> dict:
     params = PipelineParams.from_files(paths.root / "params")
     report = {"stages": {}, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     report["source"] = source_task(root=str(paths.root))  # the data's listing: ingest is stale if it changed

@@ -5,6 +5,7 @@ An override is written back into ``params/NAME.yaml`` so DVC sees exactly what r
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -115,7 +116,7 @@ class SynthesizeParams(StageParams):
     min_agreement_ratio: float = Field(
         0.7, ge=0, le=1.5, description="Reject a batch whose label agreement is below this x the label judge's "
                                        "accuracy on real images of the target domain")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the generators and judges")
 
     @field_validator("methods")
     @classmethod
@@ -151,11 +152,11 @@ class PretrainParams(StageParams):
         "auto", description="What the backbone sees: image = per-image standardization; pretrained = the mean/std "
                             "of timm's pretrained_cfg; none; auto = pretrained when backbone_weights come with a "
                             "pretrained_cfg (a timm tag, or a file whose config.json records one), else image")
-    epochs: int = Field(5, ge=0)
-    batch_size: int = Field(128, ge=4)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    temperature: float = Field(0.2, gt=0)
+    epochs: int = Field(5, ge=0, description="Self-supervised epochs over every training image (0 = none)")
+    batch_size: int = Field(128, ge=4, description="Images per contrastive step (two views each)")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate of self-supervised pretraining")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay of self-supervised pretraining")
+    temperature: float = Field(0.2, gt=0, description="Temperature of the contrastive (InfoNCE) loss")
     include_holdout_unlabelled: bool = Field(False, description="Domain adaptation: also see held-out images")
     fourier_mix_prob: float = Field(
         0.5, ge=0, le=1, description="Domain-aware view: share of images whose Fourier amplitude is mixed with an "
@@ -164,8 +165,8 @@ class PretrainParams(StageParams):
     linear_probe: bool = Field(True, description="Report per-domain linear-probe accuracy before and after pretraining")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where SimCLR and the probe's features run: auto = cuda when available, else cpu")
-    threads: int = Field(2, ge=1)
-    seed: int = 0
+    threads: int = Field(2, ge=1, description="Torch threads of pretraining")
+    seed: int = Field(0, description="Seed of pretraining (initialisation, views, batches)")
 
 
 class FinetuneParams(StageParams):
@@ -195,14 +196,14 @@ class FinetuneParams(StageParams):
                             "of timm's pretrained_cfg (stored in the model config: evaluate and the ONNX export "
                             "apply it too); none; auto = pretrained when the starting weights come with a "
                             "pretrained_cfg, else the method's own choice")
-    epochs: int = Field(15, ge=1)
+    epochs: int = Field(15, ge=1, description="Fine-tuning epochs (the most; early stopping may end sooner)")
     batch_size: int = Field(64, ge=2, description="Global batch (split across workers)")
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate (AdamW, cosine schedule with warmup)")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on norms, biases, per-domain scales)")
     layer_decay: float | None = Field(None, gt=0, le=1, description="timm layer-wise lr decay; empty = off")
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy")
     adapters: bool = Field(True, description="Per-domain residual adapters")
-    adapter_dim: int = Field(64, ge=1)
+    adapter_dim: int = Field(64, ge=1, description="Hidden width of each per-domain bottleneck adapter")
     # per-domain components (see mdcore.models.model.ModelConfig)
     stage_adapters: list[int] = Field(
         [], description="Per-domain 1x1-conv adapters inside the backbone, at these timm feature_info indices "
@@ -215,7 +216,7 @@ class FinetuneParams(StageParams):
     moe_balance_weight: float = Field(0.01, ge=0, description="Weight of the moe load-balancing loss")
     supcon_weight: float = Field(0.0, ge=0, description="Supervised contrastive loss across domains, through "
                                                         "per-domain projection heads; 0 = off")
-    supcon_temperature: float = Field(0.1, gt=0)
+    supcon_temperature: float = Field(0.1, gt=0, description="Temperature of the supervised contrastive loss")
     proj_dim: int = Field(64, ge=1, description="Output size of the per-domain projection heads")
     align: Literal["none", "coral", "mmd"] = Field("none", description="Feature alignment penalty between domains")
     align_weight: float = Field(0.0, ge=0, description="Weight of the alignment penalty")
@@ -239,7 +240,7 @@ class FinetuneParams(StageParams):
     early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest val accuracy gain that counts")
     use_synthetic: bool = Field(True, description="Train on synthetic rows too")
     init_from_pretrain: bool = Field(True, description="Start from the pretrain stage's backbone")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of fine-tuning (initialisation, batches, augmentations)")
 
 
     @field_validator("method")
@@ -259,7 +260,7 @@ class FinetuneParams(StageParams):
 
 
 class EvaluateParams(StageParams):
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="Images per scoring batch")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the model scores: auto = cuda when available, else cpu")
 
@@ -275,9 +276,9 @@ class CompressParams(StageParams):
     student_backbone: str | None = Field(None, description="timm backbone of the distilled student (random init); empty = no student variant")
     student_epochs: int = Field(20, ge=1, description="Distillation epochs of the student")
     distill_lr: float = Field(5e-4, gt=0, description="AdamW learning rate of recovery and student distillation (chosen on the acceptance split, BENCHMARKS.md)")
-    distill_batch_size: int = Field(128, ge=2)
+    distill_batch_size: int = Field(128, ge=2, description="Distillation: images per step")
     kd_weight: float = Field(1.0, ge=0, description="Weight of the distillation loss (plus cross-entropy)")
-    kd_temperature: float = Field(4.0, gt=0)
+    kd_temperature: float = Field(4.0, gt=0, description="Distillation: softmax temperature of teacher and student")
     max_drop: float = Field(0.01, ge=0, le=1, description="Reject a variant whose worst seen domain (val + gate split) drops more than this vs fp32")
     ship_by: Literal["size", "latency"] = Field("size", description="Which accepted variant ships: the smallest file, or the fastest at batch 1")
     ship_from: list[Literal["fp32", "int8", "pruned", "pruned+int8", "student", "student+int8"]] = Field(
@@ -288,10 +289,10 @@ class CompressParams(StageParams):
     threads: int = Field(2, ge=1, description="Threads of every latency measurement (torch and ONNX Runtime)")
     latency_repeats: int = Field(30, ge=3, description="Timed calls at batch 1 (a third of them at batch 64), after warm-up")
     corruption_images: int = Field(200, ge=1, description="Seen test images scored under the 15 corruptions (seeded draw)")
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="Images per scoring batch")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where distillation (pruned recovery, student) trains: auto = cuda when available, else cpu; export, int8 quantization, scoring and latency stay on CPU (ONNX Runtime CPU, the deployed runtime)")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of pruning recovery and distillation")
 
 
 class ContinualParams(StageParams):
@@ -330,7 +331,7 @@ class ContinualParams(StageParams):
     few_shot_k: int = Field(10, ge=1, description="Few-shot adaptation: labelled images per class of a new domain")
     few_shot_epochs: int = Field(20, ge=1, description="Few-shot adaptation: epochs over the k-per-class images")
     threads: int = Field(1, ge=1, description="Torch threads of the in-process warm start")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the warm start")
 
 
 # parameter files of flows that are not DVC stages (validated and loaded the same way)
@@ -382,18 +383,44 @@ def load_params(stage: str, params_dir: str | Path) -> StageParams:
     return validate_params(stage, data, str(file))
 
 
-def parse_overrides(items: list[str]) -> dict[str, dict]:
-    """``["finetune.epochs=3", "validate.severity.min_images_per_class=warning"]`` ->
+def override_key(item: str, default_stage: str | None = None) -> tuple[str, str, str]:
+    """(stage, dotted field, value text) of one override, in the one syntax every door takes:
+    ``STAGE.FIELD=VALUE`` or DVC's ``params/STAGE.yaml:FIELD=VALUE`` (``STAGE.yaml:FIELD=VALUE``); where a
+    command works on one stage (``mdpipe stage finetune``, the experiments), ``FIELD=VALUE`` means that stage."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ParamsError(f"override {item!r}: expected STAGE.FIELD=VALUE, e.g. finetune.epochs=3")
+    if ":" in key:  # DVC's file:key form
+        file, _, field = key.partition(":")
+        stage = Path(file).name.removesuffix(".yaml").removesuffix(".yml")
+        if Path(file).suffix not in (".yaml", ".yml") or stage not in SCHEMAS:
+            raise ParamsError(f"override {item!r}: {file!r} is not a params file; files: "
+                              f"{[f'params/{s}.yaml' for s in SCHEMAS]}")
+    else:
+        stage, dot, field = key.partition(".")
+        if stage not in SCHEMAS and default_stage is not None:
+            stage, field = default_stage, key
+        elif not dot:
+            raise ParamsError(f"override {item!r}: expected STAGE.FIELD=VALUE, e.g. finetune.epochs=3")
+    if stage not in SCHEMAS:
+        raise ParamsError(f"override {item!r}: unknown stage {stage!r}; stages: {list(SCHEMAS)}")
+    if not field or any(not part for part in field.split(".")):
+        raise ParamsError(f"override {item!r}: expected STAGE.FIELD=VALUE, e.g. finetune.epochs=3")
+    if default_stage is not None and stage != default_stage:
+        raise ParamsError(f"override {item!r}: this command sets {default_stage} params only "
+                          f"({default_stage}.FIELD=VALUE)")
+    return stage, field, value
+
+
+def parse_overrides(items: list[str], default_stage: str | None = None) -> dict[str, dict]:
+    """``["finetune.epochs=3", "params/validate.yaml:severity.min_images_per_class=warning"]`` ->
     ``{"finetune": {"epochs": 3}, "validate": {"severity": {"min_images_per_class": "warning"}}}``
-    (values parsed as YAML; a dotted field reaches into a nested mapping)."""
+    (values parsed as YAML; a dotted field reaches into a nested mapping). ``default_stage``: the only stage
+    the command sets, which bare ``FIELD=VALUE`` items then name (see :func:`override_key`)."""
     out: dict[str, dict] = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        stage, dot, field = key.strip().partition(".")
-        if not sep or not dot or not field or any(not part for part in field.split(".")):
-            raise ParamsError(f"override {item!r}: expected STAGE.FIELD=VALUE, e.g. finetune.epochs=3")
-        if stage not in SCHEMAS:
-            raise ParamsError(f"override {item!r}: unknown stage {stage!r}; stages: {list(SCHEMAS)}")
+        stage, field, value = override_key(item, default_stage)
         *parents, leaf = field.split(".")
         here = out.setdefault(stage, {})
         for part in parents:
@@ -448,12 +475,37 @@ def write_params(stage: str, params: StageParams, params_dir: str | Path) -> boo
     return changed
 
 
+def merged_params(params_dir: str | Path, overrides: dict[str, dict]) -> dict[str, StageParams]:
+    """Each overridden stage's params file with its overrides laid over it, validated; nothing is written."""
+    return {stage: validate_params(stage, merge_fields(load_params(stage, params_dir).model_dump(), fields),
+                                   f"override of params/{stage}.yaml")
+            for stage, fields in overrides.items()}
+
+
 def apply_overrides(params_dir: str | Path, overrides: dict[str, dict]) -> dict[str, StageParams]:
-    """Validate every override against its stage's schema, then write it where DVC sees it."""
-    updated = {}
-    for stage, fields in overrides.items():
-        current = load_params(stage, params_dir).model_dump()
-        merged = validate_params(stage, merge_fields(current, fields), f"override of params/{stage}.yaml")
+    """Validate every override against its stage's schema, then (all valid) write them where DVC sees them."""
+    updated = merged_params(params_dir, overrides)
+    for stage, merged in updated.items():
         write_params(stage, merged, params_dir)
-        updated[stage] = merged
     return updated
+
+
+@contextmanager
+def params_kept_on_failure(params_dir: str | Path, log=None):
+    """Inside: params files may be rewritten (a run's overrides, so DVC sees what ran). A failure or an
+    interrupt inside puts every ``params/*.yaml`` back byte for byte: a run that did not finish never
+    leaves its settings behind for the next plain ``mdpipe run``."""
+    from mdcore.data.io import atomic_write_bytes
+
+    files = {f: f.read_bytes() for f in sorted(Path(params_dir).glob("*.yaml"))}
+    try:
+        yield
+    except BaseException:
+        restored = []
+        for f, data in files.items():
+            if not f.is_file() or f.read_bytes() != data:
+                atomic_write_bytes(f, data)
+                restored.append(f.name)
+        if restored and log is not None:
+            log(f"the run did not finish: params files {restored} put back as they were before it")
+        raise
