@@ -4,7 +4,8 @@ earlier one can be put back.
 
 Layout under ``registry/`` (outside the DVC graph; every write goes to a temporary folder, then a rename):
 
-- ``champion/``         the model users rely on (weights, config, ``champion.json`` = its lineage record)
+- ``champion/``         the model users rely on (weights, config, ``model.onnx`` exported from them,
+                        ``champion.json`` = its lineage record)
 - ``models/<id>/``      every challenger the gate scored: its files and ``lineage.json``, whose ``status``
                         is ``promoted`` or ``rejected`` (with the gate's reason)
 - ``decisions/<id>.json`` one line of history per gate decision or rollback
@@ -61,8 +62,12 @@ def record_challenger(registry: Path, candidate: Path, record: dict, extra_json:
 
 
 def _install(registry: Path, source: Path, record: dict) -> None:
+    """``source`` becomes ``champion/`` in one rename, with its ONNX file (what deployments read)."""
+    from flows.model_use import install_champion_onnx
+
     with atomic_dir(registry / "champion") as tmp:
         _copy_model(source, tmp)
+        install_champion_onnx(tmp)
         atomic_write_json(tmp / CHAMPION_RECORD, record)
 
 

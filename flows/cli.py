@@ -9,6 +9,8 @@
     mdpipe experiment lodo [--data digits|glyphs|PATH] [--methods erm multidomain+randconv+linedraw+swad] [--seeds 0 1 2]
     mdpipe experiment continual [--data digits|glyphs|PATH] [--order A B C] [--replay-fraction 0.05] [--seeds 0 1 2]
     mdpipe champion list|show [ID]|rollback ID
+    mdpipe predict PATH [--domain D] [--out predictions.csv] [--model DIR|FILE.onnx] [--int8]
+    mdpipe export [--int8] [--out models/export] [--model DIR]
 """
 from __future__ import annotations
 
@@ -250,6 +252,52 @@ def cmd_champion(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """The champion (or --model) as a self-describing ONNX file with its config and model card."""
+    from flows.model_use import export
+    from tasks.paths import load_paths
+
+    paths = load_paths(args.root)
+    out = Path(args.out) if args.out else paths.root / "models" / "export"
+    info = export(paths, args.model, "int8" if args.int8 else "fp32", out)
+    print(f"exported {info['model']} ({info['precision']}, {info['bytes'] / 1e6:.2f} MB) to {info['out']}/model.onnx"
+          + (f" (champion {info['champion']})" if info["champion"] else ""))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    """Classes and probabilities for new images, written to a CSV or JSON file, with a summary."""
+    import json
+
+    from flows.model_use import predict
+    from mdcore.data.io import atomic_write_text
+    from mdcore.deploy.predict import PredictInputError
+    from tasks.paths import load_paths
+
+    paths = load_paths(args.root)
+    try:
+        frame, summary = predict(paths, args.path, model=args.model, domain=args.domain,
+                                 precision="int8" if args.int8 else "fp32", batch_size=args.batch_size,
+                                 threads=args.threads)
+    except PredictInputError as e:
+        print(f"mdpipe: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.suffix == ".json":
+        atomic_write_text(out, frame.to_json(orient="records", indent=1))
+    else:
+        atomic_write_text(out, frame.to_csv(index=False))
+    print(f"{summary['images']} images -> {out} ({summary['images_per_s']} images/s with decoding; model "
+          f"{summary['model']}, {summary['precision']}, {'calibrated' if summary['calibrated'] else 'uncalibrated'} "
+          f"probabilities)")
+    if summary["failed"]:
+        print(f"  {summary['failed']} could not be read (their 'error' column says why)")
+    if "accuracy" in summary:
+        print(f"  accuracy on the {summary['labelled']} labelled images: {summary['accuracy']:.4f}")
+    print("  per class: " + json.dumps(summary["per_class"]))
+    return 0
+
+
 def cmd_serve(args) -> int:
     """Serve the pipeline (run on demand from the UI) and the retraining loop (on a cron schedule)."""
     from prefect import serve
@@ -362,6 +410,25 @@ def build_parser() -> argparse.ArgumentParser:
     champ.add_argument("id", nargs="?", help="a model id from `mdpipe champion list` (show: default the champion)")
     champ.add_argument("--reason", default="manual rollback", help="rollback: recorded in registry/decisions/")
     champ.set_defaults(func=cmd_champion)
+
+    pred = sub.add_parser("predict", help="classes and probabilities for new images, with the champion")
+    pred.add_argument("path", help="a folder of images, one image, a text file of paths, or a CSV with a 'path' "
+                                   "column (optional 'domain' and 'label' columns)")
+    pred.add_argument("--model", help="a model folder (model.safetensors + config.json) or an exported .onnx file "
+                                      "(default: the champion; before any promotion, models/finetuned)")
+    pred.add_argument("--domain", help="the images' domain (one the model knows); default: routed on their features")
+    pred.add_argument("--out", default="predictions.csv", help="where to write them (.csv or .json)")
+    pred.add_argument("--int8", action="store_true", help="score with the int8 model (calibrated on training images)")
+    pred.add_argument("--batch-size", type=int, default=256)
+    pred.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="decoding and ONNX Runtime threads")
+    pred.set_defaults(func=cmd_predict)
+
+    exp_model = sub.add_parser("export", help="write the champion as ONNX with its metadata and a model card")
+    exp_model.add_argument("--model", help="a model folder (default: the champion; before any promotion, "
+                                           "models/finetuned)")
+    exp_model.add_argument("--int8", action="store_true", help="static int8 (calibrated on training images)")
+    exp_model.add_argument("--out", help="output folder (default: models/export)")
+    exp_model.set_defaults(func=cmd_export)
 
     serve = sub.add_parser("serve", help="serve the Prefect deployments (needs PREFECT_API_URL or a local server)")
     serve.add_argument("--cron", default="0 3 * * *", help="schedule of the retraining deployment")
