@@ -19,7 +19,7 @@ from mdcore.deploy.distill import DistillConfig
 from mdcore.deploy.run import SHIPPED, ScoreConfig, compress
 from mdcore.deploy.scoring import EvalSets
 from mdcore.deploy.variants import BuildConfig
-from mdcore.data.io import atomic_dir, sha256_file
+from mdcore.data.io import atomic_dir, atomic_write_json, sha256_file
 from mdcore.models.model import STARTING_WEIGHTS, WEIGHTS, load_model
 from tasks.data import guard_holdout, image_roots, load_split
 from tasks.evaluate import summarize
@@ -65,6 +65,23 @@ def load_sets(paths: Paths, cfg, p: CompressParams):
     return train, sets, report_rows
 
 
+SUMMARY = "summary.json"  # the run's headline: what `dvc metrics show`, `dvc exp show` and `dvc metrics diff` show
+
+
+def headline(metrics: dict, table: pd.DataFrame) -> dict:
+    """A handful of figures of the shipped model, to compare runs by (the stages' own metrics files hold
+    the rest): accuracy (seen domains on test, held-out domains on all their images), its worst seen
+    domain, file size and latency."""
+    seen = table[table["kind"] == "seen"].sort_values("accuracy")
+    shipped = metrics["variants"][metrics["shipped"]]
+    rnd = lambda v: None if v is None else round(float(v), 4)  # noqa: E731
+    return {"shipped": metrics["shipped"], "mean_seen_acc": rnd(metrics["mean_seen_acc"]),
+            "mean_heldout_acc": rnd(metrics["mean_heldout_acc"]), "worst_seen_acc": rnd(metrics["worst_seen_acc"]),
+            "worst_seen_domain": seen["domain"].iloc[0] if len(seen) else None,
+            "model_mb": round(metrics["compressed_bytes"] / 1e6, 3), "latency_b1_ms": rnd(shipped["b1_median_ms"]),
+            "images_per_s_b64": round(shipped["b64_images_per_s"], 1)}
+
+
 def _starting_weights(paths: Paths) -> dict | None:
     record = paths.finetuned / STARTING_WEIGHTS
     return json.loads(record.read_text()) if record.is_file() else None
@@ -108,6 +125,7 @@ def run(params: CompressParams, paths: Paths) -> StageResult:
         **summarize(table),
     }
     metrics["size_ratio"] = metrics["compressed_bytes"] / metrics["original_bytes"]
+    atomic_write_json(paths.metrics / SUMMARY, headline(metrics, table))
     log.info("compress: shipped %s (%.2f MB, fp32 weights %.2f MB)", result["shipped"],
              metrics["compressed_bytes"] / 1e6, metrics["original_bytes"] / 1e6)
     return StageResult({"compressed": str(paths.compressed), "compress_report": str(paths.compress_report)}, metrics)

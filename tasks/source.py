@@ -12,8 +12,6 @@ import hashlib
 import json
 from pathlib import Path
 
-from prefect import task
-
 from mdcore.data.io import atomic_write_text
 from tasks.params import IngestParams
 from tasks.paths import Paths
@@ -47,6 +45,16 @@ def run(params: IngestParams, paths: Paths) -> StageResult:
     return StageResult(outputs={"source": str(paths.source)}, metrics={k: v for k, v in info.items()})
 
 
-@task(name="source", retries=0)
-def source_task(root: str = ".") -> dict:
+def _source_task(root: str = ".") -> dict:
     return execute("source", root)
+
+
+def __getattr__(name: str):
+    """``source_task``, the Prefect task, made on first use: ``dvc repro`` runs this stage every time, and
+    importing Prefect would triple its cost (a no-op ``dvc repro`` in under 3 s)."""
+    if name == "source_task":
+        from prefect import task
+
+        globals()["source_task"] = task(name="source", retries=0)(_source_task)
+        return globals()["source_task"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -62,6 +62,11 @@ def test_mdpipe_run_on_a_user_tree_then_dvc_is_in_sync(tmp_path):
     variants = compress["variants"]
     assert variants["int8"]["file_bytes"] < 0.4 * variants["fp32"]["file_bytes"]  # a real int8 ONNX file
     assert variants[compress["shipped"]]["accepted"] and (ws / "models/compressed/model.onnx").is_file()
+    # the headline, the one DVC metrics file: the shipped model's figures, one line in `dvc metrics show`
+    summary = json.loads((ws / "reports/metrics/summary.json").read_text())
+    assert summary["shipped"] == compress["shipped"] and summary["worst_seen_domain"] in ("scanner", "notebook", "mobile")
+    assert abs(summary["mean_seen_acc"] - compress["mean_seen_acc"]) < 1e-4
+    assert summary["model_mb"] == round(compress["compressed_bytes"] / 1e6, 3)
     finetune = json.loads((ws / "reports/metrics/finetune.json").read_text())
     assert finetune["epochs"] == 6 and finetune["num_workers"] == 2
     # the shipped model is a chosen one: the best validation epoch, or (SWAD, the default method) the average of
@@ -88,6 +93,8 @@ def test_mdpipe_run_on_a_user_tree_then_dvc_is_in_sync(tmp_path):
 
     with Repo(str(ws)) as repo:
         assert pending(repo) == {}  # dvc status: nothing to do, dvc repro is a no-op
+        shown = repo.metrics.show()[""]["data"]
+        assert list(shown) == ["reports/metrics/summary.json"], list(shown)
     # champion/challenger: the first model becomes champion; the same model again is not worse anywhere
     from flows.retrain import champion_dir, promote
 
