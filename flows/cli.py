@@ -5,6 +5,7 @@
     mdpipe params [STAGE | STAGE.KEY]
     mdpipe retrain [--tolerance 0.01] [--force] [--accept-domain DOMAIN ...] [--no-warm-start]
     mdpipe serve [--cron "0 3 * * *"]
+    mdpipe deploy --pool NAME [--cron "0 3 * * *"] [--ray-address ADDR]
     mdpipe experiment synthetic|ablation [--seeds 0 1 2] [-S finetune.epochs=8]
     mdpipe experiment lodo [--data digits|glyphs|PATH] [--methods erm multidomain+randconv+linedraw+swad] [--seeds 0 1 2]
     mdpipe experiment continual [--data digits|glyphs|PATH] [--order A B C] [--replay-fraction 0.05] [--seeds 0 1 2]
@@ -298,6 +299,40 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    """Register the pipeline and retrain deployments on a Prefect process work pool: any machine with the
+    project installed runs them with ``prefect worker start --pool NAME`` (``serve`` is the one-machine door)."""
+    from flows.deploy import deploy_to_pool
+    from tasks.paths import load_paths
+
+    ids = deploy_to_pool(load_paths(args.root).root, args.pool, cron=args.cron, ray_address=args.ray_address)
+    for name, dep_id in ids.items():
+        print(f"deployment {name} ({dep_id}) on work pool {args.pool!r}")
+    print(f"start a worker where the project is installed: prefect worker start --pool {args.pool}")
+    return 0
+
+
+def stop_within_after_interrupt(seconds: float) -> None:
+    """Ctrl-C stops the process within ``seconds`` even when shutdown work hangs (Prefect's serve pauses its
+    deployments through the API on the way out, and retries for minutes when the server is gone); a second
+    Ctrl-C stops it at once."""
+    import signal
+    import threading
+
+    def now(*_):
+        os._exit(130)
+
+    def first(signum, frame):
+        timer = threading.Timer(seconds, now)
+        timer.daemon = True
+        timer.start()
+        signal.signal(signal.SIGINT, now)
+        print(f"mdpipe: stopping (at most {seconds:.0f} s; Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, first)
+
+
 def cmd_serve(args) -> int:
     """Serve the pipeline (run on demand from the UI) and the retraining loop (on a cron schedule)."""
     from prefect import serve
@@ -309,6 +344,7 @@ def cmd_serve(args) -> int:
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
 
     root = str(load_paths(args.root).root)
+    stop_within_after_interrupt(10)
     # one run per deployment at a time (a second waits, shown as AwaitingConcurrencySlot in the UI); runs of
     # different deployments, or from the shell, wait on the workspace lock with a message in their logs
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE")
@@ -429,6 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp_model.add_argument("--int8", action="store_true", help="static int8 (calibrated on training images)")
     exp_model.add_argument("--out", help="output folder (default: models/export)")
     exp_model.set_defaults(func=cmd_export)
+
+    dep = sub.add_parser("deploy", help="register the deployments on a Prefect process work pool (for teams)")
+    dep.add_argument("--pool", required=True, help="work pool name (created as a process pool if missing)")
+    dep.add_argument("--cron", default="0 3 * * *", help="schedule of the retraining deployment")
+    dep.add_argument("--ray-address", help="RAY_ADDRESS for the runs' Ray Train jobs (default: the worker's "
+                                           "environment, else a local Ray)")
+    dep.set_defaults(func=cmd_deploy)
 
     serve = sub.add_parser("serve", help="serve the Prefect deployments (needs PREFECT_API_URL or a local server)")
     serve.add_argument("--cron", default="0 3 * * *", help="schedule of the retraining deployment")
