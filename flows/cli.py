@@ -344,7 +344,7 @@ def cmd_serve(args) -> int:
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
 
     root = str(load_paths(args.root).root)
-    stop_within_after_interrupt(10)
+    stop_within_after_interrupt(8)
     # one run per deployment at a time (a second waits, shown as AwaitingConcurrencySlot in the UI); runs of
     # different deployments, or from the shell, wait on the workspace lock with a message in their logs
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE")

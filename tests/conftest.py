@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ for key, value in {
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }.items():
     os.environ.setdefault(key, value)
+# Tests never touch the user's Prefect state: their own database (a temporary PREFECT_HOME), no server of theirs.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="mdpipe-tests-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
 
 REPO = Path(__file__).resolve().parents[1]
 
