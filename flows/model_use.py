@@ -3,6 +3,7 @@ file, and predictions on new images. ``mdpipe export`` and ``mdpipe predict`` ar
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -12,7 +13,7 @@ from mdcore.data.io import atomic_dir, sha256_file
 from tasks.paths import Paths
 
 log = logging.getLogger("mdpipe")
-CALIBRATION = "calibration.json"  # {"temperatures": {domain: T, "unknown": T}} beside a model's weights
+CALIBRATION = "calibration.json"  # mdcore.eval.calibration.Temperatures: the evaluate stage's, and a champion's
 CHAMPION_ONNX = "model.onnx"
 
 
@@ -34,10 +35,21 @@ def model_folder(paths: Paths, model: str | None = None) -> Path:
     raise FileNotFoundError("no model yet: run `make demo` (or `mdpipe run`) first")
 
 
-def temperatures_of(model_dir: Path) -> dict[str, float] | None:
-    """The calibration temperatures saved beside a model (None: uncalibrated probabilities)."""
-    file = model_dir / CALIBRATION
-    return json.loads(file.read_text()).get("temperatures") if file.is_file() else None
+def temperatures_of(model_dir: Path, paths: Paths | None = None) -> dict[str, float] | None:
+    """{domain: T, "unknown": T} fitted for this model's weights: saved beside them (a champion: the
+    evaluate stage's fit, carried over on promotion), or the evaluate stage's own output when it was fitted
+    for these very weights; None = uncalibrated (T = 1)."""
+    from mdcore.eval.calibration import Temperatures
+
+    sha = sha256_file(model_dir / "model.safetensors")
+    candidates = [model_dir / CALIBRATION] + ([paths.evaluation / CALIBRATION] if paths is not None else [])
+    for file in candidates:
+        if file.is_file():
+            temps = Temperatures.load(file)
+            beside = file.parent == model_dir  # saved with these weights (older files carry no hash)
+            if temps.model_sha256 == sha or (beside and temps.model_sha256 is None):
+                return temps.by_name()
+    return None
 
 
 def calibration_feeds(paths: Paths, model_dir: Path, limit: int = 256) -> list[dict]:
@@ -61,13 +73,13 @@ def deployable_onnx(paths: Paths, model_dir: Path, precision: str = "fp32") -> P
     if model_dir.suffix == ".onnx":
         return model_dir
     sha = sha256_file(model_dir / "model.safetensors")
-    temps = temperatures_of(model_dir)
+    temps = temperatures_of(model_dir, paths)
     own = model_dir / CHAMPION_ONNX
     if precision == "fp32" and own.is_file():
         meta = read_metadata(own)
         if meta.get("model_sha256") == sha and meta.get("temperatures") == temps:
             return own
-    key = sha256_file(model_dir / CALIBRATION)[:8] if temps else "nocal"
+    key = hashlib.sha256(json.dumps(temps, sort_keys=True).encode()).hexdigest()[:8] if temps else "nocal"
     cached = paths.root / ".mdpipe" / "onnx" / f"{sha[:16]}-{key}-{precision}.onnx"
     if not cached.is_file():
         log.info("exporting %s to ONNX (%s)", model_dir, precision)

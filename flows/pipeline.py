@@ -230,4 +230,6 @@ def markdown_summary(report: dict) -> str:
                      f"{comp['per_domain'][d]['acc']:.3f} |")
     lines += ["", "| stage | ran | wall s |", "|---|---|---|"]
     lines += [f"| {n} | {s['ran']} | {s['wall_s']:.1f} |" for n, s in report["stages"].items()]
+    lines += ["", "Evaluation report (per class, calibration, selective prediction, per domain): "
+              f"`{ev.get('report', 'reports/evaluate/index.html')}`"]
     return "\n".join(lines)

@@ -18,7 +18,8 @@ from prefect import flow, get_run_logger, task
 from flows.champion import parts_steps_in_a_row
 from flows.pipeline import pipeline
 from flows.warm_start import TRAINED_ON, trained_rows
-from mdcore.data.io import atomic_write_json
+from mdcore.data.io import atomic_write_json, sha256_file
+from mdcore.eval.calibration import CALIBRATION_FILE
 from mdcore.models.model import load_model
 from mdcore.eval.promotion import decide
 from mdcore.data.workspace_lock import workspace_lock
@@ -51,7 +52,8 @@ def promote(root: str = ".", tolerance: float = 0.0, batch_size: int = 256, cand
             lineage: dict | None = None) -> dict:
     """Score champion and candidate (``candidate`` folder, default the finetune stage's model) on the gate
     split of the current data (never trained on, selected on, or reported as test); the candidate becomes
-    champion only if no domain is worse by more than ``tolerance``. Every decision is kept with the
+    champion only if no domain is worse by more than ``tolerance`` and, with ``continual.max_class_recall_drop``,
+    no domain's worst-class recall fell by more than that (``mdcore.eval.promotion``). Every decision is kept with the
     candidate and its ``lineage`` (run id, dataset and code version, params, metrics): a rejected challenger
     stays in the registry with its reason (``flows.champion``)."""
     from flows.champion import record_challenger
@@ -61,20 +63,50 @@ def promote(root: str = ".", tolerance: float = 0.0, batch_size: int = 256, cand
     scored = per_domain_accuracy(load_model(cand_path), paths, batch_size, splits=GATE_SPLITS)
     cand_acc = dict(zip(scored["domain"], scored["accuracy"]))
     champ_path = champion_dir(paths.root)
-    champ_acc, champ_domains = None, []
+    champ_acc, champ_domains, champion = None, [], None
     if (champ_path / "model.safetensors").is_file():
         champ_model = load_model(champ_path)
         champ_domains = champ_model.config.domains
         champion = per_domain_accuracy(champ_model, paths, batch_size, splits=GATE_SPLITS)
         champ_acc = dict(zip(champion["domain"], champion["accuracy"]))
-    decision = decide(champ_acc, cand_acc, tolerance)
+    max_recall_drop = gate_recall_drop(paths.root)
+    decision = decide(champ_acc, cand_acc, tolerance, champion_worst_recall=worst_class_recall(champion),
+                      candidate_worst_recall=worst_class_recall(scored), max_class_recall_drop=max_recall_drop)
     record = {"time": time.strftime("%Y%m%d-%H%M%S"), "scored_on": list(GATE_SPLITS), "candidate": cand_acc,
-              "champion": champ_acc, "tolerance": tolerance, **(lineage or {}), **asdict(decision),
+              "champion": champ_acc, "tolerance": tolerance, "max_class_recall_drop": max_recall_drop,
+              "candidate_worst_class": worst_class_recall(scored, with_class=True),
+              "champion_worst_class": worst_class_recall(champion, with_class=True),
+              **(lineage or {}), **asdict(decision),
               "forgetting": forgetting(champ_acc, cand_acc, champ_domains, load_model(cand_path).config.domains)}
     extra = {}
     if not (cand_path / TRAINED_ON).is_file():  # a finetune-stage model: it saw every training row
         extra[TRAINED_ON] = trained_rows(paths.train_manifest)
+    calibration = paths.evaluation / CALIBRATION_FILE  # the evaluate stage's temperatures, if fitted for it
+    if calibration.is_file() and json.loads(calibration.read_text()).get("model_sha256") == sha256_file(
+            cand_path / "model.safetensors"):
+        extra[CALIBRATION_FILE] = json.loads(calibration.read_text())
     return record_challenger(paths.registry, cand_path, record, extra)
+
+
+def gate_recall_drop(root: Path) -> float | None:
+    """``continual.max_class_recall_drop`` (its default where the workspace has no params/continual.yaml)."""
+    from tasks.params import ContinualParams
+
+    params = root / "params"
+    return (load_params("continual", params) if (params / "continual.yaml").is_file()
+            else ContinualParams()).max_class_recall_drop
+
+
+def worst_class_recall(table, with_class: bool = False) -> dict | None:
+    """Per domain of a ``per_domain_accuracy`` table: its worst class's recall (None where no class had
+    images), or with ``with_class`` ``{"class": name, "recall": r}`` for the decision record."""
+    if table is None:
+        return None
+    recall = {r.domain: None if r.worst_class_recall != r.worst_class_recall else float(r.worst_class_recall)
+              for r in table.itertuples()}
+    if not with_class:
+        return recall
+    return {r.domain: {"class": r.worst_class, "recall": recall[r.domain]} for r in table.itertuples()}
 
 
 def forgetting(champion: dict[str, float] | None, candidate: dict[str, float], champion_domains: list[str],

@@ -1,5 +1,8 @@
 """evaluate: accuracy per domain, on the test split of seen domains and on all images of held-out
-domains (which the model has never seen: it routes them on their features)."""
+domains (which the model has never seen: it routes them on their features); per-class tables, calibration
+(temperatures fitted on validation) and selective prediction per domain, on one page
+(``reports/evaluate/index.html``). One forward pass per split and per with/without domain id gives the
+logits every figure reads."""
 from __future__ import annotations
 
 import logging
@@ -8,9 +11,12 @@ import pandas as pd
 from prefect import task
 
 from mdcore.models.accel import resolve_device
-from mdcore.data.io import atomic_dir
-from mdcore.models.model import MultiDomainModel, load_model
-from mdcore.eval.scoring import accuracy_by_domain
+from mdcore.data.io import atomic_dir, sha256_file
+from mdcore.models.model import WEIGHTS, MultiDomainModel, load_model
+from mdcore.eval.classwise import class_reports
+from mdcore.eval.explain import Scored, explain, fit_on_validation, mean_of
+from mdcore.eval.html_report import write_report
+from mdcore.eval.scoring import logits_of
 from tasks.data import image_roots, load_split
 from tasks.params import StageParams, EvaluateParams
 from tasks.paths import Paths
@@ -19,30 +25,44 @@ from tasks.stage import StageResult, execute
 log = logging.getLogger("mdpipe.evaluate")
 
 
-def per_domain_accuracy(model: MultiDomainModel, paths: Paths, batch_size: int,
-                        splits: tuple[str, ...] = ("test", "holdout"), device="cpu") -> pd.DataFrame:
-    """One row per domain: kind (seen/held-out), images, accuracy with its domain id and without it,
-    on ``splits`` (reporting: test + held-out; the promotion gate: its own ``gate`` split); the model
-    moves to ``device`` and every batch with it."""
+def score(model: MultiDomainModel, paths: Paths, batch_size: int, splits: tuple[str, ...], device="cpu",
+          must_have_rows: bool = True) -> Scored:
+    """The model's logits on the real rows of ``splits``, with each row's domain id and without it; the
+    model moves to ``device`` and every batch with it."""
     cfg = model.config
     data, rows = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), cfg.image_size,
                             splits, synthetic=False, domains=cfg.domains, classes=cfg.classes)
-    if not len(rows):
+    if must_have_rows and not len(rows):
         raise ValueError(f"{paths.train_manifest} has no rows in splits {list(splits)} to score on"
                          + (" (set ingest.gate_fraction > 0)" if "gate" in splits else ""))
-    names = list(rows["domain"])
     model.to(device)
-    with_id = accuracy_by_domain(model, data, names, batch_size, use_domain=True, device=device)
-    without_id = accuracy_by_domain(model, data, names, batch_size, use_domain=False, device=device)
-    counts = rows.groupby("domain").size()
-    table = pd.DataFrame({
-        "domain": list(with_id),
-        "kind": ["seen" if d in cfg.domains else "held-out" for d in with_id],
-        "images": [int(counts[d]) for d in with_id],
-        "accuracy": [with_id[d] for d in with_id],
-        "accuracy_unknown_domain": [without_id[d] for d in with_id],
+    return Scored(list(rows["domain"]), data.labels, data.domains,
+                  logits_of(model, data, batch_size, use_domain=True, device=device),
+                  logits_of(model, data, batch_size, use_domain=False, device=device))
+
+
+def accuracy_table(scored: Scored, domains: list[str], classes: list[str]) -> pd.DataFrame:
+    """One row per domain (sorted): kind (seen/held-out), images, accuracy with its domain id and without
+    it, and the class with the lowest recall (with the id) and that recall (what the gate can compare)."""
+    names = sorted(set(scored.names))
+    reports = class_reports(scored.logits.argmax(1), scored.labels, scored.names, classes)
+    return pd.DataFrame({
+        "domain": names,
+        "kind": ["seen" if d in domains else "held-out" for d in names],
+        "images": [int(scored.rows_of(d).sum()) for d in names],
+        "accuracy": [scored.accuracy(d) for d in names],
+        "accuracy_unknown_domain": [scored.accuracy(d, routed=True) for d in names],
+        "worst_class": [reports[d].worst_class for d in names],
+        "worst_class_recall": [reports[d].worst_class_recall for d in names],
     })
-    return table
+
+
+def per_domain_accuracy(model: MultiDomainModel, paths: Paths, batch_size: int,
+                        splits: tuple[str, ...] = ("test", "holdout"), device="cpu") -> pd.DataFrame:
+    """:func:`accuracy_table` on ``splits`` (reporting: test + held-out; the promotion gate: its own
+    ``gate`` split)."""
+    return accuracy_table(score(model, paths, batch_size, splits, device), model.config.domains,
+                          model.config.classes)
 
 
 def summarize(table: pd.DataFrame, prefix: str = "") -> dict:
@@ -81,14 +101,35 @@ def plot_accuracy(table: pd.DataFrame, out) -> None:
 def run(params: EvaluateParams, paths: Paths) -> StageResult:
     device = resolve_device(params.device, "evaluate.device")
     model = load_model(paths.finetuned)
-    table = per_domain_accuracy(model, paths, params.batch_size, device=device)
+    cfg = model.config
+    test = score(model, paths, params.batch_size, ("test", "holdout"), device)
+    temps = fit_on_validation(score(model, paths, params.batch_size, ("val",), device, must_have_rows=False),
+                              cfg.domains, params.target_precision)
+    temps.model_sha256 = sha256_file(paths.finetuned / WEIGHTS)
+    table = accuracy_table(test, cfg.domains, cfg.classes)
+    metrics = summarize(table)
+    figures = explain(test, temps, cfg.classes, params.target_precision, params.ece_bins)
     with atomic_dir(paths.evaluation) as tmp:
         table.to_csv(tmp / "per_domain.csv", index=False, float_format="%.4f")
         plot_accuracy(table, tmp / "accuracy.png")
+        write_report(tmp, metrics["per_domain"], figures, temps, model=cfg.backbone, target=params.target_precision,
+                     bins=params.ece_bins)
+    for name, f in figures.items():
+        metrics["per_domain"][name] |= f.summary()
     for r in table.itertuples():
-        log.info("%-12s %-8s n=%-5d acc %.3f (unknown-domain %.3f)", r.domain, r.kind, r.images, r.accuracy,
-                 r.accuracy_unknown_domain)
-    return StageResult({"evaluation": str(paths.evaluation)}, summarize(table) | {"device": str(device)})
+        f = figures[r.domain]
+        log.info("%-12s %-8s n=%-5d acc %.3f (unknown-domain %.3f) macro-F1 %.3f worst class %s (recall %.2f) "
+                 "ECE %.3f -> %.3f (T %.2f)", r.domain, r.kind, r.images, r.accuracy, r.accuracy_unknown_domain,
+                 f.classes.macro_f1, f.classes.worst_class, f.classes.worst_class_recall or 0.0,
+                 f.calibration["ece_before"], f.calibration["ece_after"], f.calibration["temperature"])
+    metrics |= {
+        "mean_seen_ece": mean_of(figures, "seen", "ece_before"),
+        "mean_seen_ece_calibrated": mean_of(figures, "seen", "ece_after"),
+        "mean_heldout_ece": mean_of(figures, "held-out", "ece_before"),
+        "mean_heldout_ece_calibrated": mean_of(figures, "held-out", "ece_after"),
+        "target_precision": params.target_precision, "unknown_temperature": temps.unknown,
+        "report": str((paths.evaluation / "index.html").relative_to(paths.root)), "device": str(device)}
+    return StageResult({"evaluation": str(paths.evaluation)}, metrics)
 
 
 @task(name="evaluate")

@@ -263,6 +263,11 @@ class EvaluateParams(StageParams):
     batch_size: int = Field(256, ge=1, description="Images per scoring batch")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the model scores: auto = cuda when available, else cpu")
+    target_precision: float = Field(
+        0.95, gt=0, le=1, description="Selective prediction: per domain, the calibrated confidence under which "
+                                      "the model abstains is the one whose answered images reach this precision "
+                                      "(chosen on validation, reported on test and held-out domains)")
+    ece_bins: int = Field(15, ge=2, description="Equal-width confidence bins of ECE and the reliability diagrams")
 
 
 class CompressParams(StageParams):
@@ -331,6 +336,11 @@ class ContinualParams(StageParams):
     few_shot_k: int = Field(10, ge=1, description="Few-shot adaptation: labelled images per class of a new domain")
     few_shot_epochs: int = Field(20, ge=1, description="Few-shot adaptation: epochs over the k-per-class images")
     threads: int = Field(1, ge=1, description="Torch threads of the in-process warm start")
+    max_class_recall_drop: float | None = Field(
+        0.3, ge=0, le=1, description="Promotion gate: also refuse a challenger whose worst-class recall (gate "
+                                     "split) falls by more than this in any domain; empty = off. 0.3: on the "
+                                     "built-in data a (domain, class) has about 5 gate images, so one image moves "
+                                     "a recall by 0.2; 0.3 lets one image flip and refuses a class that collapses")
     seed: int = Field(0, description="Seed of the warm start")
 
 

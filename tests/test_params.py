@@ -24,7 +24,10 @@ def test_every_stage_has_a_params_file_and_dvc_stage():
         else:
             assert {"params/" + name + ".yaml": None} in stage["params"]
         assert f"tasks/{name}.py" in stage["deps"]
-        assert stage["outs"] and stage["metrics"]
+        assert "${paths.metrics}/" + name + ".json" in stage["outs"]  # every stage's own metrics: cached
+    # the one DVC metrics file: the run's headline, which `dvc metrics show` and `dvc exp show` display
+    assert [name for name, stage in stages.items() if "metrics" in stage] == ["compress"]
+    assert stages["compress"]["metrics"] == ["${paths.metrics}/summary.json"]
 
 
 def test_unknown_key_names_file_and_field(tmp_path):

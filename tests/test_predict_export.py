@@ -139,3 +139,45 @@ def test_deployments_follow_the_champion_not_a_rejected_challenger(model_workspa
     assert model_folder(paths) == champion
     used = deployable_onnx(paths, model_folder(paths))
     assert used == champion / "model.onnx" and read_metadata(used)["model_sha256"] == champ_sha
+
+
+def test_predict_applies_the_temperatures_fitted_for_these_weights(model_workspace, tmp_path):
+    """The evaluate stage's temperatures reach predictions (and the exported metadata) only for the weights
+    they were fitted for."""
+    from flows.model_use import deployable_onnx, predict
+    from mdcore.data.io import sha256_file
+    from mdcore.deploy.bundle import read_metadata
+    from mdcore.eval.calibration import Temperatures
+    from tasks.paths import load_paths
+
+    from mdcore.models.model import load_model
+
+    ws, frame, _ = model_workspace
+    paths = load_paths(ws)
+    model_dir = ws / "models/finetuned"
+    model = load_model(model_dir).eval()  # as the tests before may have left it
+    rows = frame[frame["split"] == "test"].head(8)
+    listing = tmp_path / "few.csv"
+    rows.assign(path=[str(ws / "data/raw" / p) for p in rows["path"]])[["path", "domain"]].to_csv(listing, index=False)
+    temps = Temperatures(model.config.domains, {d: 0.25 for d in model.config.domains}, 3.0,
+                         model_sha256=sha256_file(model_dir / "model.safetensors"))
+    paths.evaluation.mkdir(parents=True, exist_ok=True)
+    temps.save(paths.evaluation / "calibration.json")
+    try:
+        pred, summary = predict(paths, str(listing), model=str(model_dir), threads=1)
+        assert summary["calibrated"]
+        assert read_metadata(deployable_onnx(paths, model_dir))["temperatures"]["unknown"] == 3.0
+        from mdcore.data.decode import decode_resized
+        from mdcore.data.images import to_float
+
+        x = torch.from_numpy(np.stack([decode_resized(ws / "data/raw" / p, 32) for p in rows["path"]]))
+        d = torch.tensor([model.config.domains.index(n) for n in rows["domain"]])
+        with torch.no_grad():
+            expected = torch.softmax(model(to_float(x), d) / 0.25, dim=1).max(1).values.numpy()
+        assert np.allclose(pred["probability"].to_numpy(float), expected, atol=1e-4)
+        temps.model_sha256 = "another model's weights"
+        temps.save(paths.evaluation / "calibration.json")
+        _, summary = predict(paths, str(listing), model=str(model_dir), threads=1)
+        assert not summary["calibrated"]
+    finally:
+        (paths.evaluation / "calibration.json").unlink()

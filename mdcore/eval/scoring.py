@@ -52,3 +52,17 @@ def accuracy_by_domain(
     """Accuracy per domain name (``names`` gives each row's domain, whether the model knows it or not);
     ``model`` must already be on ``device``."""
     return evaluate_split(model, data, names, batch_size, device=device, use_domain=use_domain)["per_domain"]
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, data: ImageSet, batch_size: int = 256, use_domain: bool = True,
+              device="cpu") -> torch.Tensor:
+    """(N, C) float logits on the CPU, one forward pass: every figure the evaluate stage reports (accuracy,
+    per-class tables, calibration) reads these, so adding a figure adds no pass over the images."""
+    model.eval()
+    out = []
+    for start in range(0, len(data), batch_size):
+        x = to_float(data.images[start : start + batch_size].to(device))
+        d = data.domains[start : start + batch_size].to(device) if use_domain else None
+        out.append(model(x, d).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, len(data.class_names))
