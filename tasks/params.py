@@ -232,6 +232,10 @@ class FinetuneParams(StageParams):
     domain_weighting: Literal["uniform", "inverse_frequency", "groupdro"] = Field(
         "uniform", description="Per-domain loss weights: uniform, inverse training frequency, or GroupDRO")
     groupdro_eta: float = Field(0.1, gt=0, description="GroupDRO step size of the domain weights")
+    class_balance: Literal["none", "reweight", "logit_adjust"] = Field(
+        "none", description="Class-balanced loss from each training domain's class counts: reweight = inverse class "
+                            "frequency weights on the cross-entropy; logit_adjust = log class prior added to the "
+                            "logits in training only; none = plain (evaluate reports the imbalance per domain)")
     curriculum: Literal["none", "easy_first"] = Field(
         "none", description="Domain curriculum: easy_first favours low-loss domains, fading to even weights")
     curriculum_epochs: int = Field(5, ge=1, description="Epochs over which the curriculum fades out")
@@ -268,6 +272,21 @@ class EvaluateParams(StageParams):
                                       "the model abstains is the one whose answered images reach this precision "
                                       "(chosen on validation, reported on test and held-out domains)")
     ece_bins: int = Field(15, ge=2, description="Equal-width confidence bins of ECE and the reliability diagrams")
+    cam_images: int = Field(
+        6, ge=0, description="Grad-CAM sheets: per domain, up to this many correct and this many wrong predictions "
+                             "(a seeded sample); 0 = off")
+    label_issues_folds: int = Field(
+        5, ge=0, description="Label issues: folds of the out-of-fold logistic regression on the pretrain stage's "
+                             "backbone features of the training rows, judged by cleanlab (a warning and "
+                             "reports/evaluate/label_issues.csv; nothing is removed); 0 = off")
+    seed: int = Field(0, description="Seed of the Grad-CAM sample and of the label-issue folds")
+
+    @field_validator("label_issues_folds")
+    @classmethod
+    def _folds(cls, v):
+        if v == 1:
+            raise ValueError("label_issues_folds: 0 (off) or at least 2")
+        return v
 
 
 class CompressParams(StageParams):

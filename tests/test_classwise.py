@@ -87,7 +87,9 @@ def test_evaluate_stage_writes_class_tables_calibration_and_one_page(tmp_path):
     paths = workspace(tmp_path)
     torch.manual_seed(0)
     save_model(MultiDomainModel(ModelConfig("test_resnet", ["d1", "d2"], ["0", "1", "2"], adapter_dim=8)), paths.finetuned)
-    out = evaluate.run(EvaluateParams(batch_size=7, device="cpu", target_precision=0.9), paths)
+    # Grad-CAM and label issues off here: tests/test_evaluate_explains.py covers them
+    out = evaluate.run(EvaluateParams(batch_size=7, device="cpu", target_precision=0.9, cam_images=0,
+                                      label_issues_folds=0), paths)
     m = out.metrics
     # the figures other code reads are as the plain accuracy scoring gives them
     model = load_model(paths.finetuned)

@@ -21,13 +21,16 @@ UNKNOWN_KEY = "unknown"  # abstain_below's entry for a domain the model does not
 
 @dataclass
 class Scored:
-    """A split's rows and the model's logits on them, with the domain id (``logits``) and without (``routed``)."""
+    """A split's rows and the model's logits on them, with the domain id (``logits``) and without (``routed``);
+    ``images`` (uint8) and ``paths`` when a figure needs the pictures themselves (Grad-CAM sheets)."""
 
     names: list[str]
     labels: torch.Tensor
     domains: torch.Tensor
     logits: torch.Tensor
     routed: torch.Tensor
+    images: torch.Tensor | None = field(default=None, repr=False)
+    paths: list[str] | None = field(default=None, repr=False)
 
     def rows_of(self, name: str) -> torch.Tensor:
         return torch.tensor([n == name for n in self.names], dtype=torch.bool)

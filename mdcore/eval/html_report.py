@@ -28,7 +28,9 @@ test and held-out figures only report what those choices give. Target precision:
 <nav>{% for d in domains %}<a href="#{{ d.anchor }}">{{ d.name }}</a>{% endfor %}
 <a href="per_class.csv">per_class.csv</a><a href="confusion.csv">confusion.csv</a>
 <a href="calibration.csv">calibration.csv</a><a href="calibration.json">calibration.json</a>
-<a href="per_domain.csv">per_domain.csv</a></nav>
+<a href="per_domain.csv">per_domain.csv</a><a href="class_balance.csv">class_balance.csv</a>
+{% if issues %}<a href="#label-issues">label issues</a><a href="label_issues.csv">label_issues.csv</a>{% endif %}
+{% if cams %}<a href="cam_samples.csv">cam_samples.csv</a>{% endif %}</nav>
 
 <h2>Per domain</h2>
 <img src="accuracy.png" alt="accuracy per domain, with and without the domain id">
@@ -57,6 +59,36 @@ target: the widest coverage reaching the target on these very images (a bound, n
 <p class="note">Mean ECE, seen domains: {{ means.seen_before|f3 }} before, {{ means.seen_after|f3 }} after;
 held-out domains: {{ means.held_before|f3 }} before, {{ means.held_after|f3 }} after.</p>
 
+<h2>Class balance</h2>
+<p class="note">Images per class: seen domains on their training split, real and synthetic rows (what the loss
+sees), held-out domains on all their images. Imbalance ratio: largest class / smallest class (– when a class has none).
+<code>finetune.class_balance</code> re-weights the loss or adjusts the logits by each domain's class frequencies.</p>
+<table><tr><th class="l">domain</th><th class="l">rows</th>{% for c in classes %}<th>{{ c }}</th>{% endfor %}<th>imbalance ratio</th></tr>
+{% for b in balance %}<tr><td class="l">{{ b.domain }}</td><td class="l">{{ b.rows }}</td>
+{% for c in classes %}<td>{{ b.class_counts[c] }}</td>{% endfor %}<td>{{ b.imbalance_ratio|f3 }}</td></tr>
+{% endfor %}</table>
+
+{% if issues %}<section id="label-issues"><h2>Label issues (training split; a warning: nothing was removed)</h2>
+<p class="note">Out-of-fold probabilities ({{ issues.folds }} folds) of a logistic regression on features of the
+{{ issues.features }} backbone, judged by cleanlab: a flagged image's given label is unlikely under a model that
+never saw it. Swapped pairs: two classes whose images, in this domain, mostly carry each other's names,
+by the votes of classifiers fitted on each other domain (two domains that disagree are both named: nothing
+tells which annotators were right). Check the images in <a href="label_issues.csv">label_issues.csv</a>
+(the quarantine file's columns, plus the suggested label and its quality) and relabel or remove them at the source.</p>
+<table><tr><th class="l">domain</th><th>training images</th><th>flagged</th><th>share</th>
+<th class="l">swapped pairs (votes)</th><th class="l">largest confusions (given → looks like)</th></tr>
+{% for d, r in issues.per_domain.items() %}<tr><td class="l">{{ d }}</td><td>{{ r.images }}</td><td>{{ r.issues }}</td>
+<td>{{ r.issue_share|f3 }}</td><td class="l">{% for p in r.swapped_pairs %}<b>{{ p.classes[0] }} ↔ {{ p.classes[1] }}</b>
+({{ p.votes }}/{{ p.witnesses }}{% if p.also_named_in %}, also {{ p.also_named_in|join(", ") }}{% endif %}) {% else %}none{% endfor %}</td>
+<td class="l">{% for c in r.top_confusions %}{{ c.given }} → {{ c.looks_like }} ({{ c.count }}) {% endfor %}</td></tr>
+{% endfor %}</table>
+{% if issues.sheet %}<img src="{{ issues.sheet }}" alt="the most suspect training images with their given and suggested labels">{% endif %}
+<table><tr><th class="l">path</th><th class="l">domain</th><th class="l">given</th><th class="l">suggested</th><th>label quality</th></tr>
+{% for r in issues.top %}<tr><td class="l">{{ r.path }}</td><td class="l">{{ r.domain }}</td><td class="l">{{ r.label }}</td>
+<td class="l">{{ r.suggested }}</td><td>{{ r.label_quality|f3 }}</td></tr>
+{% endfor %}</table>{% if issues.more %}<p class="note">… and {{ issues.more }} more in label_issues.csv.</p>{% endif %}
+</section>{% endif %}
+
 {% for d in domains %}<section id="{{ d.anchor }}"><h2>{{ d.name }} <small>({{ d.kind }}, {{ d.images }} images)</small></h2>
 <table><tr><th class="l">class</th><th>images</th><th>precision</th><th>recall</th><th>F1</th></tr>
 {% for r in d.rows %}<tr{% if r['class'] == d.s.worst_class %} class="worst"{% endif %}><td class="l">{{ r['class'] }}</td>
@@ -64,6 +96,11 @@ held-out domains: {{ means.held_before|f3 }} before, {{ means.held_after|f3 }} a
 {% endfor %}</table>
 <img src="{{ d.confusion_png }}" alt="{{ d.name }}: confusion matrices">
 <img src="{{ d.calibration_png }}" alt="{{ d.name }}: reliability diagram and precision against coverage">
+{% if d.cam_png %}<h3>Where the model looks (Grad-CAM)</h3>
+<p class="note">A fixed, seeded sample of correct and wrong predictions; red = the regions that pushed the
+predicted class up the most ({{ "its domain id" if d.kind == "seen" else "no domain id: routed, as a new site" }}).
+A model that looks at the background, the paper or the noise instead of the object shows it here.</p>
+<img src="{{ d.cam_png }}" alt="{{ d.name }}: Grad-CAM of correct and wrong predictions">{% endif %}
 </section>
 {% endfor %}
 </body></html>
@@ -76,21 +113,26 @@ def f3(value, missing: str = "–") -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def render(out: str | Path, *, model: str, target: float, bins: int, domains: list[dict], means: dict) -> None:
+def render(out: str | Path, *, model: str, target: float, bins: int, domains: list[dict], means: dict,
+           classes: list[str] = (), balance: list[dict] = (), issues: dict | None = None) -> None:
     """Write the page; ``domains``: per domain its name, anchor, kind, images, accuracies, summary ``s``,
-    calibration ``c``, selective ``sel``, per-class ``rows`` and the two picture file names."""
+    calibration ``c``, selective ``sel``, per-class ``rows``, the picture file names (``cam_png`` may be
+    None); ``balance``: class counts per domain; ``issues``: the label-issue section (None = off)."""
     env = Environment(autoescape=True)
     env.filters["f3"] = f3
-    html = env.from_string(TEMPLATE).render(model=model, target=target, bins=bins, domains=domains, means=means)
+    html = env.from_string(TEMPLATE).render(model=model, target=target, bins=bins, domains=domains, means=means,
+                                            classes=list(classes), balance=list(balance), issues=issues)
     Path(out).write_text(html)
 
 
 def write_report(folder: str | Path, accuracy: dict[str, dict], figures: dict, temps, *, model: str,
-                 target: float, bins: int) -> list[str]:
+                 target: float, bins: int, classes: list[str] = (), balance: list[dict] = (),
+                 cams: dict[str, str] | None = None, issues: dict | None = None) -> list[str]:
     """Everything beside ``accuracy.png`` and ``per_domain.csv`` in the evaluate folder: per-class and
     confusion CSVs, calibration CSV and JSON (the temperatures deployment reads), the two pictures per
     domain and ``index.html``. ``accuracy``: per domain its images, acc and acc_unknown_domain;
-    ``figures``: ``mdcore.eval.explain.explain``'s. Returns the file names written."""
+    ``figures``: ``mdcore.eval.explain.explain``'s; ``cams``: domain -> Grad-CAM sheet file (written
+    already); ``balance`` and ``issues``: see :func:`render`. Returns the file names written."""
     import pandas as pd
 
     from mdcore.eval.calibration import CALIBRATION_FILE
@@ -114,7 +156,8 @@ def write_report(folder: str | Path, accuracy: dict[str, dict], figures: dict, t
         domains.append({"name": name, "anchor": f"d-{stem}", "kind": f.kind, "images": acc["images"],
                         "acc": acc["acc"], "acc_unknown": acc["acc_unknown_domain"], "s": c.summary(),
                         "c": f.calibration, "sel": f.selective, "rows": rows,
-                        "confusion_png": f"confusion_{stem}.png", "calibration_png": f"calibration_{stem}.png"})
+                        "confusion_png": f"confusion_{stem}.png", "calibration_png": f"calibration_{stem}.png",
+                        "cam_png": (cams or {}).get(name)})
     pd.DataFrame(class_rows).to_csv(folder / "per_class.csv", index=False, float_format="%.4f")
     pd.DataFrame(confusion_rows, columns=["domain", "true", "predicted", "count"]).to_csv(folder / "confusion.csv",
                                                                                         index=False)
@@ -123,5 +166,6 @@ def write_report(folder: str | Path, accuracy: dict[str, dict], figures: dict, t
     means = {"seen_before": mean_of(figures, "seen", "ece_before"), "seen_after": mean_of(figures, "seen", "ece_after"),
              "held_before": mean_of(figures, "held-out", "ece_before"),
              "held_after": mean_of(figures, "held-out", "ece_after")}
-    render(folder / "index.html", model=model, target=target, bins=bins, domains=domains, means=means)
+    render(folder / "index.html", model=model, target=target, bins=bins, domains=domains, means=means,
+           classes=classes, balance=balance, issues=issues)
     return sorted(p.name for p in folder.iterdir())

@@ -80,3 +80,27 @@ def plot_calibration(domain: str, before: dict, after: dict, coverage: torch.Ten
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.91, wspace=0.22)
     fig.savefig(out, dpi=90)
     plt.close(fig)
+
+
+def image_grid(images: torch.Tensor, captions: list[str], title: str, out: str | Path, cols: int = 6,
+               scale: int = 3) -> None:
+    """uint8 images (N,3,H,W) in a captioned grid: one mosaic in one axes, quick at any count."""
+    import numpy as np
+
+    plt = pyplot()
+    n, (h, w) = len(images), images.shape[-2:]
+    cols = max(1, min(cols, n))
+    rows = max(1, -(-n // cols))
+    ch, cw, gap = h * scale, w * scale, 14
+    mosaic = np.full((rows * (ch + gap), cols * (cw + 6), 3), 255, np.uint8)
+    fig, ax = plt.subplots(figsize=(mosaic.shape[1] / 60, mosaic.shape[0] / 60 + 0.5))
+    for i in range(n):
+        y, x = (i // cols) * (ch + gap) + gap, (i % cols) * (cw + 6)
+        mosaic[y : y + ch, x : x + cw] = images[i].repeat_interleave(scale, 1).repeat_interleave(scale, 2).permute(1, 2, 0).numpy()
+        ax.text(x, y - 2, captions[i], fontsize=6.5, va="bottom")
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)

@@ -42,6 +42,8 @@ class Batch:
     domains: torch.Tensor
     epoch: int
     label_smoothing: float = 0.0
+    class_weight: torch.Tensor | None = None  # per image (finetune.class_balance: reweight)
+    logit_offset: torch.Tensor | None = None  # (N, C) added to the logits (finetune.class_balance: logit_adjust)
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:
@@ -141,7 +143,8 @@ class Method:
         regularizers (``outputs["terms"]``). ``outputs``: what ``MultiDomainModel.forward(...,
         return_outputs=True)`` returns beside the logits (features, routing, projection). A method that
         adds a term overrides this and calls ``super().loss`` first."""
-        return self.plus_terms(classification_loss(logits, batch.labels, batch.label_smoothing), outputs)
+        return self.plus_terms(classification_loss(logits, batch.labels, batch.label_smoothing,
+                                                   weight=batch.class_weight, logit_offset=batch.logit_offset), outputs)
 
     @staticmethod
     def plus_terms(loss: torch.Tensor, outputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

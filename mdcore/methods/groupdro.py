@@ -40,7 +40,8 @@ class DomainWeighted(ERM):
     def loss(self, batch, logits, outputs):
         if self.weighting is None:
             raise ValueError(f"method {self.name!r}: call bind(train.domains, n_domains) before training")
-        per_sample = classification_loss(logits, batch.labels, batch.label_smoothing, reduction="none")
+        per_sample = classification_loss(logits, batch.labels, batch.label_smoothing, reduction="none",
+                                         weight=batch.class_weight, logit_offset=batch.logit_offset)
         w = self.weighting.sample_weights(batch.domains, batch.epoch).to(per_sample)
         loss = (w * per_sample).sum() / w.sum().clamp(min=1e-12)
         self.weighting.update(per_sample, batch.domains)

@@ -18,8 +18,51 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> tor
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
-                        reduction: str = "mean") -> torch.Tensor:
-    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction=reduction)
+                        reduction: str = "mean", weight: torch.Tensor | None = None,
+                        logit_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy; ``weight``: one weight per image (class re-weighting, mean 1 over the training set, so
+    the loss keeps its scale); ``logit_offset``: (N, C) added to the logits in training only (logit
+    adjustment: the model then predicts with plain logits, its class prior taken out)."""
+    if logit_offset is not None:
+        logits = logits + logit_offset.to(logits.dtype)
+    if weight is None:
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction=reduction)
+    per_image = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none") * weight.to(logits.dtype)
+    return per_image if reduction == "none" else per_image.sum() if reduction == "sum" else per_image.mean()
+
+
+CLASS_BALANCE = ("none", "reweight", "logit_adjust")
+
+
+class ClassBalance:
+    """Per-domain class balancing of the cross-entropy, from the training images' (domain, class) counts:
+    ``reweight`` weights an image by n_domain / (classes present x n_(domain, class)) (inverse class
+    frequency within its domain, mean 1 over the training set); ``logit_adjust`` adds log p(class | domain)
+    to the logits in training (Menon et al., 2021), so a rare class needs less evidence at prediction.
+    Per domain, because a class rare in one domain (a site that seldom sees it) may be common in another."""
+
+    def __init__(self, mode: str, labels: torch.Tensor, domains: torch.Tensor, n_domains: int, n_classes: int):
+        if mode not in CLASS_BALANCE:
+            raise ValueError(f"class_balance={mode!r}: expected one of {list(CLASS_BALANCE)}")
+        self.mode = mode
+        keep = domains >= 0
+        counts = torch.zeros(n_domains, n_classes)
+        counts.index_put_((domains[keep], labels[keep]), torch.ones(int(keep.sum())), accumulate=True)
+        self.counts = counts
+        per_domain = counts.sum(1, keepdim=True)
+        present = (counts > 0).sum(1, keepdim=True).clamp(min=1)
+        self.weights = torch.where(counts > 0, per_domain / (present * counts.clamp(min=1)), torch.zeros(()))
+        prior = counts.clamp(min=1) / counts.clamp(min=1).sum(1, keepdim=True)
+        self.log_prior = prior.log()
+
+    def terms(self, labels: torch.Tensor, domains: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(per-image weight, (N, C) logit offset) of a batch, each None when this mode does not use it."""
+        d = domains.clamp(min=0).cpu()
+        if self.mode == "reweight":
+            return self.weights[d, labels.cpu()].to(labels.device), None
+        if self.mode == "logit_adjust":
+            return None, self.log_prior[d].to(labels.device)
+        return None, None
 
 
 def supcon_loss(z: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor | None = None,

@@ -11,6 +11,7 @@ from mdcore.methods import Batch, Method
 
 if TYPE_CHECKING:
     from mdcore.data.lazy_images import BatchLoader
+    from mdcore.models.losses import ClassBalance
 
 
 def shard_batches(
@@ -41,13 +42,15 @@ def train_epoch(
     device: torch.device | str = "cpu",
     loader: "BatchLoader | None" = None,
     on_step: Callable[[], None] | None = None,
+    balance: "ClassBalance | None" = None,
 ) -> dict[str, float]:
     """One pass over ``batches`` (index tensors into ``data``: this worker's shard). ``method`` decides
     what the model trains on (``training_view``) and the loss (``loss``), and is told after every step.
     Images decoded on demand decode ahead in ``loader``'s worker processes (made once per run).
 
     The model is called as ``model(x, domains, return_outputs=True)``: what the method's loss reads
-    (features, routing, projections) is computed inside forward, where DDP sees it.
+    (features, routing, projections) is computed inside forward, where DDP sees it. ``balance``: the
+    class-balanced loss terms of each batch (``mdcore.models.losses.ClassBalance``), None = plain.
     """
     from mdcore.data.lazy_images import batch_images
 
@@ -64,7 +67,8 @@ def train_epoch(
         x = method.training_view(x, data.domains[idx], g)
         out = model(x, d, return_outputs=True)
         logits, outputs = out if isinstance(out, tuple) else (out, {})
-        loss, terms = method.loss(Batch(x, y, d, epoch, label_smoothing), logits, outputs)
+        weight, offset = balance.terms(y, d) if balance is not None else (None, None)
+        loss, terms = method.loss(Batch(x, y, d, epoch, label_smoothing, weight, offset), logits, outputs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

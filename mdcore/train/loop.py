@@ -22,6 +22,7 @@ from mdcore.data.images import ImageSet
 from mdcore.data.sampler import domain_balanced_batches
 from mdcore.eval.scoring import evaluate_split
 from mdcore.methods import Method
+from mdcore.models.losses import ClassBalance
 from mdcore.train.checkpoint import load_training_state, save_training_state
 from mdcore.train.early_stopping import EarlyStopping
 from mdcore.train.epoch import train_epoch, training_view_batches
@@ -48,6 +49,7 @@ class FitConfig:
     adapters_only: bool = False
     gradual_unfreeze_every: int = 0
     refit_prototypes: bool = True
+    class_balance: str = "none"  # none, reweight or logit_adjust (mdcore.models.losses.ClassBalance)
 
     @property
     def freezes(self) -> bool:
@@ -119,6 +121,8 @@ def fit(model: nn.Module, method: Method, train: ImageSet, val: ImageSet | None,
     t0 = time.perf_counter()
     model.to(device)
     method.bind(train.domains, len(train.domain_names))
+    balance = (ClassBalance(config.class_balance, train.labels, train.domains, len(train.domain_names),
+                            len(train.class_names)) if config.class_balance != "none" else None)
     best, history, start = Selection(), [], 0
     if resume_from is not None:  # after the model is on its device: the optimizer state follows it there
         restored = load_training_state(resume_from, model, optimizer)
@@ -143,7 +147,8 @@ def fit(model: nn.Module, method: Method, train: ImageSet, val: ImageSet | None,
         scheduler.step(epoch)
         frozen = _freeze(model, config, epoch)
         stats = train_epoch(step_model, train, optimizer, batches(epoch), method, epoch=epoch, seed=config.seed,
-                            rank=runtime.rank, label_smoothing=config.label_smoothing, device=device, loader=loader)
+                            rank=runtime.rank, label_smoothing=config.label_smoothing, device=device, loader=loader,
+                            balance=balance)
         loss_sum, acc_sum, seen = runtime.sum([stats["loss"] * stats["images"], stats["train_acc"] * stats["images"],
                                                stats["images"]])
         images_seen += int(seen)

@@ -68,7 +68,8 @@ def fit_config(p: FinetuneSettings, domains: list[str]) -> FitConfig:
     return FitConfig(epochs=p.epochs, batch_size=p.batch_size, seed=p.seed, label_smoothing=p.label_smoothing,
                      domain_mix=mix, patience=p.early_stopping_patience, min_delta=p.early_stopping_min_delta,
                      freeze_stages=p.freeze_stages, adapters_only=p.adapters_only,
-                     gradual_unfreeze_every=p.gradual_unfreeze_every)
+                     gradual_unfreeze_every=p.gradual_unfreeze_every,
+                     class_balance=getattr(p, "class_balance", "none"))
 
 
 def model_config(p: FinetuneSettings, domains: list[str], classes: list[str], backbone: str,
