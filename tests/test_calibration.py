@@ -47,6 +47,22 @@ def test_per_domain_temperatures_and_the_unknown_one_pick_by_domain_index():
                           torch.softmax(logits[:3] / temps.unknown, 1), atol=1e-6)
 
 
+def test_a_small_or_error_free_domain_takes_the_pooled_temperature_not_the_bound():
+    """11 validation images, all right: alone, NLL falls as T shrinks and the fit would hit T_RANGE's bound."""
+    from mdcore.eval.calibration import T_RANGE, fit_temperature
+
+    la, ya = drawn(4000, 2.0, seed=3)
+    tiny = torch.zeros(11, la.shape[1])
+    tiny[torch.arange(11), torch.arange(11) % la.shape[1]] = 3.0  # every one right
+    logits = torch.cat([la, tiny])
+    labels = torch.cat([ya, torch.arange(11) % la.shape[1]])
+    domains = torch.tensor([0] * 4000 + [1] * 11)
+    assert fit_temperature(tiny, labels[4000:]) == pytest.approx(T_RANGE[0], abs=1e-3)  # what it would give
+    temps = fit_temperatures(["big", "tiny"], logits, domains, labels, routed_logits=logits)
+    assert temps.pooled_for == ["tiny"] and temps.per_domain["tiny"] == fit_temperature(logits, labels)
+    assert temps.per_domain["big"] == pytest.approx(2.0, rel=0.1)
+
+
 def test_ece_equals_the_weighted_gap_of_the_reliability_bins():
     logits, labels = drawn(3000, 1.7, seed=3)
     probs = torch.softmax(logits, 1)

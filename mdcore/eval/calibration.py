@@ -36,6 +36,7 @@ class Temperatures:
     target_precision: float | None = None
     fitted_on: str = "val"
     model_sha256: str | None = None  # the weights these were fitted for (deployment checks it)
+    pooled_for: list[str] = field(default_factory=list)  # domains too small or error-free to fit their own
 
     def by_name(self) -> dict[str, float]:
         """{domain: T, "unknown": T}: what an exported ONNX file's metadata carries."""
@@ -111,13 +112,30 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, iters: int = 40)
     return round(math.exp((lo + hi) / 2), 4)
 
 
+MIN_FIT_ROWS = 30  # a domain with fewer validation images, or none misclassified, takes the pooled temperature
+
+
 def fit_temperatures(domain_names: list[str], logits: torch.Tensor, domains: torch.Tensor, labels: torch.Tensor,
                      routed_logits: torch.Tensor) -> Temperatures:
     """Per seen domain on its own validation rows (``logits``, scored with the domain id), and the unknown
-    domain's on every validation row scored without it (``routed_logits``)."""
-    per_domain = {name: fit_temperature(logits[domains == i], labels[domains == i])
-                  for i, name in enumerate(domain_names)}
-    return Temperatures(list(domain_names), per_domain, fit_temperature(routed_logits, labels))
+    domain's on every validation row scored without it (``routed_logits``).
+
+    A domain with fewer than ``MIN_FIT_ROWS`` validation images, or with none misclassified, takes the
+    temperature of all seen domains' validation rows pooled: with no error to learn from, NLL keeps falling
+    as T shrinks, and the fit would sharpen that domain's probabilities to the bound of ``T_RANGE``
+    (11 correct `phone` images gave T = 0.05 on the demo). ``pooled_for`` names those domains."""
+    pooled = fit_temperature(logits, labels)
+    per_domain, pooled_for = {}, []
+    for i, name in enumerate(domain_names):
+        mask = domains == i
+        wrong = int((logits[mask].argmax(1) != labels[mask]).sum()) if mask.any() else 0
+        if int(mask.sum()) < MIN_FIT_ROWS or wrong == 0:
+            per_domain[name] = pooled
+            pooled_for.append(name)
+        else:
+            per_domain[name] = fit_temperature(logits[mask], labels[mask])
+    return Temperatures(list(domain_names), per_domain, fit_temperature(routed_logits, labels),
+                        pooled_for=pooled_for)
 
 
 def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
