@@ -35,13 +35,13 @@ def model_folder(paths: Paths, model: str | None = None) -> Path:
     raise FileNotFoundError("no model yet: run `make demo` (or `mdpipe run`) first")
 
 
-def temperatures_of(model_dir: Path, paths: Paths | None = None) -> dict[str, float] | None:
+def temperatures_of(model_dir: Path, paths: Paths | None = None, sha: str | None = None) -> dict[str, float] | None:
     """{domain: T, "unknown": T} fitted for this model's weights: saved beside them (a champion: the
     evaluate stage's fit, carried over on promotion), or the evaluate stage's own output when it was fitted
     for these very weights; None = uncalibrated (T = 1)."""
     from mdcore.eval.calibration import Temperatures
 
-    sha = sha256_file(model_dir / "model.safetensors")
+    sha = sha or sha256_file(model_dir / "model.safetensors")
     candidates = [model_dir / CALIBRATION] + ([paths.evaluation / CALIBRATION] if paths is not None else [])
     for file in candidates:
         if file.is_file():
@@ -73,7 +73,7 @@ def deployable_onnx(paths: Paths, model_dir: Path, precision: str = "fp32") -> P
     if model_dir.suffix == ".onnx":
         return model_dir
     sha = sha256_file(model_dir / "model.safetensors")
-    temps = temperatures_of(model_dir, paths)
+    temps = temperatures_of(model_dir, paths, sha)
     own = model_dir / CHAMPION_ONNX
     if precision == "fp32" and own.is_file():
         meta = read_metadata(own)
