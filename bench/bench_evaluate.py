@@ -1,54 +1,79 @@
-"""Wall time of the evaluate stage with Grad-CAM sheets and label issues on (the defaults) and off
-(``cam_images: 0``, ``label_issues_folds: 0``: the stage as before them), alternating, on a workspace after
-``make demo`` (its outputs in reports/evaluate are rewritten; nothing else is touched).
+"""Wall time of the evaluate stage against the stage as it was before issue 26 (a git revision), on one
+workspace after ``make demo``, alternating, each run in a fresh process (lazy imports included, as the
+first run of a flow pays them); and the label_issues stage's own time. Each version runs with its own
+default evaluate params (device cpu); outputs in reports/evaluate are rewritten, nothing else is touched.
 
-    OMP_NUM_THREADS=1 python -m bench.bench_evaluate --workspace PATH [--repeats 3] [--threads 1]
+    python -m bench.bench_evaluate --workspace PATH [--baseline 1246eae] [--repeats 3] [--threads 2]
 
-Writes bench/results/evaluate_time.json. Imports are not timed (one process runs every repeat).
+Writes bench/results/evaluate_time.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import time
+import subprocess
+import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
+TIMED = """
+import sys, time, torch
+torch.set_num_threads({threads})
+from tasks.paths import load_paths
+from tasks.params import {cls}
+import timm  # noqa: F401  (a flow has it loaded before any stage; a fresh process pays it once)
+from tasks import {stage}
+paths = load_paths({workspace!r})
+t0 = time.perf_counter()
+{stage}.run({cls}(device="cpu"), paths)
+print("SECONDS", time.perf_counter() - t0)
+"""
+
+
+def timed(code_root: Path, workspace: Path, stage: str, cls: str, threads: int) -> float:
+    env = dict(os.environ, PYTHONPATH=str(code_root), OMP_NUM_THREADS=str(threads))
+    out = subprocess.run([sys.executable, "-c", TIMED.format(threads=threads, cls=cls, stage=stage,
+                                                             workspace=str(workspace))],
+                         cwd=code_root, env=env, capture_output=True, text=True, check=True).stdout
+    return float(next(line.split()[1] for line in out.splitlines() if line.startswith("SECONDS")))
+
+
+def checkout(rev: str, dest: Path) -> Path:
+    archive = dest / "src.tar"
+    subprocess.run(["git", "archive", "-o", str(archive), rev], cwd=REPO, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest / "src", filter="data")
+    return dest / "src"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workspace", type=Path, default=Path("."))
+    ap.add_argument("--workspace", type=Path, required=True)
+    ap.add_argument("--baseline", default="1246eae", help="revision before issue 26 (the stage the target is 2x of)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "evaluate_time.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    from tasks import evaluate
-    from tasks.params import load_params
-    from tasks.paths import load_paths
-
-    paths = load_paths(args.workspace)
-    base = load_params("evaluate", args.workspace / "params").model_copy(update={"device": "cpu"})
-    settings = {"on": {}, "off": {"cam_images": 0, "label_issues_folds": 0},
-                "cam only": {"label_issues_folds": 0}, "label issues only": {"cam_images": 0}}
-    times: dict[str, list[float]] = {k: [] for k in settings}
-    evaluate.run(base, paths)  # warm-up: first imports of matplotlib, captum, cleanlab, sklearn
-    for _ in range(args.repeats):
-        for name, update in settings.items():
-            t0 = time.perf_counter()
-            evaluate.run(base.model_copy(update=update), paths)
-            times[name].append(time.perf_counter() - t0)
-    result = {"workspace": str(args.workspace), "threads": args.threads, "cam_images": base.cam_images,
-              "label_issues_folds": base.label_issues_folds, "seconds": times,
-              "median_s": {k: statistics.median(v) for k, v in times.items()}}
-    result["ratio_on_off"] = result["median_s"]["on"] / result["median_s"]["off"]
+    ws = args.workspace.resolve()
+    times: dict[str, list[float]] = {"baseline evaluate": [], "evaluate": [], "label_issues": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = checkout(args.baseline, Path(tmp))
+        for _ in range(args.repeats):
+            times["baseline evaluate"].append(timed(base, ws, "evaluate", "EvaluateParams", args.threads))
+            times["evaluate"].append(timed(REPO, ws, "evaluate", "EvaluateParams", args.threads))
+            times["label_issues"].append(timed(REPO, ws, "label_issues", "LabelIssuesParams", args.threads))
+    median = {k: statistics.median(v) for k, v in times.items()}
+    result = {"workspace": str(ws), "baseline": args.baseline, "threads": args.threads, "seconds": times,
+              "median_s": median, "ratio": median["evaluate"] / median["baseline evaluate"],
+              "ratio_with_label_issues": (median["evaluate"] + median["label_issues"]) / median["baseline evaluate"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["median_s"], indent=2), f"on/off {result['ratio_on_off']:.2f}x")
+    print(json.dumps(median, indent=2), f"evaluate {result['ratio']:.2f}x the baseline; "
+          f"with the label_issues stage {result['ratio_with_label_issues']:.2f}x")
 
 
 if __name__ == "__main__":

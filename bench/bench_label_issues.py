@@ -24,20 +24,36 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load(workspace: Path):
-    from mdcore.eval.label_issues import extract_features, feature_extractor
-    from mdcore.models.model import load_model
-    from tasks.data import image_roots, load_split
+def load(workspace: Path, features: str = "pretrained"):
+    from mdcore.data.manifest import class_names, read_manifest
+    from mdcore.eval.label_issues import extract_features, label_free_extractor
+    from tasks.data import image_roots, load_split, seen_domains
     from tasks.paths import load_paths
 
     paths = load_paths(workspace)
-    model = load_model(paths.finetuned)
-    extractor, norm, size, source = feature_extractor(paths.pretrained, model)
+    found = imagenet_extractor(int(features.split(":")[1])) if features.startswith("imagenet") \
+        else label_free_extractor(paths.pretrained)
+    if found is None:
+        raise SystemExit(f"{paths.pretrained}: no label-free backbone (the pretrain stage learned nothing without labels)")
+    extractor, norm, size, source = found
+    frame = read_manifest(paths.train_manifest)
+    classes = class_names(frame)
     data, rows = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), size, ("train",),
-                            synthetic=False, domains=model.config.domains, classes=model.config.classes)
+                            synthetic=False, domains=seen_domains(frame), classes=classes)
     t0 = time.perf_counter()
     feats = extract_features(extractor, norm, data.images)
-    return rows.reset_index(drop=True), data.labels.numpy(), feats, model.config.classes, source, time.perf_counter() - t0
+    return rows.reset_index(drop=True), data.labels.numpy(), feats, classes, source, time.perf_counter() - t0
+
+
+def imagenet_extractor(size: int):
+    """The ImageNet-1k EfficientNet-Lite0 of the installed package (``backbone_weights: imagenet``), fed with
+    its pretrained_cfg mean/std at ``size`` px: label-free features that never saw these images."""
+    from mdcore.models.input_norm import InputNorm, cfg_norm
+    from mdcore.models.model import create_backbone
+
+    backbone = create_backbone("tf_efficientnet_lite0", weights="imagenet")
+    norm = cfg_norm(backbone.pretrained_cfg)
+    return backbone, InputNorm("pretrained", norm["mean"], norm["std"]), size, f"imagenet tf_efficientnet_lite0 at {size} px"
 
 
 def report(rows, labels, feats, classes, folds, seed):
@@ -62,12 +78,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--share", type=float, default=0.05)
+    ap.add_argument("--features", default="pretrained", help="pretrained (the pretrain stage's backbone, as the "
+                    "stage uses) or imagenet:SIZE (the package's ImageNet EfficientNet-Lite0 at SIZE px)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "label_issues.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from mdcore.eval.label_issues import top_k_recall
 
-    rows, labels, feats, classes, source, feat_s = load(args.workspace)
+    rows, labels, feats, classes, source, feat_s = load(args.workspace, args.features)
     domains = sorted(rows["domain"].unique())
     names = rows["domain"].to_numpy()
     t0 = time.perf_counter()

@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
-    stage.add_argument("name", help="source, ingest, validate, synthesize, pretrain, finetune, evaluate or compress")
+    stage.add_argument("name", help="source, ingest, validate, synthesize, pretrain, label_issues, finetune, evaluate or compress")
     stage.add_argument("-S", "--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                        help="override a parameter of this stage (STAGE.KEY=VALUE, params/STAGE.yaml:KEY=VALUE or "
                             "KEY=VALUE; checked, then written to params/STAGE.yaml so DVC sees it)")

@@ -1,5 +1,5 @@
-"""The whole DAG as one Prefect flow: ingest -> validate -> synthesize -> pretrain -> finetune ->
-evaluate -> compress. Each step is the stage's Prefect task (the same code ``dvc repro`` runs); a stage
+"""The whole DAG as one Prefect flow: ingest -> validate -> synthesize -> pretrain -> label_issues ->
+finetune -> evaluate -> compress. Each step is the stage's Prefect task (the same code ``dvc repro`` runs); a stage
 DVC reports up to date is skipped, and each stage that ran is recorded in dvc.lock."""
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from tasks.compress import compress_task
 from tasks.evaluate import evaluate_task
 from tasks.finetune import finetune_task
 from tasks.ingest import ingest_task
-from tasks.params import (CompressParams, EvaluateParams, FinetuneParams, IngestParams, PretrainParams,
+from tasks.label_issues import label_issues_task
+from tasks.params import (CompressParams, EvaluateParams, FinetuneParams, IngestParams, LabelIssuesParams, PretrainParams,
                           SynthesizeParams, ValidateParams, load_params, merge_fields, params_kept_on_failure,
                           write_params)
 from tasks.paths import load_paths
@@ -32,7 +33,7 @@ from tasks.validate import validate_task
 
 STAGE_TASKS = {
     "ingest": ingest_task, "validate": validate_task, "synthesize": synthesize_task, "pretrain": pretrain_task,
-    "finetune": finetune_task, "evaluate": evaluate_task, "compress": compress_task,
+    "label_issues": label_issues_task, "finetune": finetune_task, "evaluate": evaluate_task, "compress": compress_task,
 }
 
 
@@ -43,6 +44,7 @@ class PipelineParams(BaseModel):
     validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate", description="validate stage")
     synthesize: SynthesizeParams = Field(default_factory=SynthesizeParams, description="synthesize stage")
     pretrain: PretrainParams = Field(default_factory=PretrainParams, description="pretrain stage")
+    label_issues: LabelIssuesParams = Field(default_factory=LabelIssuesParams, description="label_issues stage")
     finetune: FinetuneParams = Field(default_factory=FinetuneParams, description="finetune stage")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="evaluate stage")
     compress: CompressParams = Field(default_factory=CompressParams, description="compress stage")

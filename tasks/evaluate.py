@@ -1,14 +1,13 @@
 """evaluate: accuracy per domain, on the test split of seen domains and on all images of held-out
 domains (which the model has never seen: it routes them on their features); per-class tables, calibration
 (temperatures fitted on validation) and selective prediction per domain, Grad-CAM sheets of a seeded sample,
-class balance, and label issues of the training rows (out-of-fold, on the pretrain stage's label-free
-backbone), on one page (``reports/evaluate/index.html``). One forward pass per split and per with/without
-domain id gives the logits every figure reads; Grad-CAM and the label issues are bounded by
-``cam_images`` and ``label_issues_folds`` (0 = off)."""
+class balance, and the label_issues stage's findings, on one page (``reports/evaluate/index.html``). One
+forward pass per split and per with/without domain id gives the logits every figure reads; Grad-CAM is
+bounded by ``cam_images`` (0 = off)."""
 from __future__ import annotations
 
-import json
 import logging
+import os
 
 import pandas as pd
 import torch
@@ -20,9 +19,8 @@ from mdcore.models.model import WEIGHTS, MultiDomainModel, load_model
 from mdcore.eval.classwise import class_reports
 from mdcore.eval.explain import Scored, explain, fit_on_validation, mean_of
 from mdcore.eval.html_report import write_report
-from mdcore.eval import label_issues as li
+from mdcore.eval.label_issues import balance_rows, page_section
 from mdcore.eval.attribution import cam_sheets
-from mdcore.eval.plots import image_grid
 from mdcore.data.manifest import read_manifest
 from mdcore.eval.scoring import logits_of
 from tasks.data import image_roots, load_split
@@ -118,8 +116,10 @@ def run(params: EvaluateParams, paths: Paths) -> StageResult:
     table = accuracy_table(test, cfg.domains, cfg.classes)
     metrics = summarize(table)
     figures = explain(test, temps, cfg.classes, params.target_precision, params.ece_bins)
-    balance = li.balance_rows(read_manifest(paths.train_manifest), cfg.domains, cfg.classes)
-    issues, train_images = label_issues(model, paths, params, device) if params.label_issues_folds else (None, None)
+    balance = balance_rows(read_manifest(paths.train_manifest), cfg.domains, cfg.classes)
+    section = page_section(paths.label_issues)
+    if section is not None:
+        section["folder"] = os.path.relpath(paths.label_issues, paths.evaluation)
     with atomic_dir(paths.evaluation) as tmp:
         table.to_csv(tmp / "per_domain.csv", index=False, float_format="%.4f")
         plot_accuracy(table, tmp / "accuracy.png")
@@ -131,16 +131,14 @@ def run(params: EvaluateParams, paths: Paths) -> StageResult:
             samples = cam_sheets(model.to(device), test, cfg.classes, params.cam_images, params.seed, tmp)
             pd.DataFrame(samples).to_csv(tmp / "cam_samples.csv", index=False)
             cams = {r["domain"]: r["sheet"] for r in samples}
-        section = write_issues(issues, train_images, tmp) if issues is not None else None
         write_report(tmp, metrics["per_domain"], figures, temps, model=cfg.backbone, target=params.target_precision,
                      bins=params.ece_bins, classes=cfg.classes, balance=balance, cams=cams, issues=section)
     for name, f in figures.items():
         metrics["per_domain"][name] |= f.summary()
     for b in balance:
         metrics["per_domain"].setdefault(b["domain"], {})["imbalance_ratio"] = b["imbalance_ratio"]
-    if issues is not None:
-        warn_issues(issues, paths)
-        for d, r in issues.per_domain.items():
+    if section is not None:  # the label_issues stage's figures beside the model's, per domain
+        for d, r in section["per_domain"].items():
             metrics["per_domain"].setdefault(d, {}).update(
                 label_issues=r["issues"], label_issue_share=r["issue_share"],
                 swapped_pairs=", ".join(f"{p['classes'][0]}<->{p['classes'][1]}" for p in r["swapped_pairs"]))
@@ -157,54 +155,10 @@ def run(params: EvaluateParams, paths: Paths) -> StageResult:
         "mean_heldout_ece_calibrated": mean_of(figures, "held-out", "ece_after"),
         "target_precision": params.target_precision, "unknown_temperature": temps.unknown,
         "report": str((paths.evaluation / "index.html").relative_to(paths.root)), "device": str(device),
-        "cam_images": params.cam_images, "label_issues": None if issues is None else len(issues.table),
-        "label_issue_features": None if issues is None else issues.features}
+        "cam_images": params.cam_images,
+        "label_issues": None if section is None else sum(r["issues"] for r in section["per_domain"].values()),
+        "label_issue_features": None if section is None else section["features"]}
     return StageResult({"evaluation": str(paths.evaluation)}, metrics)
-
-
-def label_issues(model: MultiDomainModel, paths: Paths, params: EvaluateParams, device
-                 ) -> tuple[li.LabelIssues | None, torch.Tensor | None]:
-    """Out-of-fold label issues of the seen domains' real training rows (synthetic labels are generated,
-    held-out labels never enter training) on the pretrain stage's backbone features; and those rows' images.
-    (None, None) when the rows are too few to fold."""
-    cfg = model.config
-    extractor, norm, size, source = li.feature_extractor(paths.pretrained, model)
-    data, rows = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), size, ("train",),
-                            synthetic=False, domains=cfg.domains, classes=cfg.classes)
-    if len(set(data.labels.tolist())) < 2 or len(data) < 2 * params.label_issues_folds:
-        log.info("label issues: skipped (%d training rows of %d classes: too few for %d folds)", len(data),
-                 len(set(data.labels.tolist())), params.label_issues_folds)
-        return None, None
-    features = li.extract_features(extractor, norm, data.images, params.batch_size, device)
-    issues = li.label_issue_report(rows.reset_index(drop=True), features, data.labels.numpy(), cfg.classes,
-                                   params.label_issues_folds, params.seed, source)
-    return issues, data.images
-
-
-def write_issues(issues: li.LabelIssues, images: torch.Tensor, folder, shown: int = 20) -> dict:
-    """label_issues.csv and .json, the sheet of the most suspect images; the page's section."""
-    issues.table.to_csv(folder / "label_issues.csv", index=False, float_format="%.4f")
-    (folder / "label_issues.json").write_text(json.dumps(issues.summary(), indent=2) + "\n")
-    sheet = None
-    if len(issues.table):
-        top = issues.table.head(18)
-        image_grid(images[torch.from_numpy(issues.flagged[: len(top)])],
-                   [f"{d}: {g} \u2192 {s}?" for d, g, s in zip(top["domain"], top["label"], top["suggested"])],
-                   "Most suspect training labels (domain: given \u2192 suggested)", folder / "label_issues.png")
-        sheet = "label_issues.png"
-    return {"features": issues.features, "folds": issues.folds, "per_domain": issues.per_domain, "sheet": sheet,
-            "top": issues.table.head(shown).to_dict("records"), "more": max(0, len(issues.table) - shown)}
-
-
-def warn_issues(issues: li.LabelIssues, paths: Paths) -> None:
-    if not len(issues.table) and not any(r["swapped_pairs"] for r in issues.per_domain.values()):
-        return
-    pairs = "; ".join(f"{d}: " + ", ".join(f"{p['classes'][0]}<->{p['classes'][1]}" for p in r["swapped_pairs"])
-                      for d, r in issues.per_domain.items() if r["swapped_pairs"])
-    log.warning("label issues: %d training images look mislabelled (%s)%s; see %s (a warning: nothing was removed)",
-                len(issues.table), ", ".join(f"{d} {r['issues']}" for d, r in issues.per_domain.items()),
-                f"; swapped class pairs: {pairs}" if pairs else "",
-                (paths.evaluation / "label_issues.csv").relative_to(paths.root))
 
 
 @task(name="evaluate")

@@ -275,17 +275,32 @@ class EvaluateParams(StageParams):
     cam_images: int = Field(
         6, ge=0, description="Grad-CAM sheets: per domain, up to this many correct and this many wrong predictions "
                              "(a seeded sample); 0 = off")
-    label_issues_folds: int = Field(
-        5, ge=0, description="Label issues: folds of the out-of-fold logistic regression on the pretrain stage's "
-                             "backbone features of the training rows, judged by cleanlab (a warning and "
-                             "reports/evaluate/label_issues.csv; nothing is removed); 0 = off")
-    seed: int = Field(0, description="Seed of the Grad-CAM sample and of the label-issue folds")
+    seed: int = Field(0, description="Seed of the Grad-CAM sample")
 
-    @field_validator("label_issues_folds")
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and "label_issues_folds" in data:
+            raise ValueError("label_issues_folds moved to params/label_issues.yaml as `folds` (label issues are "
+                             "now a stage of their own, after pretrain)")
+        return data
+
+
+class LabelIssuesParams(StageParams):
+    folds: int = Field(
+        5, ge=0, description="Out-of-fold folds of the logistic regression on the pretrain stage's label-free "
+                             "backbone features of the real training rows, judged by cleanlab (a warning and "
+                             "reports/label_issues/label_issues.csv; nothing is removed); 0 = off")
+    seed: int = Field(0, description="Seed of the folds")
+    batch_size: int = Field(256, ge=1, description="Images per feature batch")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the features are computed: auto = cuda when available, else cpu")
+
+    @field_validator("folds")
     @classmethod
     def _folds(cls, v):
         if v == 1:
-            raise ValueError("label_issues_folds: 0 (off) or at least 2")
+            raise ValueError("folds: 0 (off) or at least 2")
         return v
 
 
@@ -371,6 +386,7 @@ SCHEMAS: dict[str, type[StageParams]] = {
     "validate": ValidateParams,
     "synthesize": SynthesizeParams,
     "pretrain": PretrainParams,
+    "label_issues": LabelIssuesParams,
     "finetune": FinetuneParams,
     "evaluate": EvaluateParams,
     "compress": CompressParams,

@@ -14,7 +14,7 @@ from mdcore.data.workspace_lock import workspace_lock
 from tasks.params import validate_params, StageParams, load_params
 from tasks.paths import Paths, load_paths
 
-STAGES = ("ingest", "validate", "synthesize", "pretrain", "finetune", "evaluate", "compress")
+STAGES = ("ingest", "validate", "synthesize", "pretrain", "label_issues", "finetune", "evaluate", "compress")
 # stages without a params file of their own: source fingerprints the data that ingest's params point at
 PARAMS_OF = {"source": "ingest"}
 log = logging.getLogger("mdpipe")

@@ -73,7 +73,8 @@ def workspace(tmp_path):
                              height=32, mode="RGB", source="real", generator=""))
     pd.DataFrame(rows).to_csv(tmp_path / "train_manifest.csv", index=False)
     return Paths(tmp_path, {"raw": "raw", "synthetic": "synthetic", "train_manifest": "train_manifest.csv",
-                            "finetuned": "finetuned", "evaluation": "evaluation"})
+                            "finetuned": "finetuned", "evaluation": "evaluation", "pretrained": "pretrained",
+                            "label_issues": "label_issues"})
 
 
 def test_evaluate_stage_writes_class_tables_calibration_and_one_page(tmp_path):
@@ -87,9 +88,8 @@ def test_evaluate_stage_writes_class_tables_calibration_and_one_page(tmp_path):
     paths = workspace(tmp_path)
     torch.manual_seed(0)
     save_model(MultiDomainModel(ModelConfig("test_resnet", ["d1", "d2"], ["0", "1", "2"], adapter_dim=8)), paths.finetuned)
-    # Grad-CAM and label issues off here: tests/test_evaluate_explains.py covers them
-    out = evaluate.run(EvaluateParams(batch_size=7, device="cpu", target_precision=0.9, cam_images=0,
-                                      label_issues_folds=0), paths)
+    # Grad-CAM off here: tests/test_evaluate_explains.py covers it
+    out = evaluate.run(EvaluateParams(batch_size=7, device="cpu", target_precision=0.9, cam_images=0), paths)
     m = out.metrics
     # the figures other code reads are as the plain accuracy scoring gives them
     model = load_model(paths.finetuned)

@@ -27,7 +27,7 @@ def test_resolve_device_auto_cpu_and_clear_errors():
             resolve_device("cuda", "pretrain.device")
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "evaluate", "compress"])
+@pytest.mark.parametrize("stage", ["pretrain", "label_issues", "evaluate", "compress"])
 def test_a_bad_device_in_a_params_file_names_the_file_and_field(tmp_path, stage):
     (tmp_path / f"{stage}.yaml").write_text("device: gpu\n")
     with pytest.raises(ParamsError, match=rf"(?s){stage}\.yaml.*device.*'gpu'"):
@@ -36,7 +36,7 @@ def test_a_bad_device_in_a_params_file_names_the_file_and_field(tmp_path, stage)
 
 def test_pretrain_and_evaluate_stages_run_with_device_cpu(tmp_path):
     base = tiny_workspace(tmp_path)
-    paths = Paths(base.root, base.entries | {"finetuned": "finetuned", "evaluation": "evaluation"})
+    paths = Paths(base.root, base.entries | {"finetuned": "finetuned", "evaluation": "evaluation", "label_issues": "label_issues"})
     result = pretrain.run(PretrainParams(backbone="test_resnet", epochs=1, batch_size=12, threads=1,
                                          device="cpu"), paths)
     assert result.metrics["device"] == "cpu" and result.metrics["linear_probe"]["mean_after"] is not None

@@ -24,7 +24,7 @@ def test_mdpipe_run_on_a_user_tree_then_dvc_is_in_sync(tmp_path):
     for old, new in (("clean", "scanner"), ("ink", "notebook"), ("lowlight", "nightcam"), ("phone", "mobile")):
         (tree / old).rename(tree / new)
     ws = make_workspace(tmp_path / "ws", validate={"min_images_per_class": 0},
-                        evaluate={"cam_images": 2, "label_issues_folds": 2})  # both run, cheaply (their own tests: test_evaluate_explains)
+                        evaluate={"cam_images": 2}, label_issues={"folds": 2})  # both run, cheaply (their own tests: test_evaluate_explains)
     cmd = [sys.executable, "-m", "flows.cli", "run", "--data", str(tree), "--holdout", "nightcam",
            "-S", "pretrain.epochs=1", "-S", "finetune.epochs=5", "-S", "finetune.batch_size=32",
            "-S", "finetune.num_workers=2", "-S", "finetune.cpus_per_worker=1",

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mdcore.eval.label_issues import (ROW_COLUMNS, class_balance, feature_extractor, label_issue_report,
+from mdcore.eval.label_issues import (ROW_COLUMNS, class_balance, label_free_extractor, label_issue_report,
                                       top_k_recall)
 
 CLASSES = ["a", "b", "c", "d"]
@@ -82,13 +82,12 @@ def test_features_come_from_the_label_free_backbone_when_pretrain_learned_one(tm
     torch.manual_seed(0)
     model = MultiDomainModel(ModelConfig("test_resnet", ["d1"], CLASSES, adapters=False)).eval()
     images = torch.randint(0, 255, (5, 3, 32, 32), dtype=torch.uint8)
-    _, _, _, source = feature_extractor(tmp_path / "absent", model)
-    assert source.startswith("finetuned")  # no pretrain output: the model's own backbone, said so
+    assert label_free_extractor(tmp_path / "absent") is None  # no pretrain output: nothing label-free
     backbone = create_backbone("test_resnet")
     save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(tmp_path / PRETRAINED_WEIGHTS))
     config = {"backbone": "test_resnet", "image_size": 32, "pretrained": True, "input_norm": "image", "pretrained_cfg": None}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    extractor, norm, size, source = feature_extractor(tmp_path, model)
+    extractor, norm, size, source = label_free_extractor(tmp_path)
     assert source.startswith("pretrained") and size == 32
     feats = extract_features(extractor, norm, images, batch_size=2)
     from mdcore.eval.probe import frozen_features
@@ -97,4 +96,4 @@ def test_features_come_from_the_label_free_backbone_when_pretrain_learned_one(tm
     assert feats.shape == (5, sum(widths))
     assert np.allclose(feats[:, -widths[-1]:], frozen_features(backbone, images, input_norm="image"), atol=1e-5)
     (tmp_path / "config.json").write_text(json.dumps(config | {"pretrained": False}))  # random weights: no
-    assert feature_extractor(tmp_path, model)[3].startswith("finetuned")
+    assert label_free_extractor(tmp_path) is None

@@ -29,7 +29,7 @@ test and held-out figures only report what those choices give. Target precision:
 <a href="per_class.csv">per_class.csv</a><a href="confusion.csv">confusion.csv</a>
 <a href="calibration.csv">calibration.csv</a><a href="calibration.json">calibration.json</a>
 <a href="per_domain.csv">per_domain.csv</a><a href="class_balance.csv">class_balance.csv</a>
-{% if issues %}<a href="#label-issues">label issues</a><a href="label_issues.csv">label_issues.csv</a>{% endif %}
+{% if issues %}<a href="#label-issues">label issues</a><a href="{{ issues.folder }}/label_issues.csv">label_issues.csv</a>{% endif %}
 {% if cams %}<a href="cam_samples.csv">cam_samples.csv</a>{% endif %}</nav>
 
 <h2>Per domain</h2>
@@ -68,12 +68,12 @@ sees), held-out domains on all their images. Imbalance ratio: largest class / sm
 {% for c in classes %}<td>{{ b.class_counts[c] }}</td>{% endfor %}<td>{{ b.imbalance_ratio|f3 }}</td></tr>
 {% endfor %}</table>
 
-{% if issues %}<section id="label-issues"><h2>Label issues (training split; a warning: nothing was removed)</h2>
+{% if issues %}<section id="label-issues"><h2>Label issues (training split, the label_issues stage; a warning: nothing was removed)</h2>
 <p class="note">Out-of-fold probabilities ({{ issues.folds }} folds) of a logistic regression on features of the
 {{ issues.features }} backbone, judged by cleanlab: a flagged image's given label is unlikely under a model that
 never saw it. Swapped pairs: two classes whose images, in this domain, mostly carry each other's names,
 by the votes of classifiers fitted on each other domain (two domains that disagree are both named: nothing
-tells which annotators were right). Check the images in <a href="label_issues.csv">label_issues.csv</a>
+tells which annotators were right). Check the images in <a href="{{ issues.folder }}/label_issues.csv">label_issues.csv</a>
 (the quarantine file's columns, plus the suggested label and its quality) and relabel or remove them at the source.</p>
 <table><tr><th class="l">domain</th><th>training images</th><th>flagged</th><th>share</th>
 <th class="l">swapped pairs (votes)</th><th class="l">largest confusions (given → looks like)</th></tr>
@@ -82,7 +82,7 @@ tells which annotators were right). Check the images in <a href="label_issues.cs
 ({{ p.votes }}/{{ p.witnesses }}{% if p.also_named_in %}, also {{ p.also_named_in|join(", ") }}{% endif %}) {% else %}none{% endfor %}</td>
 <td class="l">{% for c in r.top_confusions %}{{ c.given }} → {{ c.looks_like }} ({{ c.count }}) {% endfor %}</td></tr>
 {% endfor %}</table>
-{% if issues.sheet %}<img src="{{ issues.sheet }}" alt="the most suspect training images with their given and suggested labels">{% endif %}
+{% if issues.sheet %}<img src="{{ issues.folder }}/{{ issues.sheet }}" alt="the most suspect training images with their given and suggested labels">{% endif %}
 <table><tr><th class="l">path</th><th class="l">domain</th><th class="l">given</th><th class="l">suggested</th><th>label quality</th></tr>
 {% for r in issues.top %}<tr><td class="l">{{ r.path }}</td><td class="l">{{ r.domain }}</td><td class="l">{{ r.label }}</td>
 <td class="l">{{ r.suggested }}</td><td>{{ r.label_quality|f3 }}</td></tr>

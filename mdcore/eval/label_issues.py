@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 
 ROW_COLUMNS = ["path", "domain", "label", "split", "sha256", "source"]  # of the manifest (quarantine.csv's too)
+SUMMARY = "label_issues.json"  # the label_issues stage's summary, beside label_issues.csv and the sheet
+SHOWN = 20  # rows of the table on the evaluate page
 
 
 def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, n_classes: int, folds: int = 5,
@@ -233,20 +235,10 @@ def top_k_recall(scores: np.ndarray, planted: np.ndarray, k: int | None = None) 
 PRETRAINED_WEIGHTS = "backbone.safetensors"  # what the pretrain stage writes (tasks.pretrain.BACKBONE_WEIGHTS)
 
 
-class _RoutedFeatures:
-    """The finetuned model's pooled features with every domain's parts mixed equally (no domain id)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, x):
-        return self.model.features(x)
-
-
-def feature_extractor(pretrained_dir, model) -> tuple[object, object, int, str]:
-    """(backbone, input norm, image size, source): the pretrain stage's backbone when it learned something
-    without these labels (self-supervised epochs, or given weights), else the finetuned ``model``'s, which
-    was trained on the very labels it now judges (it has fitted some noise, so fewer issues show)."""
+def label_free_extractor(pretrained_dir) -> tuple[object, object, int, str] | None:
+    """(backbone, input norm, image size, source) of the pretrain stage's output when it learned something
+    without labels (self-supervised epochs, or given weights); None otherwise: random features would flag
+    noise, and a fine-tuned model has fitted the very labels it would judge."""
     import json
     from pathlib import Path
 
@@ -255,13 +247,12 @@ def feature_extractor(pretrained_dir, model) -> tuple[object, object, int, str]:
 
     folder = Path(pretrained_dir)
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    if config.get("pretrained") and (folder / PRETRAINED_WEIGHTS).is_file():
-        backbone = create_backbone(config["backbone"], weights=str(folder / PRETRAINED_WEIGHTS))
-        kind, norm = config.get("input_norm", "image"), cfg_norm(config.get("pretrained_cfg")) or {}
-        return (backbone, InputNorm(kind, norm.get("mean"), norm.get("std")), int(config["image_size"]),
-                "pretrained (label-free)")
-    return (_RoutedFeatures(model), InputNorm("none"), model.config.image_size,
-            "finetuned (trained on these labels: it under-counts issues)")
+    if not (config.get("pretrained") and (folder / PRETRAINED_WEIGHTS).is_file()):
+        return None
+    backbone = create_backbone(config["backbone"], weights=str(folder / PRETRAINED_WEIGHTS))
+    kind, norm = config.get("input_norm", "image"), cfg_norm(config.get("pretrained_cfg")) or {}
+    return (backbone, InputNorm(kind, norm.get("mean"), norm.get("std")), int(config["image_size"]),
+            "pretrained (label-free)")
 
 
 STAGES = 3  # pooled outputs of the backbone's last three feature stages, side by side: on seeds 100-111 of
@@ -270,22 +261,19 @@ STAGES = 3  # pooled outputs of the backbone's last three feature stages, side b
 
 
 def extract_features(extractor, norm, images, batch_size: int = 256, device="cpu", stages: int = STAGES) -> np.ndarray:
-    """Features of uint8 ``images`` in eval mode: a backbone module's last ``stages`` feature stages (timm
-    ``feature_info``), each average-pooled, concatenated; the finetuned fallback's routed pooled features."""
+    """Features of uint8 ``images`` in eval mode: a backbone's last ``stages`` feature stages (timm
+    ``feature_info``), each average-pooled, concatenated (its pooled output when it has no feature_info)."""
     import torch
 
     from mdcore.data.images import to_float
 
-    module = extractor if isinstance(extractor, torch.nn.Module) else extractor.model
-    was = module.training
-    module.eval()
+    was = extractor.training
+    extractor.eval().to(device)
+    norm = norm.to(device)
     taps, hooks = {}, []
-    if isinstance(extractor, torch.nn.Module):
-        extractor.to(device)
-        norm = norm.to(device)
-        for i, s in enumerate([dict(s) for s in (getattr(extractor, "feature_info", None) or [])][-stages:]):
-            hooks.append(extractor.get_submodule(s["module"]).register_forward_hook(
-                lambda m, a, o, i=i: taps.__setitem__(i, o.float().mean((2, 3)))))
+    for i, s in enumerate([dict(s) for s in (getattr(extractor, "feature_info", None) or [])][-stages:]):
+        hooks.append(extractor.get_submodule(s["module"]).register_forward_hook(
+            lambda m, a, o, i=i: taps.__setitem__(i, o.float().mean((2, 3)))))
     out = []
     try:
         with torch.no_grad():
@@ -296,7 +284,7 @@ def extract_features(extractor, norm, images, batch_size: int = 256, device="cpu
     finally:
         for h in hooks:
             h.remove()
-        module.train(was)
+        extractor.train(was)
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
@@ -312,3 +300,23 @@ def balance_rows(frame: pd.DataFrame, seen: list[str], class_names: list[str]) -
         out.append({"domain": d, "rows": "training" if d in seen else "all (held-out)",
                     **class_balance(labels, class_names)})
     return out
+
+
+def page_section(folder) -> dict | None:
+    """The evaluate page's label-issue section, read from the label_issues stage's output ``folder``
+    (None: the stage has not run, or was off or skipped)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    if not (folder / SUMMARY).is_file():
+        return None
+    summary = json.loads((folder / SUMMARY).read_text())
+    if summary.get("skipped"):
+        return None
+    table = pd.read_csv(folder / "label_issues.csv", keep_default_na=False,
+                        dtype={c: str for c in (*ROW_COLUMNS, "suggested", "reason")})
+    shown = int(summary.get("shown", SHOWN))
+    return {"features": summary["features"], "folds": summary["folds"], "per_domain": summary["per_domain"],
+            "sheet": summary.get("sheet"), "top": table.head(shown).to_dict("records"),
+            "more": max(0, len(table) - shown)}
