@@ -16,7 +16,7 @@ from prefect import task
 
 from mdcore.models.accel import resolve_device
 from mdcore.deploy.distill import DistillConfig
-from mdcore.deploy.run import SHIPPED, ScoreConfig, compress
+from mdcore.deploy.run import CARD, SHIPPED, ScoreConfig, compress
 from mdcore.deploy.scoring import EvalSets
 from mdcore.deploy.variants import BuildConfig
 from mdcore.data.io import atomic_dir, atomic_write_json, sha256_file
@@ -99,6 +99,7 @@ def run(params: CompressParams, paths: Paths) -> StageResult:
     with atomic_dir(paths.compressed) as out, atomic_dir(paths.compress_report) as rep:
         result = compress(teacher, train, sets, build_config(params), sc, out, rep, source,
                           teacher_file.stat().st_size)
+        calibrated = calibrate_shipped(out, result["shipped"], teacher, source["weights_sha256"], paths)
     rows = {r["name"]: r for r in result["rows"]}
     shipped = rows[result["shipped"]]
     counts = report_rows.groupby("domain").size()
@@ -109,6 +110,7 @@ def run(params: CompressParams, paths: Paths) -> StageResult:
                           "accuracy_unknown_domain": [shipped["report_acc_unknown_domain"][d] for d in shipped["report_acc"]]})
     metrics = {
         "shipped": result["shipped"],
+        "calibrated": calibrated,
         "original_bytes": teacher_file.stat().st_size,
         "compressed_bytes": (paths.compressed / SHIPPED).stat().st_size,
         "threads": params.threads,
@@ -129,6 +131,41 @@ def run(params: CompressParams, paths: Paths) -> StageResult:
     log.info("compress: shipped %s (%.2f MB, fp32 weights %.2f MB)", result["shipped"],
              metrics["compressed_bytes"] / 1e6, metrics["original_bytes"] / 1e6)
     return StageResult({"compressed": str(paths.compressed), "compress_report": str(paths.compress_report)}, metrics)
+
+
+CALIBRATED_VARIANTS = ("fp32", "int8")  # the fine-tuned weights themselves, which the temperatures were fitted for
+
+
+def calibrate_shipped(out, shipped: str, teacher, teacher_sha: str, paths: Paths) -> str:
+    """Give the shipped ``model.onnx`` the evaluate stage's temperatures (a ``probabilities`` output and the
+    ``mdpipe.*`` metadata) when they were fitted for these weights and the shipped variant keeps them (fp32
+    or int8 of the fine-tuned model; a pruned or distilled one has other logits). Says what it did."""
+    from mdcore.deploy.bundle import describe
+    from mdcore.eval.calibration import CALIBRATION_FILE, Temperatures
+
+    file = paths.evaluation / CALIBRATION_FILE
+    why = None
+    if shipped not in CALIBRATED_VARIANTS:
+        why = f"shipped variant {shipped} has other weights than the ones the temperatures were fitted for"
+    elif not file.is_file():
+        why = f"no {file.relative_to(paths.root)} (run the evaluate stage first)"
+    else:
+        temps = Temperatures.load(file)
+        if temps.model_sha256 != teacher_sha:
+            why = f"{file.relative_to(paths.root)} was fitted for other weights"
+    if why:
+        log.info("compress: model.onnx outputs logits only: %s", why)
+        describe(out / SHIPPED, teacher, teacher_sha, "int8" if "int8" in shipped else "fp32")
+        return f"no: {why}"
+    describe(out / SHIPPED, teacher, teacher_sha, "int8" if "int8" in shipped else "fp32", temps.by_name())
+    card = out / CARD
+    if card.is_file():
+        with card.open("a") as f:
+            f.write("\n## Calibrated probabilities\n\nThe graph's second output, `probabilities`, is softmax(logits / "
+                    "T[domain]) with the temperatures fitted on validation by the evaluate stage (per domain; "
+                    f"unknown domain {temps.unknown:.3f}): " + ", ".join(f"{d} {t:.3f}" for d, t in temps.per_domain.items())
+                    + ". They are also in the file's metadata (`mdpipe.temperatures`).\n")
+    return f"yes: probabilities output with the temperatures of {file.relative_to(paths.root)}"
 
 
 @task(name="compress")

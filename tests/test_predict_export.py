@@ -175,6 +175,29 @@ def test_predict_applies_the_temperatures_fitted_for_these_weights(model_workspa
         with torch.no_grad():
             expected = torch.softmax(model(to_float(x), d) / 0.25, dim=1).max(1).values.numpy()
         assert np.allclose(pred["probability"].to_numpy(float), expected, atol=1e-4)
+        # the exported graph computes the same probabilities itself (a bare session, no mdpipe code)
+        import onnxruntime as ort
+
+        with torch.no_grad():
+            full = torch.softmax(model(to_float(x), d) / 0.25, dim=1).numpy()
+        sess = ort.InferenceSession(str(deployable_onnx(paths, model_dir)), providers=["CPUExecutionProvider"])
+        assert [o.name for o in sess.get_outputs()] == ["logits", "probabilities"]
+        probs = sess.run(["probabilities"], {"images": x.numpy(), "domain": d.numpy().astype(np.int64)})[0]
+        assert np.abs(probs - full).max() < 1e-4  # the stated tolerance (float32 graph vs eager PyTorch)
+        # the compress stage's shipped model.onnx gets them too, only while they fit its weights
+        from mdcore.deploy.export import export_onnx
+        from tasks.compress import calibrate_shipped
+
+        shipped = tmp_path / "shipped"
+        shipped.mkdir()
+        export_onnx(model, shipped / "model.onnx")
+        assert calibrate_shipped(shipped, "int8", model, temps.model_sha256, paths).startswith("yes")
+        sess = ort.InferenceSession(str(shipped / "model.onnx"), providers=["CPUExecutionProvider"])
+        probs = sess.run(["probabilities"], {"images": x.numpy(), "domain": d.numpy().astype(np.int64)})[0]
+        assert np.abs(probs - full).max() < 1e-4 and read_metadata(shipped / "model.onnx")["precision"] == "int8"
+        export_onnx(model, shipped / "model.onnx")
+        assert calibrate_shipped(shipped, "pruned", model, temps.model_sha256, paths).startswith("no: shipped variant")
+        assert [o.name for o in ort.InferenceSession(str(shipped / "model.onnx")).get_outputs()] == ["logits"]
         temps.model_sha256 = "another model's weights"
         temps.save(paths.evaluation / "calibration.json")
         _, summary = predict(paths, str(listing), model=str(model_dir), threads=1)

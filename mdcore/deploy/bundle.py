@@ -4,7 +4,8 @@ ONNX metadata, so a user (or ``mdpipe predict``) needs nothing but the file to f
 Metadata keys (``mdpipe.*``, JSON values): ``classes`` and ``domains`` (index order; domain -1 = unknown,
 routed on features), ``image_size``, ``input`` (how pixels reach the graph), ``temperatures`` (per domain
 and ``unknown``, when calibration fitted them: probabilities = softmax(logits / T)), ``model_sha256``
-(of the safetensors weights it was exported from) and ``precision`` (fp32 or int8).
+(of the safetensors weights it was exported from) and ``precision`` (fp32 or int8). With temperatures the
+graph also has a ``probabilities`` output (softmax(logits / T[domain]), computed in the graph).
 """
 from __future__ import annotations
 
@@ -93,10 +94,27 @@ def export_deployable(model_dir: str | Path, out_path: str | Path, precision: st
             made = quantize_int8(fp32, Path(tmp) / "int8.onnx", calibration, fmt=q.get("fmt", "qoperator"),
                                  op_types=q.get("op_types", ["Conv", "Gemm"]),
                                  exclude=first_convs(fp32, q.get("fp32_convs", 0)))
-        write_metadata(made, metadata_for(model, sha256_file(model_dir / "model.safetensors"), precision,
-                                          temperatures))
+        describe(made, model, sha256_file(model_dir / "model.safetensors"), precision, temperatures)
         os.replace(made, out_path)
     return out_path
+
+
+def describe(onnx_path: str | Path, model: MultiDomainModel, model_sha256: str, precision: str,
+             temperatures: dict[str, float] | None = None) -> None:
+    """Make the exported ``onnx_path`` self-describing, in place: with ``temperatures`` ({domain: T,
+    "unknown": T}, fitted for these weights) a ``probabilities`` output = softmax(logits / T[domain]) is added
+    to the graph (``mdcore.deploy.calibrated``); then the ``mdpipe.*`` metadata."""
+    if temperatures:
+        import torch
+
+        from mdcore.deploy.calibrated import add_probabilities
+
+        order = [*model.config.domains, "unknown"]
+        missing = [d for d in order if d not in temperatures]
+        if missing:
+            raise ValueError(f"temperatures lack {missing}: they were fitted for another model's domains")
+        add_probabilities(onnx_path, torch.tensor([float(temperatures[d]) for d in order]))
+    write_metadata(onnx_path, metadata_for(model, model_sha256, precision, temperatures))
 
 
 def export_card(meta: dict, model_dir: Path, record: dict | None) -> str:
@@ -108,7 +126,8 @@ def export_card(meta: dict, model_dir: Path, record: dict | None) -> str:
              f"- `images`: {INPUT_DOC.format(size=size)}.",
              "- `domain`: int64 (N,): the image's domain index (below), or -1 when unknown (routed on its features).",
              f"- `logits`: float32 (N, {len(meta['classes'])}). Probabilities: softmax(logits / T[domain])"
-             + (" with the temperatures below (fitted on validation)." if temps else " (no temperatures fitted: T = 1)."),
+             + (" with the temperatures below (fitted on validation); the graph's second output, `probabilities`, "
+                "computes exactly that." if temps else " (no temperatures fitted: T = 1)."),
              "- Everything above is also in the file's ONNX metadata (`mdpipe.*` keys).", "",
              "## Domains", "| index | domain | temperature |", "|---:|---|---:|",
              *[f"| {i} | {d} | {(temps or {}).get(d, 1.0):.3f} |" for i, d in enumerate(meta["domains"])],
