@@ -1,0 +1,156 @@
+"""The LODO protocol from ImageNet weights, one cell after another in this process (no Ray, no Prefect run).
+
+Builds each cell's spec as ``flows/lodo.py`` does (the protocol's budget: 8 epochs, batch 32, the params
+file's other finetune fields, one lr for all layers, no pretraining stage) and trains it with
+``flows.lodo_cell.train_cell`` unchanged; only the starting weights (``--weights``, default ``imagenet``),
+backbone and input size differ from the scratch rows. Besides the cell's own result it records the shipped
+model's accuracy on the training domains' validation split (the only number a variant may be chosen on).
+Every finished cell is appended to ``--out`` at once; cells already there are skipped (resume).
+
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python -m bench.lodo_imagenet --data digits --seeds 0 1 2 \
+        --out bench/results/lodo_imagenet_digits.json --work /tmp/lodo25 --stop-at 16:20
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import time
+from pathlib import Path
+
+
+def _now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _past(stop_at: str | None) -> bool:
+    if not stop_at:
+        return False
+    h, m = (int(v) for v in stop_at.split(":"))
+    now = _now_utc()
+    return (now.hour, now.minute) >= (h, m)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default="digits")
+    ap.add_argument("--heldout", nargs="*", default=None, help="held-out domains (default: every domain)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--method", default=None, help="default: params/finetune.yaml's method")
+    ap.add_argument("--backbone", default="tf_efficientnet_lite0")
+    ap.add_argument("--weights", default="imagenet")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--input-norm", default="auto", help="finetune.input_norm of the cells (auto|image|pretrained|none)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", default="/tmp/lodo25")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--stop-at", default=None, help="HH:MM UTC: launch no new cell from then on")
+    ap.add_argument("--max-cells", type=int, default=0, help="stop after this many new cells (0: no limit)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+
+    import mdcore.train as mtrain
+    from flows import lodo_cell
+    from flows.cell_cache import code_version
+    from flows.lodo import PROTOCOL_VERSION, cell_hash, demo_holdout, prepare_data
+    from mdcore.data.io import atomic_write_json
+    from mdcore.eval import lodo
+    from mdcore.eval.scoring import evaluate_split
+    from tasks.params import load_params, validate_params
+    from tasks.paths import load_paths
+
+    paths = load_paths(".")
+    folder = Path(args.work) / args.data
+    folder.mkdir(parents=True, exist_ok=True)
+    info = prepare_data.fn(args.data, str(folder))  # the flow's own data step, called as a plain function
+    domains = info["domains"]
+    finetune = load_params("finetune", paths.root / "params").model_dump() | {
+        "epochs": args.epochs, "batch_size": args.batch_size, "layer_decay": None, "gradual_unfreeze_every": 0,
+        "freeze_stages": 0, "adapters_only": False, "early_stopping_patience": 0, "input_norm": args.input_norm}
+    method = args.method or finetune["method"]
+    validate_params("finetune", finetune | {"method": method}, "lodo_imagenet budget")
+    code = code_version()
+    base = {"manifest": info["manifest"], "image_root": info["image_root"], "dataset_version": info["dataset_version"],
+            "finetune": {k: v for k, v in finetune.items() if k not in ("seed", "method")},
+            "backbone": args.backbone, "image_size": args.image_size, "threads": args.threads,
+            "protocol": PROTOCOL_VERSION, "code_version": code,
+            **({"backbone_weights": args.weights} if args.weights else {})}
+
+    out = Path(args.out)
+    record = json.loads(out.read_text()) if out.is_file() else {"cells": []}
+    record.update({"dataset": args.data, "dataset_version": info["dataset_version"], "domains": domains,
+                   "code_version": code, "method": method,
+                   "config": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": finetune["lr"],
+                              "threads": args.threads, "backbone": args.backbone,
+                              "backbone_weights": args.weights, "image_size": args.image_size}})
+    done = {(c["method"], c["heldout"], c["seed"], c["input_norm"]) for c in record["cells"]}
+
+    # capture the model and validation split that train_cell hands to fit (the cell's code is unchanged)
+    captured: dict = {}
+    real_fit = mtrain.fit
+
+    def capturing_fit(model, method_, train, val, *a, **kw):
+        captured.update(model=model, val=val)
+        return real_fit(model, method_, train, val, *a, **kw)
+
+    mtrain.fit = capturing_fit
+    new = 0
+    for seed in args.seeds:  # seed outer: complete seeds first
+        for d in args.heldout or domains:
+            if (method, d, seed, args.input_norm) in done:
+                continue
+            if _past(args.stop_at) or (args.max_cells and new >= args.max_cells):
+                print(f"stopping before {d} seed {seed}: stop time {args.stop_at} / max cells reached", flush=True)
+                _write(record, out, atomic_write_json, lodo, demo_holdout(paths, domains))
+                return
+            spec = base | {"method": method, "heldout": d, "seed": int(seed)}
+            started = _now_utc().strftime("%H:%M:%S")
+            captured.clear()
+            result = lodo_cell.train_cell(spec)
+            model, val = captured["model"], captured["val"]
+            shipped_val = evaluate_split(model, val, [val.domain_names[i] for i in val.domains])
+            result |= {"cell_hash": cell_hash(spec), "code_version": code, "input_norm": args.input_norm,
+                       "model_input_norm": model.config.input_norm if hasattr(model, "config") else None,
+                       "val_acc_shipped": shipped_val["acc"], "val_loss_shipped": shipped_val["loss"],
+                       "val_per_domain_shipped": shipped_val["per_domain"], "started_utc": started,
+                       "backbone": args.backbone, "backbone_weights": args.weights, "image_size": args.image_size}
+            record["cells"].append(result)
+            new += 1
+            _write(record, out, atomic_write_json, lodo, demo_holdout(paths, domains))
+            print(f"{started} {method} norm={args.input_norm} held out {d} seed {seed}: held-out "
+                  f"{result['heldout_acc']:.3f} seen {result['seen_acc']:.3f} val(shipped) {shipped_val['acc']:.3f} "
+                  f"selected {result['selected_epoch']} {result['train_s']:.0f} s", flush=True)
+    _write(record, out, atomic_write_json, lodo, demo_holdout(paths, domains))
+
+
+def _write(record, out, atomic_write_json, lodo, choose_without) -> None:
+    aggregates = {}
+    for norm in sorted({c["input_norm"] for c in record["cells"]}):
+        cells = [c for c in record["cells"] if c["input_norm"] == norm]
+        agg = lodo.aggregate(cells, choose_without=choose_without)
+        for m, row in agg["table"].items():
+            seeds = row["seeds"]
+            complete = [s for s in seeds if all(any(c["seed"] == s and c["heldout"] == d and c["method"] == m
+                                                    for c in cells) for d in agg["domains"])]
+            vals = [sum(c["val_acc_shipped"] for c in cells if c["seed"] == s and c["method"] == m)
+                    / len(agg["domains"]) for s in complete]
+            row["val_shipped_mean_over_cells"] = lodo._ms(vals) if vals else None
+        aggregates[norm] = agg
+    record["aggregate"] = aggregates
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, record)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
