@@ -70,3 +70,14 @@ def test_stage_lists_every_project_module_its_code_imports(stage):
     needed = closure(REPO / "tasks" / f"{stage}.py") - SHARED
     missing = sorted(f for f in needed if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
     assert not missing, f"dvc.yaml stage {stage!r} lacks deps on {missing}"
+
+
+def test_dvc_lock_is_not_git_ignored():
+    """DVC refuses a git-ignored dvc.lock (FileIsGitIgnored): every run of a fresh clone would stop at its
+    first stage. The test workspaces write their own .gitignore, so only this checks the repository's."""
+    import subprocess
+
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "dvc.lock"], cwd=REPO).returncode == 0
+    assert not ignored, ".gitignore ignores dvc.lock: DVC then refuses to record any stage"
