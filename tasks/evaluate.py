@@ -22,7 +22,7 @@ from mdcore.eval.html_report import write_report
 from mdcore.eval.label_issues import balance_rows, page_section
 from mdcore.eval.attribution import cam_sheets
 from mdcore.data.manifest import read_manifest
-from mdcore.eval.scoring import logits_of
+from mdcore.eval.scoring import logits_with_and_without_domain
 from tasks.data import image_roots, load_split
 from tasks.params import StageParams, EvaluateParams
 from tasks.paths import Paths
@@ -42,9 +42,8 @@ def score(model: MultiDomainModel, paths: Paths, batch_size: int, splits: tuple[
         raise ValueError(f"{paths.train_manifest} has no rows in splits {list(splits)} to score on"
                          + (" (set ingest.gate_fraction > 0)" if "gate" in splits else ""))
     model.to(device)
-    return Scored(list(rows["domain"]), data.labels, data.domains,
-                  logits_of(model, data, batch_size, use_domain=True, device=device),
-                  logits_of(model, data, batch_size, use_domain=False, device=device),
+    given, routed = logits_with_and_without_domain(model, data, batch_size, device=device)
+    return Scored(list(rows["domain"]), data.labels, data.domains, given, routed,
                   data.images if keep_images else None, list(rows["path"]) if keep_images else None)
 
 

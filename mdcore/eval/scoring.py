@@ -66,3 +66,16 @@ def logits_of(model: nn.Module, data: ImageSet, batch_size: int = 256, use_domai
         d = data.domains[start : start + batch_size].to(device) if use_domain else None
         out.append(model(x, d).float().cpu())
     return torch.cat(out) if out else torch.empty(0, len(data.class_names))
+
+
+def logits_with_and_without_domain(model: nn.Module, data: ImageSet, batch_size: int = 256,
+                                   device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(with each row's domain id, routed as an unknown domain): the routed pass over every row, the
+    domain-given pass only over rows of known domains. A row of an unknown domain (-1) is routed either way,
+    so its routed logits serve as both (held-out domains: half the passes over their images)."""
+    routed = logits_of(model, data, batch_size, use_domain=False, device=device)
+    known = data.domains >= 0
+    given = routed.clone()
+    if bool(known.any()):
+        given[known] = logits_of(model, data.subset(known), batch_size, use_domain=True, device=device)
+    return given, routed
