@@ -153,11 +153,11 @@ def calibrate_shipped(out, shipped: str, teacher, teacher_sha: str, paths: Paths
         temps = Temperatures.load(file)
         if temps.model_sha256 != teacher_sha:
             why = f"{file.relative_to(paths.root)} was fitted for other weights"
+    precision = "int8" if "int8" in shipped else "fp32"
+    describe(out / SHIPPED, teacher, teacher_sha, precision, None if why else temps.by_name())
     if why:
         log.info("compress: model.onnx outputs logits only: %s", why)
-        describe(out / SHIPPED, teacher, teacher_sha, "int8" if "int8" in shipped else "fp32")
         return f"no: {why}"
-    describe(out / SHIPPED, teacher, teacher_sha, "int8" if "int8" in shipped else "fp32", temps.by_name())
     card = out / CARD
     if card.is_file():
         with card.open("a") as f:
