@@ -39,16 +39,14 @@ def temperatures_of(model_dir: Path, paths: Paths | None = None, sha: str | None
     """{domain: T, "unknown": T} fitted for this model's weights: saved beside them (a champion: the
     evaluate stage's fit, carried over on promotion), or the evaluate stage's own output when it was fitted
     for these very weights; None = uncalibrated (T = 1)."""
-    from mdcore.eval.calibration import Temperatures
+    from mdcore.eval.calibration import fitted_for
 
     sha = sha or sha256_file(model_dir / "model.safetensors")
     candidates = [model_dir / CALIBRATION] + ([paths.evaluation / CALIBRATION] if paths is not None else [])
     for file in candidates:
-        if file.is_file():
-            temps = Temperatures.load(file)
-            beside = file.parent == model_dir  # saved with these weights (older files carry no hash)
-            if temps.model_sha256 == sha or (beside and temps.model_sha256 is None):
-                return temps.by_name()
+        temps = fitted_for(file, sha, unhashed_ok=file.parent == model_dir)
+        if temps is not None:
+            return temps.by_name()
     return None
 
 

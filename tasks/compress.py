@@ -141,18 +141,16 @@ def calibrate_shipped(out, shipped: str, teacher, teacher_sha: str, paths: Paths
     ``mdpipe.*`` metadata) when they were fitted for these weights and the shipped variant keeps them (fp32
     or int8 of the fine-tuned model; a pruned or distilled one has other logits). Says what it did."""
     from mdcore.deploy.bundle import describe
-    from mdcore.eval.calibration import CALIBRATION_FILE, Temperatures
+    from mdcore.eval.calibration import CALIBRATION_FILE, fitted_for
 
     file = paths.evaluation / CALIBRATION_FILE
-    why = None
+    why, temps = None, None
     if shipped not in CALIBRATED_VARIANTS:
         why = f"shipped variant {shipped} has other weights than the ones the temperatures were fitted for"
     elif not file.is_file():
         why = f"no {file.relative_to(paths.root)} (run the evaluate stage first)"
-    else:
-        temps = Temperatures.load(file)
-        if temps.model_sha256 != teacher_sha:
-            why = f"{file.relative_to(paths.root)} was fitted for other weights"
+    elif (temps := fitted_for(file, teacher_sha)) is None:
+        why = f"{file.relative_to(paths.root)} was fitted for other weights"
     precision = "int8" if "int8" in shipped else "fp32"
     describe(out / SHIPPED, teacher, teacher_sha, precision, None if why else temps.by_name())
     if why:

@@ -7,7 +7,8 @@ import torch
 
 from mdcore.data.images import to_float
 from mdcore.eval.calibration import (CalibratedModel, Temperatures, abstain_threshold, at_threshold,
-                                     calibrated_probabilities, ece, fit_temperature, fit_temperatures, reliability)
+                                     calibrated_probabilities, ece, fit_temperature, fit_temperatures, fitted_for,
+                                     reliability)
 from mdcore.models.model import ModelConfig, MultiDomainModel
 
 PROB_TOL = 1e-4  # max |probability difference| between the calibrated ONNX graph (ORT) and PyTorch
@@ -91,6 +92,16 @@ def test_temperatures_survive_their_json_file(tmp_path):
     temps.save(tmp_path / "calibration.json")
     back = Temperatures.load(tmp_path / "calibration.json")
     assert back == temps and back.vector().tolist() == pytest.approx([0.8, 1.9, 1.3])
+
+
+def test_temperatures_are_used_only_for_the_weights_they_were_fitted_for(tmp_path):
+    file = tmp_path / "calibration.json"
+    assert fitted_for(file, "abc") is None  # no file
+    Temperatures(["a"], {"a": 0.8}, 1.3, model_sha256="abc").save(file)
+    assert fitted_for(file, "abc").per_domain == {"a": 0.8}
+    assert fitted_for(file, "other") is None
+    Temperatures(["a"], {"a": 0.8}, 1.3).save(file)  # an older champion's file: no hash
+    assert fitted_for(file, "other") is None and fitted_for(file, "other", unhashed_ok=True).unknown == 1.3
 
 
 def tiny_model() -> MultiDomainModel:

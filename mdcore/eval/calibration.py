@@ -54,6 +54,19 @@ class Temperatures:
         return cls(**json.loads(Path(path).read_text()))
 
 
+def fitted_for(file: str | Path, sha256: str, unhashed_ok: bool = False) -> Temperatures | None:
+    """The temperatures in ``file`` when they were fitted for the weights with this sha256, else None: a
+    temperature fitted for other weights would miscalibrate these. ``unhashed_ok`` accepts a file without a
+    hash (older champions saved their temperatures beside their own weights, unhashed)."""
+    file = Path(file)
+    if not file.is_file():
+        return None
+    temps = Temperatures.load(file)
+    if temps.model_sha256 == sha256 or (unhashed_ok and temps.model_sha256 is None):
+        return temps
+    return None
+
+
 def temperature_of(temperatures: Temperatures | torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
     """Each row's temperature: its domain's, or the unknown domain's for index -1."""
     vector = temperatures.vector() if isinstance(temperatures, Temperatures) else temperatures
