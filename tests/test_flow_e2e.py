@@ -106,11 +106,9 @@ def test_mdpipe_run_on_a_user_tree_then_dvc_is_in_sync(tmp_path):
     assert second["promote"] and all(abs(d) < 1e-9 for d in second["deltas"].values())
     assert len(list((ws / "registry/decisions").glob("*.json"))) >= 1
 
-    # one changed value in params/finetune.yaml: `dvc repro` reruns finetune and what depends on it
-    import yaml
-
-    lr = yaml.safe_load((ws / "params/finetune.yaml").read_text())["lr"]
-    apply_overrides(ws / "params", {"finetune": {"lr": lr / 2}})
+    # one changed value in params/finetune.yaml: `dvc repro` reruns finetune and what depends on it (fewer
+    # epochs: the rerun is what is checked, not what it learns)
+    apply_overrides(ws / "params", {"finetune": {"epochs": 2}})
     with Repo(str(ws)) as repo:
         stale = {name.rsplit(":", 1)[-1] for name in pending(repo)}
     assert stale == {"finetune"}
@@ -124,7 +122,7 @@ def test_mdpipe_run_on_a_user_tree_then_dvc_is_in_sync(tmp_path):
         assert pending(repo) == {}
 
     # switching the param back restores from DVC's run-cache: nothing trains
-    apply_overrides(ws / "params", {"finetune": {"lr": lr}})
+    apply_overrides(ws / "params", {"finetune": {"epochs": 5}})
     back = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, capture_output=True, text=True,
                           env=env, timeout=600)
     assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-3000:]
