@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/mdpipe run
+	$(BIN)/mdpipe run --profile demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

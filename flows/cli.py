@@ -122,13 +122,13 @@ def _show_param(key: str, params_dir: Path) -> int:
 def cmd_run(args) -> int:
     from flows.pipeline import PipelineParams, pipeline
     from flows.summary import print_summary
-    from tasks.params import merge_fields, parse_overrides, validate_params
+    from tasks.params import merge_fields, run_overrides, validate_params
     from tasks.paths import load_paths
     from tasks.preflight import check_run, data_choice
 
     paths = load_paths(args.root)
     params = PipelineParams.from_files(paths.root / "params")
-    overrides = parse_overrides(args.set)
+    overrides = run_overrides(paths.root / "params", args.profile, args.set)
     if args.data is not None:
         overrides["ingest"] = merge_fields(overrides.get("ingest", {}), data_choice(args.data, paths.root))
     if args.holdout is not None:
@@ -373,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-S", "--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                      help="override a parameter (also params/STAGE.yaml:KEY=VALUE); checked with the whole "
                           "run before anything is written, then written to params/STAGE.yaml so DVC sees it")
+    run.add_argument("--profile", metavar="NAME",
+                     help="lay params/profiles/NAME.yaml over the params files first (-S still wins), written "
+                          "like -S; 'demo' = the faster scratch profile `make demo` runs")
     run.add_argument("--force", action="store_true", help="rerun stages even when DVC says they are up to date")
     run.add_argument("--no-wait", action="store_true",
                      help="when another run holds this workspace, stop at once instead of waiting for it")

@@ -476,6 +476,36 @@ def parse_overrides(items: list[str], default_stage: str | None = None) -> dict[
     return out
 
 
+PROFILES = "profiles"  # params/profiles/NAME.yaml: named sets of overrides, {stage: {field: value}}
+
+
+def load_profile(params_dir: str | Path, name: str) -> dict[str, dict]:
+    """The overrides of profile ``name`` (``params/profiles/NAME.yaml``, or a path to such a file), e.g. the
+    demo's faster profile. Checked here for shape; each stage's values are validated with the run."""
+    folder = Path(params_dir) / PROFILES
+    file = Path(name) if name.endswith((".yaml", ".yml")) else folder / f"{name}.yaml"
+    if not file.is_file():
+        known = sorted(f.stem for f in folder.glob("*.yaml"))
+        raise ParamsError(f"profile {name!r}: no file {file}; profiles: {known}")
+    data = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{file}: a profile is a mapping of stage: {{field: value}}")
+    for stage, fields in data.items():
+        if stage not in SCHEMAS:
+            raise ParamsError(f"{file}: unknown stage {stage!r}; stages: {list(SCHEMAS)}")
+        if not isinstance(fields, dict):
+            raise ParamsError(f"{file}: {stage}: expected a mapping of field: value")
+    return data
+
+
+def run_overrides(params_dir: str | Path, profile: str | None, items: list[str]) -> dict[str, dict]:
+    """A run's overrides: the profile's values (if one is named), then ``-S`` items laid over them."""
+    overrides = load_profile(params_dir, profile) if profile else {}
+    for stage, fields in parse_overrides(items).items():
+        overrides[stage] = merge_fields(overrides.get(stage, {}), fields)
+    return overrides
+
+
 def merge_fields(current: dict, fields: dict) -> dict:
     """``current`` with ``fields`` laid over it; nested mappings merge key by key (one nested override
     keeps the mapping's other keys)."""

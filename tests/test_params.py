@@ -104,3 +104,42 @@ def test_unknown_stage_is_a_one_line_error(capsys):
     assert main(["stage", "nosuch"]) == 2
     err = capsys.readouterr().err
     assert "unknown stage 'nosuch'" in err and "source, ingest" in err and "Traceback" not in err
+
+
+def test_profiles_are_checked_and_every_shipped_profile_is_valid(tmp_path):
+    from tasks.params import load_profile, merged_params
+
+    for file in sorted((REPO / "params/profiles").glob("*.yaml")):
+        merged = merged_params(REPO / "params", load_profile(REPO / "params", file.stem))
+        assert merged and all(isinstance(p, SCHEMAS[s]) for s, p in merged.items())
+    with pytest.raises(ParamsError, match=r"profile 'nope'.*profiles: \[.*'demo'"):
+        load_profile(REPO / "params", "nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("finetun:\n  epochs: 2\n")
+    with pytest.raises(ParamsError, match="bad.yaml: unknown stage 'finetun'"):
+        load_profile(REPO / "params", str(bad))
+    bad.write_text("finetune:\n  epoch: 2\n")  # a wrong field: refused with the run's other checks
+    with pytest.raises(ParamsError, match="epoch"):
+        merged_params(REPO / "params", load_profile(REPO / "params", str(bad)))
+
+
+def test_run_applies_a_profile_under_the_command_line_values(tmp_path):
+    """`mdpipe run --profile P -S ...`: the profile lays over the files and -S over the profile; a wrong
+    profile stops the run before anything is written."""
+    import shutil
+
+    from flows.cli import main
+
+    ws = tmp_path / "ws"
+    shutil.copytree(REPO / "params", ws / "params")
+    shutil.copy(REPO / "paths.yaml", ws / "paths.yaml")
+    from tasks.params import run_overrides
+
+    (ws / "params/profiles/mine.yaml").write_text("finetune:\n  epochs: 4\n  lr: 0.01\npretrain:\n  epochs: 2\n")
+    assert run_overrides(ws / "params", "mine", ["finetune.epochs=7", "evaluate.seed=3"]) == {
+        "finetune": {"epochs": 7, "lr": 0.01}, "pretrain": {"epochs": 2}, "evaluate": {"seed": 3}}
+    (ws / "params/profiles/mine.yaml").write_text("finetune:\n  epochs: 0\n")  # invalid: epochs >= 1
+    before = {f.name: f.read_bytes() for f in (ws / "params").glob("*.yaml")}
+    assert main(["--root", str(ws), "run", "--profile", "mine"]) == 2
+    assert main(["--root", str(ws), "run", "--profile", "nope"]) == 2
+    assert {f.name: f.read_bytes() for f in (ws / "params").glob("*.yaml")} == before
