@@ -47,26 +47,42 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=15, help="plain loops' epochs (the finetune stage's default)")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--backbone", default="resnet10t", help="plain loops' timm model")
+    ap.add_argument("--weights", default=None, help="plain loops' starting weights: empty = random, imagenet = the package's")
+    ap.add_argument("--image-size", type=int, default=None, help="plain loops' input size (default: the images' own)")
+    ap.add_argument("--no-pipeline", action="store_true",
+                    help="only the plain loops, on the manifest of the run already in --workspace")
+    ap.add_argument("--no-randconv", action="store_true", help="skip the loop with RandConv")
     args = ap.parse_args()
     torch.set_num_threads(2)
     tree, ws = Path(args.tree).resolve(), Path(args.workspace).resolve()
     rows: dict[str, list[dict]] = {"mdpipe run (default params)": [], "plain timm loop": [], "plain loop + RandConv": []}
+    if args.no_pipeline:
+        del rows["mdpipe run (default params)"]
+    if args.no_randconv:
+        del rows["plain loop + RandConv"]
+    start = dict(backbone=args.backbone, weights=args.weights, size=args.image_size)
     for seed in args.seeds:
-        rows["mdpipe run (default params)"].append(pipeline_run(ws, tree, args.holdout, seed))
-        print(rows["mdpipe run (default params)"][-1], flush=True)
+        if not args.no_pipeline:
+            rows["mdpipe run (default params)"].append(pipeline_run(ws, tree, args.holdout, seed))
+            print(rows["mdpipe run (default params)"][-1], flush=True)
         # the same manifest as the run (splits come from content hashes, the same for every seed)
         frame = pd.read_csv(ws / "data/manifest.csv", dtype={"label": str, "domain": str}, keep_default_na=False)
         for name, rc in (("plain timm loop", False), ("plain loop + RandConv", True)):
-            rows[name].append(plain_loop(frame, ws / "data/raw", args.holdout, seed, args.epochs, args.batch, rc))
-            print(name, rows[name][-1], flush=True)
+            if name in rows:
+                t0 = time.perf_counter()
+                rows[name].append(plain_loop(frame, ws / "data/raw", args.holdout, seed, args.epochs, args.batch, rc, **start)
+                                  | {"wall_s": time.perf_counter() - t0})
+                print(name, rows[name][-1], flush=True)
     print(f"| | {' | '.join(args.holdout)} | seen (mean) |\n|---|{'---:|' * (len(args.holdout) + 1)}")
     for name, runs in rows.items():
         cols = [percent_mean_sd([r["heldout"][d] for r in runs]) for d in args.holdout]
         print(f"| {name} | {' | '.join(cols)} | {percent_mean_sd([np.mean(list(r['seen'].values())) for r in runs])} |")
-    out = Path(__file__).resolve().parent / "results" / f"heldout_check_{tree.name}.json"
+    tag = f"_{args.weights or 'scratch'}_{args.backbone}" if args.no_pipeline else ""
+    out = Path(__file__).resolve().parent / "results" / f"heldout_check_{tree.name}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"tree": str(tree), "holdout": args.holdout, "seeds": args.seeds, "rows": rows,
-                               "plain_epochs": args.epochs, "plain_batch": args.batch}, indent=2))
+                               "plain_epochs": args.epochs, "plain_batch": args.batch, "plain_start": start}, indent=2))
 
 
 if __name__ == "__main__":
