@@ -42,7 +42,8 @@ def builtin_tree(tmp_path_factory) -> Path:
 
 
 def make_workspace(dest: Path, **param_overrides: dict) -> Path:
-    """A project workspace like a fresh clone: dvc.yaml, paths.yaml, params/, mdcore/, tasks/, git + DVC."""
+    """A project workspace like a fresh clone (dvc.yaml, paths.yaml, params/, mdcore/, tasks/, git + DVC) on the
+    demo profile, the fast one, with the test's own values laid over it."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "paths.yaml", ".dvcignore"):
         shutil.copy(REPO / name, dest / name)
