@@ -33,17 +33,6 @@ RECIPES = {  # name: (format, op types, fp32 first convs, fp32 depthwise convs, 
 }
 
 
-def per_domain_acc(path: Path, images, domains, labels, names: list[str]) -> dict[str, float]:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    preds = np.concatenate([sess.run(["logits"], {"images": images[s : s + 256].numpy(),
-                                                 "domain": domains[s : s + 256].numpy().astype(np.int64)})[0].argmax(1)
-                            for s in range(0, len(images), 256)])
-    names_arr = np.array(names)
-    return {n: float((preds[names_arr == n] == labels.numpy()[names_arr == n]).mean()) for n in sorted(set(names))}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workspace", required=True, type=Path)
@@ -55,6 +44,7 @@ def main() -> None:
     ws = args.workspace.resolve()
     os.chdir(ws)
     sys.path.insert(0, str(ws))  # the workspace's own code version
+    from bench.bench_compress import accuracy
     from mdcore.deploy.export import session
     from mdcore.deploy.measure import latency, ort_runner, with_threads
     from mdcore.deploy.quantize import calibration_feeds, depthwise_convs, first_convs, quantize_int8
@@ -82,8 +72,8 @@ def main() -> None:
                                     exclude=sorted(set(exclude)))
         recipes[name] = {"format": fmt, "op_types": ops, "fp32_first_convs": first, "fp32_depthwise": no_dw,
                          "calibration_images": calib, "fp32_nodes": len(set(exclude))}
-    acc = {n: {"select": per_domain_acc(f, sets.select.images, sets.select.domains, sets.select.labels, sets.select_names),
-               "test": per_domain_acc(f, test.images, test.domains, test.labels, test_names),
+    acc = {n: {"select": accuracy(f, sets.select.images, sets.select.domains, sets.select.labels, sets.select_names),
+               "test": accuracy(f, test.images, test.domains, test.labels, test_names),
                "file_bytes": f.stat().st_size} for n, f in files.items()}
     runs: dict = {}
     x, d = sets.select.images[:64], sets.select.domains[:64]

@@ -122,13 +122,13 @@ def _show_param(key: str, params_dir: Path) -> int:
 def cmd_run(args) -> int:
     from flows.pipeline import PipelineParams, pipeline
     from flows.summary import print_summary
-    from tasks.params import merge_fields, run_overrides, validate_params
+    from tasks.params import merge_fields, parse_overrides, validate_params, with_profile
     from tasks.paths import load_paths
     from tasks.preflight import check_run, data_choice
 
     paths = load_paths(args.root)
     params = PipelineParams.from_files(paths.root / "params")
-    overrides = run_overrides(paths.root / "params", args.profile, args.set)
+    overrides = with_profile(paths.root / "params", args.profile, parse_overrides(args.set))
     if args.data is not None:
         overrides["ingest"] = merge_fields(overrides.get("ingest", {}), data_choice(args.data, paths.root))
     if args.holdout is not None:

@@ -498,12 +498,13 @@ def load_profile(params_dir: str | Path, name: str) -> dict[str, dict]:
     return data
 
 
-def run_overrides(params_dir: str | Path, profile: str | None, items: list[str]) -> dict[str, dict]:
-    """A run's overrides: the profile's values (if one is named), then ``-S`` items laid over them."""
-    overrides = load_profile(params_dir, profile) if profile else {}
-    for stage, fields in parse_overrides(items).items():
-        overrides[stage] = merge_fields(overrides.get(stage, {}), fields)
-    return overrides
+def with_profile(params_dir: str | Path, profile: str | None, overrides: dict[str, dict]) -> dict[str, dict]:
+    """A run's overrides: the profile's values (if one is named), with ``overrides`` (``-S``, a test's own
+    values) laid over them."""
+    layered = load_profile(params_dir, profile) if profile else {}
+    for stage, fields in overrides.items():
+        layered[stage] = merge_fields(layered.get(stage, {}), fields)
+    return layered
 
 
 def merge_fields(current: dict, fields: dict) -> dict:

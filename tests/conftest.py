@@ -56,12 +56,9 @@ def make_workspace(dest: Path, **param_overrides: dict) -> Path:
     from dvc.repo import Repo
 
     Repo.init(str(dest))
-    from tasks.params import apply_overrides, load_profile, merge_fields
+    from tasks.params import apply_overrides, with_profile
 
-    overrides = load_profile(dest / "params", "demo")  # the demo's faster profile, under the test's own values
-    for stage, fields in param_overrides.items():
-        overrides[stage] = merge_fields(overrides.get(stage, {}), fields)
-    apply_overrides(dest / "params", overrides)
+    apply_overrides(dest / "params", with_profile(dest / "params", "demo", param_overrides))
     return dest
 
 

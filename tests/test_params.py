@@ -133,10 +133,10 @@ def test_run_applies_a_profile_under_the_command_line_values(tmp_path):
     ws = tmp_path / "ws"
     shutil.copytree(REPO / "params", ws / "params")
     shutil.copy(REPO / "paths.yaml", ws / "paths.yaml")
-    from tasks.params import run_overrides
+    from tasks.params import with_profile
 
     (ws / "params/profiles/mine.yaml").write_text("finetune:\n  epochs: 4\n  lr: 0.01\npretrain:\n  epochs: 2\n")
-    assert run_overrides(ws / "params", "mine", ["finetune.epochs=7", "evaluate.seed=3"]) == {
+    assert with_profile(ws / "params", "mine", parse_overrides(["finetune.epochs=7", "evaluate.seed=3"])) == {
         "finetune": {"epochs": 7, "lr": 0.01}, "pretrain": {"epochs": 2}, "evaluate": {"seed": 3}}
     (ws / "params/profiles/mine.yaml").write_text("finetune:\n  epochs: 0\n")  # invalid: epochs >= 1
     before = {f.name: f.read_bytes() for f in (ws / "params").glob("*.yaml")}
