@@ -87,6 +87,7 @@ def run_variant(root: str, name: str, params: dict, threads: int = 2) -> dict:
     import torch
 
     from mdcore.eval.scoring import accuracy_by_domain
+    from mdcore.data.decode import DEFAULT_RESIZE
     from mdcore.train import fit
     from tasks.data import load_split
     from mdcore.train.setup import build_method, build_model, build_optimizer, fit_config
@@ -97,19 +98,22 @@ def run_variant(root: str, name: str, params: dict, threads: int = 2) -> dict:
     p = FinetuneParams.model_validate(params)
     inputs = load_inputs(root)
     size, paths = inputs["pre"]["image_size"], inputs["paths"]
-    key = (str(paths.train_manifest), size, p.use_synthetic)
+    resize = inputs["pre"].get("resize", DEFAULT_RESIZE)
+    key = (str(paths.train_manifest), size, resize, p.use_synthetic)
     if key not in _DATA:  # decoded once per process, shared by every variant and seed
-        train, _ = load_split(paths.train_manifest, inputs["roots"], size, ("train",), synthetic=p.use_synthetic)
+        train, _ = load_split(paths.train_manifest, inputs["roots"], size, ("train",), synthetic=p.use_synthetic,
+                              resize=resize)
         val, _ = load_split(paths.train_manifest, inputs["roots"], size, ("val",), synthetic=False,
-                            domains=train.domain_names, classes=train.class_names)
+                            domains=train.domain_names, classes=train.class_names, resize=resize)
         _DATA.clear()
         _DATA[key] = (train, val, *load_split(paths.train_manifest, inputs["roots"], size, ("test", "holdout"),
-                                              synthetic=False, domains=train.domain_names, classes=train.class_names))
+                                              synthetic=False, domains=train.domain_names, classes=train.class_names,
+                                              resize=resize))
     train, val, test, rows = _DATA[key]
     torch.manual_seed(p.seed)
     method = build_method(p)
     model = build_model(p, train, inputs["pre"]["backbone"], size,
-                        inputs["weights"] if p.init_from_pretrain else None, method=method)
+                        inputs["weights"] if p.init_from_pretrain else None, method=method, resize=resize)
     optimizer, scheduler = build_optimizer(p, model)
     # the finetune stage's loop and selection: the best training-domain validation epoch ships
     result = fit(model, method, train, val, fit_config(p, train.domain_names), optimizer, scheduler)

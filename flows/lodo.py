@@ -133,7 +133,7 @@ def lodo_flow(data: str = "digits", methods: list[str] = DEFAULT_METHODS,  # noq
     from flows.cell_cache import code_version
     from mdcore.eval import lodo
     from mdcore.data.io import atomic_write_json, atomic_write_text
-    from mdcore.models.input_norm import input_size, timm_default_norm
+    from mdcore.models.input_norm import input_size, resize_for, timm_default_norm
     from mdcore.models.model import weights_kind
     from mdcore.methods import method_class
     from tasks.params import load_params, merge_fields, validate_params
@@ -162,11 +162,14 @@ def lodo_flow(data: str = "digits", methods: list[str] = DEFAULT_METHODS,  # noq
     # cells start from random weights, or from weights that never saw the user's images (ImageNet weights of
     # a package or the hub); never from a pretrain-stage file, which may have seen the held-out domain
     start = pre.backbone_weights if weights_kind(pre.backbone_weights) in ("package", "timm-hub") else None
-    image_size = input_size(pre.image_size, timm_default_norm(pre.backbone) if start else None, "pretrain.image_size")
+    weights_cfg = timm_default_norm(pre.backbone) if start else None
+    image_size = input_size(pre.image_size, weights_cfg, "pretrain.image_size")
+    resize = resize_for(pre.resize, weights_cfg, "pretrain.resize")
     code = code_version()  # once per run: the code every cell of this run trains with
     base = {"manifest": info["manifest"], "image_root": info["image_root"], "dataset_version": info["dataset_version"],
             "finetune": {k: v for k, v in finetune.items() if k not in ("seed", "method")},
-            "backbone": pre.backbone, "image_size": image_size, "threads": threads, "protocol": PROTOCOL_VERSION,
+            "backbone": pre.backbone, "image_size": image_size, "resize": resize, "threads": threads,
+            "protocol": PROTOCOL_VERSION,
             "code_version": code, **({"backbone_weights": start} if start else {})}
     cells_dir = folder / "cells"
     results, todo = [], []
@@ -196,7 +199,7 @@ def lodo_flow(data: str = "digits", methods: list[str] = DEFAULT_METHODS,  # noq
                "domains": domains, "seeds": list(seeds), "methods": list(methods),
                "config": {"epochs": epochs, "batch_size": batch_size, "threads": threads, "backbone": pre.backbone,
                           "backbone_weights": start,
-                          "image_size": image_size, **({"finetune_overrides": finetune_overrides}
+                          "image_size": image_size, "resize": resize, **({"finetune_overrides": finetune_overrides}
                                                             if finetune_overrides else {})},
                "aggregate": lodo.aggregate([r for r in results if r["method"] in methods],
                                            choose_without=demo_holdout(paths, domains)),

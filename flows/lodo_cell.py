@@ -14,17 +14,17 @@ from mdcore.train import Callback
 _IMAGES: dict = {}  # decoded once per process: manifest path -> (frame, ImageSet of every row)
 
 
-def _all_images(manifest: str, image_root: str, size: int):
+def _all_images(manifest: str, image_root: str, size: int, resize: str = "bilinear"):
     import pandas as pd
 
     from mdcore.data.images import load_images
     from mdcore.data.manifest import class_names
 
-    key = (manifest, image_root, size)
+    key = (manifest, image_root, size, resize)
     if key not in _IMAGES:
         frame = pd.read_csv(manifest, dtype={"label": str, "domain": str}, keep_default_na=False)
         data = load_images(frame, {"real": Path(image_root)}, size, sorted(frame["domain"].unique()),
-                           class_names(frame))
+                           class_names(frame), resize=resize)
         _IMAGES.clear()
         _IMAGES[key] = (frame, data)
     return _IMAGES[key]
@@ -78,7 +78,8 @@ def train_cell(spec: dict) -> dict:
     # the cell's method replaces the file's: the file's per-domain parts are no request to a method without them
     p = without_unhosted_parts(FinetuneParams.model_validate(
         spec["finetune"] | {"method": spec["method"], "seed": int(spec["seed"])}))
-    frame, data = _all_images(spec["manifest"], spec["image_root"], int(spec["image_size"]))
+    resize = spec.get("resize", "bilinear")  # cells keyed before the filter was a choice: bilinear
+    frame, data = _all_images(spec["manifest"], spec["image_root"], int(spec["image_size"]), resize)
     rows = cell_rows(frame, spec["heldout"])
     domains = rows.training_domains
     train, val = _subset(frame, data, rows.train, domains), _subset(frame, data, rows.val, domains)
@@ -90,7 +91,7 @@ def train_cell(spec: dict) -> dict:
     torch.manual_seed(p.seed)
     method = build_method(p)
     model = build_model(p, train, spec["backbone"], int(spec["image_size"]), spec.get("backbone_weights"),
-                        method=method)
+                        method=method, resize=resize)
     optimizer, scheduler = build_optimizer(p, model)
     result = fit(model, method, train, val, fit_config(p, domains), optimizer, scheduler,
                  callbacks=[OracleScore(model, oracle, proto, spec["heldout"])])

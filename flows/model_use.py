@@ -58,7 +58,7 @@ def calibration_feeds(paths: Paths, model_dir: Path, limit: int = 256) -> list[d
 
     cfg, _ = load_config(model_dir)
     data, _ = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), cfg.image_size, ("train",),
-                         synthetic=False, domains=cfg.domains, classes=cfg.classes)
+                         synthetic=False, domains=cfg.domains, classes=cfg.classes, resize=cfg.resize)
     known = data.domains >= 0
     return feeds(data.images[known], data.domains[known], limit=limit)
 

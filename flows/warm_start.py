@@ -83,11 +83,11 @@ def warm_start(paths, params, out: str | Path) -> dict:
     if new_classes:
         return {"skipped": f"new classes {new_classes}: the head must be rebuilt, a full retrain is needed"}
     roots = image_roots(paths.raw, paths.synthetic)
-    size, classes = model.config.image_size, model.config.classes
+    size, classes, resize = model.config.image_size, model.config.classes, model.config.resize
     added = {}
     for domain in sorted(set(new_rows["domain"]) - set(model.config.domains)):
         rows = new_rows[new_rows["domain"] == domain]
-        imgs = load_images(rows, roots, size, model.config.domains, classes).images
+        imgs = load_images(rows, roots, size, model.config.domains, classes, resize=resize).images
         nearest, sims = nearest_domain(model.eval(), to_float(imgs))
         added[domain] = {"init_from": model.config.domains[nearest], "similarity": dict(zip(model.config.domains, sims))}
         model = add_domain(model, domain, init_from=nearest)
@@ -95,14 +95,14 @@ def warm_start(paths, params, out: str | Path) -> dict:
     mode, why = step_mode(new_rows, list(added), params.new_domain)
     if mode == "parts":  # the rows it learns from: the new domains' own (known domains' parts cannot move)
         new_rows = new_rows[new_rows["domain"].isin(list(added))]
-    new = load_images(new_rows, roots, size, domains, classes)
-    past = load_images(past_rows, roots, size, domains, classes)
+    new = load_images(new_rows, roots, size, domains, classes, resize=resize)
+    past = load_images(past_rows, roots, size, domains, classes, resize=resize)
     losses = per_sample_losses(model, past.images, past.labels, past.domains) if params.replay_strategy == "hardest" else None
     budget = replay_budget(len(past), params.replay_fraction, params.replay_max_images)
     keep = select_replay(past.domains, budget, params.replay_strategy, seed=params.seed, losses=losses)
     ds = concat(new, past.subset(torch.isin(torch.arange(len(past)), keep)))
     val_rows = frame[(frame["split"] == "val") & frame["domain"].isin(domains) & (frame["source"] == "real")]
-    val = load_images(val_rows, roots, size, domains, classes)
+    val = load_images(val_rows, roots, size, domains, classes, resize=resize)
     p = finetune.model_copy(update={"epochs": params.epochs, "lr": params.lr, "batch_size": params.batch_size,
                                     "layer_decay": None, "seed": params.seed, "method": "multidomain",
                                     "method_hparams": {}})

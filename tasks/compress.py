@@ -48,7 +48,7 @@ def load_sets(paths: Paths, cfg, p: CompressParams):
     """(train, EvalSets): real training images of the seen domains; val + gate (selection), test +
     held-out (report) and a seeded subsample of the seen test images (corruptions)."""
     roots = image_roots(paths.raw, paths.synthetic)
-    kw = dict(synthetic=False, domains=cfg.domains, classes=cfg.classes)
+    kw = dict(synthetic=False, domains=cfg.domains, classes=cfg.classes, resize=cfg.resize)
     train, train_rows = load_split(paths.train_manifest, roots, cfg.image_size, ("train",), **kw)
     select, select_rows = load_split(paths.train_manifest, roots, cfg.image_size, SELECT_SPLITS, **kw)
     report, report_rows = load_split(paths.train_manifest, roots, cfg.image_size, REPORT_SPLITS, **kw)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mdcore.data.decode import DEFAULT_RESIZE
 from mdcore.data.images import ImageSet, load_images
 from mdcore.data.manifest import class_names, read_manifest
 
@@ -21,13 +22,13 @@ def seen_domains(frame: pd.DataFrame) -> list[str]:
 def load_split(
     manifest: str | Path, roots: dict[str, Path], size: int, splits: tuple[str, ...], *,
     synthetic: bool = True, domains: list[str] | None = None, classes: list[str] | None = None,
-    lazy: bool = False, cache_dir: str | Path | None = None,
+    lazy: bool = False, cache_dir: str | Path | None = None, resize: str = DEFAULT_RESIZE,
 ) -> tuple[ImageSet, pd.DataFrame]:
     frame = read_manifest(manifest)
     domains = domains if domains is not None else seen_domains(frame)
     classes = classes if classes is not None else class_names(frame)
     rows = frame[frame["split"].isin(splits) & (synthetic | (frame["source"] == "real"))]
-    return load_images(rows, roots, size, domains, classes, lazy=lazy, cache_dir=cache_dir), rows
+    return load_images(rows, roots, size, domains, classes, lazy=lazy, cache_dir=cache_dir, resize=resize), rows
 
 
 def guard_holdout(manifest: str | Path, used: dict[str, pd.DataFrame]) -> None:

@@ -37,7 +37,7 @@ def score(model: MultiDomainModel, paths: Paths, batch_size: int, splits: tuple[
     model moves to ``device`` and every batch with it. ``keep_images``: the images and paths come along."""
     cfg = model.config
     data, rows = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), cfg.image_size,
-                            splits, synthetic=False, domains=cfg.domains, classes=cfg.classes)
+                            splits, synthetic=False, domains=cfg.domains, classes=cfg.classes, resize=cfg.resize)
     if must_have_rows and not len(rows):
         raise ValueError(f"{paths.train_manifest} has no rows in splits {list(splits)} to score on"
                          + (" (set ingest.gate_fraction > 0)" if "gate" in splits else ""))

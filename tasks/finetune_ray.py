@@ -14,6 +14,7 @@ import signal
 import tempfile
 from pathlib import Path
 
+from mdcore.data.decode import DEFAULT_RESIZE
 from mdcore.train import Callback, Runtime
 from tasks.params import FinetuneParams
 from tasks.paths import Paths
@@ -95,7 +96,8 @@ def train_worker(cfg: dict, worker) -> None:
     torch.set_num_threads(max(1, int(p.cpus_per_worker)))
     torch.manual_seed(p.seed)
     roots = {k: Path(v) for k, v in cfg["roots"].items()}
-    stream = {"lazy": p.loader == "stream", "cache_dir": decoded_cache_dir() if p.decoded_cache else None}
+    stream = {"lazy": p.loader == "stream", "cache_dir": decoded_cache_dir() if p.decoded_cache else None,
+              "resize": cfg["resize"]}
     train, train_rows = load_split(cfg["train_manifest"], roots, cfg["image_size"], ("train",),
                                    synthetic=p.use_synthetic, **stream)
     val_set, val_rows = load_split(cfg["train_manifest"], roots, cfg["image_size"], ("val",), synthetic=False,
@@ -103,7 +105,8 @@ def train_worker(cfg: dict, worker) -> None:
     guard_holdout(cfg["train_manifest"], {"training": train_rows, "validation and selection": val_rows,
                                           "prototypes": train_rows})
     method = build_method(p)
-    model = build_model(p, train, cfg["backbone"], cfg["image_size"], cfg.get("backbone_weights"), method=method)
+    model = build_model(p, train, cfg["backbone"], cfg["image_size"], cfg.get("backbone_weights"), method=method,
+                        resize=cfg["resize"])
     optimizer, scheduler = build_optimizer(p, model)
     config: FitConfig = fit_config(p, train.domain_names)
     runtime = RayRuntime(worker, p, config)
@@ -294,6 +297,8 @@ def worker_config(params: FinetuneParams, paths: Paths, pre_config: dict, use_pr
         "roots": {"real": str(paths.raw), "synthetic": str(paths.synthetic)},
         "backbone": pre_config["backbone"],
         "image_size": pre_config["image_size"],
+        # the pretrain stage's filter; folders written before it chose one were resized bilinearly
+        "resize": pre_config.get("resize", DEFAULT_RESIZE),
         "backbone_weights": str(paths.pretrained / "backbone.safetensors") if use_pretrained else None,
         "kill_at_epoch": kill_at_epoch,
         "progress_file": str(progress_file) if progress_file else None,

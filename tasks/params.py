@@ -148,6 +148,10 @@ class PretrainParams(StageParams):
     image_size: Annotated[int, Field(ge=8)] | Literal["auto"] = Field(
         32, description="Side of the square images the model sees; auto = the input size of the starting "
                         "weights' pretrained_cfg (backbone_weights must carry one)")
+    resize: Literal["auto", "bilinear", "bicubic"] = Field(
+        "auto", description="Filter that resizes each image to image_size, in training and in the shipped model's "
+                            "input contract; auto = the starting weights' pretrained_cfg interpolation (bicubic "
+                            "for imagenet), else bilinear")
     input_norm: Literal["auto", "image", "pretrained", "none"] = Field(
         "auto", description="What the backbone sees: image = per-image standardization; pretrained = the mean/std "
                             "of timm's pretrained_cfg; none; auto = pretrained when backbone_weights come with a "

@@ -21,7 +21,7 @@ from prefect import task
 from safetensors.torch import save_file
 
 from mdcore.models.accel import resolve_device
-from mdcore.models.input_norm import InputNorm, cfg_norm, input_size, recorded_norm, resolve
+from mdcore.models.input_norm import InputNorm, cfg_norm, input_size, recorded_norm, resize_for, resolve
 from mdcore.data.io import atomic_dir
 from mdcore.models.model import create_backbone, weights_kind, weights_provenance
 from mdcore.eval.probe import probe_backbone, probe_markdown
@@ -45,12 +45,13 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
     weights_norm = _weights_norm(params.backbone_weights, backbone)
     weights_source = weights_provenance(params.backbone_weights, params.backbone, backbone)
     image_size = input_size(params.image_size, weights_norm, "pretrain.image_size")
-    data, rows = load_split(paths.train_manifest, roots, image_size, splits)
+    resize = resize_for(params.resize, weights_norm, "pretrain.resize")
+    data, rows = load_split(paths.train_manifest, roots, image_size, splits, resize=resize)
     if not params.include_holdout_unlabelled:  # generalization, not adaptation: nothing of them is seen
         guard_holdout(paths.train_manifest, {"pretraining": rows})
     kind, mean, std = resolve(params.input_norm, weights_norm, "image", params.backbone, "pretrain.input_norm")
     norm = InputNorm(kind, mean, std).to(device)
-    probe_data = _probe_data(paths, data, rows, image_size) if params.linear_probe else None
+    probe_data = _probe_data(paths, data, rows, image_size, resize) if params.linear_probe else None
     probe_before = _probe(backbone, probe_data, params.seed, norm, device) if probe_data else None
     history = []
     if params.enabled and params.epochs > 0:
@@ -69,12 +70,12 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
         # a timm-loadable file: other runs pass it as pretrain.backbone_weights
         save_file(state, str(tmp / BACKBONE_WEIGHTS), metadata={"format": "pt", "architecture": params.backbone})
         (tmp / "config.json").write_text(json.dumps({
-            "backbone": params.backbone, "image_size": image_size,
+            "backbone": params.backbone, "image_size": image_size, "resize": resize,
             "pretrained": bool(params.enabled and params.epochs > 0) or bool(params.backbone_weights),
             "backbone_weights": params.backbone_weights, "weights_source": weights_source,
             "self_supervised_epochs": len(history),
             "input_norm": kind,
-            "pretrained_cfg": _exported_norm(kind, mean, std, weights_norm, trained=bool(history)),
+            "pretrained_cfg": _exported_norm(kind, mean, std, weights_norm, resize, trained=bool(history)),
             "images": len(data), "history": history}, indent=2) + "\n")
         if probe_data:
             probe = {"before": probe_before, "after": probe_after, "kinds": probe_data["kinds"]}
@@ -94,12 +95,12 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
     return StageResult({"pretrained": str(paths.pretrained)}, metrics)
 
 
-def _probe_data(paths: Paths, data, rows, image_size: int) -> dict | None:
+def _probe_data(paths: Paths, data, rows, image_size: int, resize: str) -> dict | None:
     """Labelled train rows (seen domains) and the test rows of seen domains + all held-out rows."""
     train_mask = torch.from_numpy((rows["split"] == "train").to_numpy(copy=True))
     test, test_rows = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), image_size,
                                  ("test", "holdout"), synthetic=False, domains=data.domain_names,
-                                 classes=data.class_names)
+                                 classes=data.class_names, resize=resize)
     if not len(test) or not bool(train_mask.any()):
         return None
     names = list(test_rows["domain"])
@@ -118,12 +119,14 @@ def _weights_norm(weights: str | None, backbone) -> dict | None:
     return cfg_norm(getattr(backbone, "pretrained_cfg", None))
 
 
-def _exported_norm(kind: str, mean, std, weights_norm: dict | None, trained: bool) -> dict | None:
+def _exported_norm(kind: str, mean, std, weights_norm: dict | None, resize: str, trained: bool) -> dict | None:
     """The normalization the exported weights expect: the one SimCLR used if it ran with pretrained mean/std;
-    the starting weights' own if nothing trained them; None (per-image standardization or none) otherwise."""
+    the starting weights' own if nothing trained them; None (per-image standardization or none) otherwise.
+    Its interpolation is the resize filter this run used, which another run's ``resize: auto`` then takes."""
     if kind == "pretrained":
-        return {"mean": mean, "std": std, "input_size": (weights_norm or {}).get("input_size")}
-    return None if trained else weights_norm
+        return {"mean": mean, "std": std, "input_size": (weights_norm or {}).get("input_size"),
+                "interpolation": resize}
+    return None if trained or weights_norm is None else weights_norm | {"interpolation": resize}
 
 
 def _probe(backbone, probe_data: dict, seed: int, norm, device) -> dict:

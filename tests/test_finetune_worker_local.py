@@ -51,6 +51,8 @@ def test_worker_function_learns_on_an_explicit_device_and_resumes_from_its_check
         steps = sum(m["images"] // params.batch_size for m in worker.reports if m["epoch"] in window)
         assert last["shipped/swad_averaged_steps"] == steps, (last, steps)
     shipped = load_model(tmp_path / "run" / "checkpoint_000003" / "model")
+    # random weights (the demo profile): resized bilinearly, in training and in the model's input contract
+    assert cfg["resize"] == pre_config["resize"] == shipped.config.resize == "bilinear"
     val, _ = load_split(paths.train_manifest, {"real": paths.raw, "synthetic": paths.synthetic},
                         pre_config["image_size"], ("val",), synthetic=False, domains=shipped.config.domains,
                         classes=shipped.config.classes)

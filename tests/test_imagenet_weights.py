@@ -106,10 +106,13 @@ def test_pretrain_stage_passes_the_packaged_weights_on_with_their_source_and_nor
     config = json.loads((paths.pretrained / "config.json").read_text())
     assert config["weights_source"]["kind"] == "package" and "Apache-2.0" in config["weights_source"]["license"]
     assert config["pretrained"] and config["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5]
+    # timm's pretrained_cfg interpolation: bicubic, recorded for the finetune stage and for later runs
+    assert config["resize"] == "bicubic" and config["pretrained_cfg"]["interpolation"] == "bicubic"
     train, _ = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), 32, ("train",))
     exported = str(paths.pretrained / "backbone.safetensors")
-    model = build_model(FinetuneParams(), train, "tf_efficientnet_lite0", 32, exported)
+    model = build_model(FinetuneParams(), train, "tf_efficientnet_lite0", 32, exported, resize=config["resize"])
     assert model.config.input_norm == "pretrained" and model.config.input_mean == [0.5, 0.5, 0.5]
+    assert model.config.resize == "bicubic"
     state = load_file(exported)
     layers = {n: m for n, m in model.backbone.named_modules() if isinstance(m, DomainBatchNorm2d)}
     assert len(layers) > 40 and model.config.domain_bn

@@ -27,10 +27,25 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_resized(path: Path, size: int) -> np.ndarray:
-    """The image at ``path`` as (3, size, size) uint8: what the model sees (RGB, bilinear resize)."""
+# how images are resized to the model's side: the filters of timm's ``pretrained_cfg["interpolation"]`` that
+# PIL has (PIL's resize filters every source pixel when shrinking, so both are antialiased)
+RESIZE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+DEFAULT_RESIZE = "bilinear"  # models without ImageNet-style weights, and every config saved before `resize`
+
+
+def resize_filter(resize: str, where: str = "resize") -> Image.Resampling:
+    try:
+        return RESIZE_FILTERS[resize]
+    except KeyError:
+        raise ValueError(f"{where}={resize!r}: expected one of {sorted(RESIZE_FILTERS)}") from None
+
+
+def decode_resized(path: Path, size: int, resize: str = DEFAULT_RESIZE) -> np.ndarray:
+    """The image at ``path`` as (3, size, size) uint8: what the model sees (RGB, resized with the model's
+    ``resize`` filter: the one its starting weights were trained with)."""
+    resample = resize_filter(resize)
     with Image.open(path) as img:
         img = to_rgb(img)
         if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
+            img = img.resize((size, size), resample)
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mdcore.data.decode import decode_resized
+from mdcore.data.decode import DEFAULT_RESIZE, decode_resized
 from mdcore.data.manifest import class_names, resolve_in
 
 
@@ -41,12 +41,14 @@ def load_images(
     threads: int = 4,
     lazy: bool = False,
     cache_dir: str | Path | None = None,
+    resize: str = DEFAULT_RESIZE,
 ) -> ImageSet:
     """Decode every row of ``frame``; ``roots`` maps a row's ``source`` (real/synthetic) to its folder.
 
     ``domain_names``/``classes`` fix the index order (a model's order); rows of a domain the model does
     not know get domain index -1 (the unknown-domain path). ``lazy``: nothing is decoded now; the images
     decode when indexed (:class:`mdcore.data.lazy_images.LazyImages`, optionally cached in ``cache_dir``).
+    ``resize``: the model's resize filter (``ModelConfig.resize``).
     """
     domain_names = list(domain_names) if domain_names is not None else sorted(frame["domain"].unique())
     classes = list(classes) if classes is not None else class_names(frame)
@@ -54,10 +56,10 @@ def load_images(
     if lazy:
         from mdcore.data.lazy_images import LazyImages
 
-        images = LazyImages(paths, size, cache_dir=cache_dir, threads=min(threads, 2))
+        images = LazyImages(paths, size, cache_dir=cache_dir, threads=min(threads, 2), resize=resize)
     else:
         with ThreadPoolExecutor(threads) as pool:
-            arrays = list(pool.map(lambda p: decode_resized(p, size), paths))
+            arrays = list(pool.map(lambda p: decode_resized(p, size, resize), paths))
         images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0, 3, size, size, dtype=torch.uint8)
     class_index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(frame["label"]) - set(class_index))

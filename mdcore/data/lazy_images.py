@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from mdcore.data.decode import decode_resized
+from mdcore.data.decode import DEFAULT_RESIZE, decode_resized
 
 
 class LazyImages:
@@ -26,8 +26,9 @@ class LazyImages:
 
     dtype = torch.uint8
 
-    def __init__(self, paths: list[Path], size: int, cache_dir: str | Path | None = None, threads: int = 2):
-        self.paths, self.size, self.threads = [Path(p) for p in paths], size, threads
+    def __init__(self, paths: list[Path], size: int, cache_dir: str | Path | None = None, threads: int = 2,
+                 resize: str = DEFAULT_RESIZE):
+        self.paths, self.size, self.threads, self.resize = [Path(p) for p in paths], size, threads, resize
         self.cache_dir = Path(cache_dir) if cache_dir else None
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -44,7 +45,7 @@ class LazyImages:
             rows = range(len(self.paths))[index]
         elif isinstance(index, torch.Tensor) and index.dtype == torch.bool:
             return LazyImages([p for p, keep in zip(self.paths, index.tolist()) if keep], self.size,
-                              self.cache_dir, self.threads)
+                              self.cache_dir, self.threads, self.resize)
         elif isinstance(index, int):
             return self[[index]][0]
         else:
@@ -62,13 +63,13 @@ class LazyImages:
     def _load(self, path: Path) -> np.ndarray:
 
         if self.cache_dir is None:
-            return decode_resized(path, self.size)
+            return decode_resized(path, self.size, self.resize)
         st = path.stat()
-        key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}|{self.size}".encode()).hexdigest()
+        key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}|{self.size}|{self.resize}".encode()).hexdigest()
         cached = self.cache_dir / f"{key}.npy"
         if cached.is_file():
             return np.load(cached, allow_pickle=False)
-        array = decode_resized(path, self.size)
+        array = decode_resized(path, self.size, self.resize)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(tmp, array, allow_pickle=False)
         tmp.replace(cached)  # atomic: a reader never sees half a file

@@ -2,7 +2,7 @@
 ONNX metadata, so a user (or ``mdpipe predict``) needs nothing but the file to feed it and read its output.
 
 Metadata keys (``mdpipe.*``, JSON values): ``classes`` and ``domains`` (index order; domain -1 = unknown,
-routed on features), ``image_size``, ``input`` (how pixels reach the graph), ``temperatures`` (per domain
+routed on features), ``image_size``, ``resize`` (the filter to that size), ``input`` (how pixels reach the graph), ``temperatures`` (per domain
 and ``unknown``, when calibration fitted them: probabilities = softmax(logits / T)), ``model_sha256``
 (of the safetensors weights it was exported from) and ``precision`` (fp32 or int8). With temperatures the
 graph also has a ``probabilities`` output (softmax(logits / T[domain]), computed in the graph).
@@ -14,18 +14,20 @@ import os
 import tempfile
 from pathlib import Path
 
+from mdcore.data.decode import DEFAULT_RESIZE
 from mdcore.models.model import MultiDomainModel
 
 PREFIX = "mdpipe."
 INPUT_DOC = ("uint8 RGB pixels, NCHW, {size}x{size}: decode, convert to RGB (EXIF rotation applied, alpha on "
-             "white), resize bilinear to {size}x{size}; the graph scales and normalizes itself")
+             "white), resize {resize} to {size}x{size}; the graph scales and normalizes itself")
 
 
 def metadata_for(model: MultiDomainModel, model_sha256: str, precision: str,
                  temperatures: dict[str, float] | None = None) -> dict:
     cfg = model.config
     meta = {"classes": list(cfg.classes), "domains": list(cfg.domains), "image_size": cfg.image_size,
-            "input": INPUT_DOC.format(size=cfg.image_size), "backbone": cfg.backbone,
+            "resize": cfg.resize, "input": INPUT_DOC.format(size=cfg.image_size, resize=cfg.resize),
+            "backbone": cfg.backbone,
             "model_sha256": model_sha256, "precision": precision}
     if temperatures:
         meta["temperatures"] = dict(temperatures)
@@ -123,7 +125,7 @@ def export_card(meta: dict, model_dir: Path, record: dict | None) -> str:
     temps = meta.get("temperatures")
     lines = [f"# Model card: {'champion ' + record['id'] if record else Path(model_dir).name} ({meta['precision']})", "",
              "## Inputs and outputs",
-             f"- `images`: {INPUT_DOC.format(size=size)}.",
+             f"- `images`: {INPUT_DOC.format(size=size, resize=meta.get('resize', DEFAULT_RESIZE))}.",
              "- `domain`: int64 (N,): the image's domain index (below), or -1 when unknown (routed on its features).",
              f"- `logits`: float32 (N, {len(meta['classes'])}). Probabilities: softmax(logits / T[domain])"
              + (" with the temperatures below (fitted on validation); the graph's second output, `probabilities`, "

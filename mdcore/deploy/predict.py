@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mdcore.data.decode import DEFAULT_RESIZE
 from mdcore.data.manifest import IMAGE_EXTENSIONS
 
 UNKNOWN = "unknown"
@@ -59,19 +60,19 @@ def _resolve(base: Path, p: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def decode_one(path: str, size: int) -> tuple[np.ndarray, str | None]:
+def decode_one(path: str, size: int, resize: str = DEFAULT_RESIZE) -> tuple[np.ndarray, str | None]:
     """(3, size, size) uint8 as training decodes it, and None or why it could not be read (its pixels are
     then zeros and it gets no prediction)."""
     from mdcore.data.decode import decode_resized
 
     try:
-        return decode_resized(Path(path), size), None
+        return decode_resized(Path(path), size, resize), None
     except (OSError, ValueError) as e:  # PIL: unreadable, truncated, not an image
         return np.zeros((3, size, size), np.uint8), f"{type(e).__name__}: {e}"[:200]
 
 
-def decode_chunk(paths: list[str], size: int) -> tuple[np.ndarray, list[str | None]]:
-    decoded = [decode_one(p, size) for p in paths]
+def decode_chunk(paths: list[str], size: int, resize: str = DEFAULT_RESIZE) -> tuple[np.ndarray, list[str | None]]:
+    decoded = [decode_one(p, size, resize) for p in paths]
     images = np.stack([d[0] for d in decoded]) if decoded else np.zeros((0, 3, size, size), np.uint8)
     return images, [d[1] for d in decoded]
 
@@ -100,17 +101,18 @@ def predict_frame(onnx_path: str | Path, frame: pd.DataFrame, batch_size: int = 
     index = {d: i for i, d in enumerate(domains)}
     dom = np.array([index.get(d, -1) for d in frame["domain"]], dtype=np.int64)
     sess = session(onnx_path, threads)
-    paths, size = list(frame["path"]), meta["image_size"]
+    # files exported before the metadata named a filter were trained on bilinear resizes
+    paths, size, resize = list(frame["path"]), meta["image_size"], meta.get("resize", DEFAULT_RESIZE)
     chunks = [slice(s, s + batch_size) for s in range(0, len(paths), batch_size)]
     logits, errors = [], []
     # one thread decodes the next batch while ONNX Runtime (which releases the GIL) scores this one: decoding
     # in several Python threads was slower than one (GIL contention), measured on 2 cores
     with ThreadPoolExecutor(1) as decoder:
-        pending = decoder.submit(decode_chunk, paths[chunks[0]], size) if chunks else None
+        pending = decoder.submit(decode_chunk, paths[chunks[0]], size, resize) if chunks else None
         for k, part in enumerate(chunks):
             images, errs = pending.result()
             if k + 1 < len(chunks):
-                pending = decoder.submit(decode_chunk, paths[chunks[k + 1]], size)
+                pending = decoder.submit(decode_chunk, paths[chunks[k + 1]], size, resize)
             logits.append(sess.run([OUTPUT], {"images": images, "domain": dom[part]})[0])
             errors += errs
     logits = np.concatenate(logits) if logits else np.zeros((0, len(classes)), np.float32)

@@ -108,7 +108,8 @@ def model_card(row: dict, config, provenance: dict, machine: dict) -> str:
              "## Inputs and outputs",
              f"- `images`: uint8 tensor (N, 3, {config.image_size}, {config.image_size}), RGB pixels 0..255, NCHW. "
              f"Preprocessing before the model: decode, convert to RGB (EXIF rotation applied, alpha on white), "
-             f"resize to {config.image_size}x{config.image_size} (bilinear). The graph itself {_graph_norm(config)}.",
+             f"resize to {config.image_size}x{config.image_size} ({config.resize}, as in training). The graph itself "
+             f"{_graph_norm(config)}.",
              "- `domain`: int64 tensor (N,): the index of the image's domain (below), or -1 when unknown "
              "(the model then routes the image on its features: the unknown-domain fallback).",
              f"- `logits`: float32 (N, {len(config.classes)}); argmax = class index (below).",

@@ -68,7 +68,7 @@ def as_norm(norm) -> InputNorm:
 
 
 def cfg_norm(cfg) -> dict | None:
-    """{"mean", "std", "input_size"} of a timm ``pretrained_cfg`` (dict or PretrainedCfg); None without mean/std."""
+    """{"mean", "std", "input_size", "interpolation"} of a timm ``pretrained_cfg`` (dict or PretrainedCfg); None without mean/std."""
     if cfg is None:
         return None
     get = cfg.get if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
@@ -77,7 +77,7 @@ def cfg_norm(cfg) -> dict | None:
         return None
     size = get("input_size")
     return {"mean": [float(v) for v in mean], "std": [float(v) for v in std],
-            "input_size": list(size) if size is not None else None}
+            "input_size": list(size) if size is not None else None, "interpolation": get("interpolation")}
 
 
 def input_size(choice: int | str, weights_norm: dict | None, where: str = "image_size") -> int:
@@ -91,6 +91,18 @@ def input_size(choice: int | str, weights_norm: dict | None, where: str = "image
         raise ValueError(f"{where}=auto takes the input size of the starting weights' pretrained_cfg, but "
                          "backbone_weights are empty or carry none: set a number")
     return int(size[-1])
+
+
+def resize_for(choice: str, weights_norm: dict | None, where: str = "resize") -> str:
+    """The resize filter a run uses: ``choice`` itself, or with "auto" the starting weights' pretrained_cfg
+    interpolation (bicubic for timm's ImageNet EfficientNets) when PIL has it, else bilinear."""
+    from mdcore.data.decode import DEFAULT_RESIZE, RESIZE_FILTERS, resize_filter
+
+    if choice != "auto":
+        resize_filter(choice, where)
+        return choice
+    wanted = (weights_norm or {}).get("interpolation")
+    return wanted if wanted in RESIZE_FILTERS else DEFAULT_RESIZE
 
 
 def recorded_norm(weights: str | Path | None) -> dict | None:

@@ -40,6 +40,7 @@ class ModelConfig:
     domains: list[str]
     classes: list[str]
     image_size: int = 32
+    resize: str = "bilinear"  # PIL filter from the file to image_size: the starting weights' (timm interpolation)
     adapters: bool = True
     adapter_dim: int = 64
     routing_temperature: float = 0.1
@@ -355,7 +356,10 @@ def no_weight_decay_param(module: nn.Module, name: str) -> bool:
 
 
 def _check_config(config: ModelConfig) -> None:
+    from mdcore.data.decode import resize_filter
+
     check_input_norm(config.input_norm, config.input_mean, config.input_std)
+    resize_filter(config.resize, "model config resize")
     if config.head not in ("linear", "moe"):
         raise ValueError(f"model config head={config.head!r}: expected 'linear' or 'moe'")
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
+from mdcore.data.decode import DEFAULT_RESIZE
 from mdcore.data.images import ImageSet
 from mdcore.methods import Method, create_method, method_class
 from mdcore.train import FitConfig
@@ -73,18 +74,19 @@ def fit_config(p: FinetuneSettings, domains: list[str]) -> FitConfig:
 
 
 def model_config(p: FinetuneSettings, domains: list[str], classes: list[str], backbone: str,
-                 image_size: int, weights_norm: dict | None = None) -> ModelConfig:
+                 image_size: int, weights_norm: dict | None = None, resize: str = DEFAULT_RESIZE) -> ModelConfig:
     """The ModelConfig the finetune params select: the per-domain parts and the weights of their losses,
     as the method keeps or removes them (``erm`` and its children have none, and no standardization).
 
     ``weights_norm``: the starting weights' pretrained_cfg mean/std (``mdcore.models.input_norm.recorded_norm``);
-    with ``input_norm: auto`` the model then normalizes with it instead of the method's own choice."""
+    with ``input_norm: auto`` the model then normalizes with it instead of the method's own choice.
+    ``resize``: the filter its images were resized with (the pretrain stage's choice), kept for inference."""
     from mdcore.models.input_norm import resolve
 
     method = build_method(p)
     cfg = method.configure(asdict(_component_config(p, domains, classes, backbone, image_size)))
     kind, mean, std = resolve(p.input_norm, weights_norm, cfg["input_norm"], backbone, "finetune.input_norm")
-    return ModelConfig(**(cfg | {"input_norm": kind, "input_mean": mean, "input_std": std}))
+    return ModelConfig(**(cfg | {"input_norm": kind, "input_mean": mean, "input_std": std, "resize": resize}))
 
 
 def _component_config(p: FinetuneSettings, domains: list[str], classes: list[str], backbone: str,
@@ -98,13 +100,14 @@ def _component_config(p: FinetuneSettings, domains: list[str], classes: list[str
 
 
 def build_model(p: FinetuneSettings, train: ImageSet, backbone: str, image_size: int,
-                backbone_weights: str | None = None, method: Method | None = None) -> MultiDomainModel:
+                backbone_weights: str | None = None, method: Method | None = None,
+                resize: str = DEFAULT_RESIZE) -> MultiDomainModel:
     """The model of the params; ``method`` (from :func:`build_method`) attaches its training-only hooks.
     ``backbone_weights``: a file exported by the pretrain stage (its recorded pretrained_cfg comes along), or
     weights timm or a package provides (``imagenet``, a hub tag: with their own pretrained_cfg)."""
     state, weights_norm = starting_backbone(backbone, backbone_weights)
     model = MultiDomainModel(model_config(p, train.domain_names, train.class_names, backbone, image_size,
-                                          weights_norm))
+                                          weights_norm, resize))
     if state is not None:
         model.load_backbone(state)
     if method is not None:
