@@ -61,7 +61,7 @@ def workspace(dest: Path, **overrides: dict) -> Path:
 
 def prepare(root: Path, pretrain_epochs: int, threads: int, target_pretrain_epochs: int = 0,
             labels_per_class: int | None = None, source_data: str = "digits",
-            image_size: int = 64) -> tuple[Path, dict]:
+            image_size: int = 64, resize: str = "auto") -> tuple[Path, dict]:
     """Pretrain on digits and export; set up glyphs starting from the file (continued pretraining on glyphs
     when ``target_pretrain_epochs``; then ``labels_per_class`` cuts its labels). ``source_data`` "none": no
     source file, the target's pretraining starts from random weights (the control for continued
@@ -86,7 +86,7 @@ def prepare(root: Path, pretrain_epochs: int, threads: int, target_pretrain_epoc
     adapt = ({"enabled": True, "epochs": target_pretrain_epochs, "threads": threads, "device": "cpu"}
              if target_pretrain_epochs else {"enabled": False})
     target = workspace(root / "glyphs", **quick, ingest={"builtin": "glyphs", "holdout_domains": []},
-                       pretrain={**adapt, **start, "linear_probe": False})
+                       pretrain={**adapt, **start, "linear_probe": False, "resize": resize})
     for stage in stages:
         execute(stage, target)
     if labels_per_class:
@@ -173,6 +173,8 @@ def main() -> None:
                     help="imagenet: the packaged ImageNet-1k tf_efficientnet_lite0 at --image-size (scratch = the "
                          "same backbone from random weights); none: no source file; the "
                     "target's own pretraining (--target-pretrain-epochs) starts from random weights")
+    ap.add_argument("--resize", choices=["auto", "bilinear", "bicubic"], default="auto",
+                    help="pretrain.resize of the target (auto: bicubic from imagenet, else bilinear)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 on a busy 2-core machine spin: 10x slower)")
     ap.add_argument("--root", help="work folder (default: a temporary one, removed at the end); one already "
                                    "prepared is reused as it is")
@@ -188,7 +190,8 @@ def main() -> None:
             target, timings = root / "glyphs", {"reused": str(root)}
         else:
             target, timings = prepare(root, args.pretrain_epochs, args.threads, args.target_pretrain_epochs,
-                                      args.labels_per_class, args.source, args.image_size)
+                                      args.labels_per_class, args.source, args.image_size, args.resize)
+        timings["resize"] = json.loads((target / "models/pretrained/config.json").read_text())["resize"]
         print(json.dumps(timings), flush=True)
         rows = []
         for seed in args.seeds:
