@@ -44,6 +44,10 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--input-norm", default="auto", help="finetune.input_norm of the cells (auto|image|pretrained|none)")
+    ap.add_argument("--resize", default="bilinear", help="the cells' resize filter (bilinear: the filter of "
+                                                          "the cells recorded before it was a choice)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a finetune field for every cell (e.g. domain_bn=false); the cells form their own variant")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default="/tmp/lodo25")
     ap.add_argument("--out", required=True)
@@ -74,7 +78,12 @@ def main(argv=None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     info = prepare_data.fn(args.data, str(folder))  # the flow's own data step, called as a plain function
     domains = info["domains"]
-    finetune = load_params("finetune", paths.root / "params").model_dump() | {
+    from tasks.params import parse_overrides
+
+    extra = parse_overrides(args.set, "finetune")["finetune"] if args.set else {}
+    variant = "+".join([args.input_norm] + ([f"resize={args.resize}"] if args.resize != "bilinear" else [])
+                       + sorted(f"{k}={v}" for k, v in extra.items()))
+    finetune = load_params("finetune", paths.root / "params").model_dump() | extra | {
         "epochs": args.epochs, "batch_size": args.batch_size, "layer_decay": None, "gradual_unfreeze_every": 0,
         "freeze_stages": 0, "adapters_only": False, "early_stopping_patience": 0, "input_norm": args.input_norm}
     method = args.method or finetune["method"]
@@ -83,6 +92,7 @@ def main(argv=None) -> None:
     base = {"manifest": info["manifest"], "image_root": info["image_root"], "dataset_version": info["dataset_version"],
             "finetune": {k: v for k, v in finetune.items() if k not in ("seed", "method")},
             "backbone": args.backbone, "image_size": args.image_size, "threads": args.threads,
+            **({"resize": args.resize} if args.resize != "bilinear" else {}),
             "protocol": PROTOCOL_VERSION, "code_version": code,
             **({"backbone_weights": args.weights} if args.weights else {})}
 
@@ -93,7 +103,7 @@ def main(argv=None) -> None:
                    "config": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": finetune["lr"],
                               "threads": args.threads, "backbone": args.backbone,
                               "backbone_weights": args.weights, "image_size": args.image_size}})
-    done = {(c["method"], c["heldout"], c["seed"], c["input_norm"]) for c in record["cells"]}
+    done = {(c["method"], c["heldout"], c["seed"], c.get("variant", c["input_norm"])) for c in record["cells"]}
 
     # capture the model and validation split that train_cell hands to fit (the cell's code is unchanged)
     captured: dict = {}
@@ -107,7 +117,7 @@ def main(argv=None) -> None:
     new = 0
     for seed in args.seeds:  # seed outer: complete seeds first
         for d in args.heldout or domains:
-            if (method, d, seed, args.input_norm) in done:
+            if (method, d, seed, variant) in done:
                 continue
             if _past(args.stop_at) or (args.max_cells and new >= args.max_cells):
                 print(f"stopping before {d} seed {seed}: stop time {args.stop_at} / max cells reached", flush=True)
@@ -120,6 +130,7 @@ def main(argv=None) -> None:
             model, val = captured["model"], captured["val"]
             shipped_val = evaluate_split(model, val, [val.domain_names[i] for i in val.domains])
             result |= {"cell_hash": cell_hash(spec), "code_version": code, "input_norm": args.input_norm,
+                       "variant": variant,
                        "model_input_norm": model.config.input_norm if hasattr(model, "config") else None,
                        "val_acc_shipped": shipped_val["acc"], "val_loss_shipped": shipped_val["loss"],
                        "val_per_domain_shipped": shipped_val["per_domain"], "started_utc": started,
@@ -127,7 +138,7 @@ def main(argv=None) -> None:
             record["cells"].append(result)
             new += 1
             _write(record, out, atomic_write_json, lodo, demo_holdout(paths, domains))
-            print(f"{started} {method} norm={args.input_norm} held out {d} seed {seed}: held-out "
+            print(f"{started} {method} {variant} held out {d} seed {seed}: held-out "
                   f"{result['heldout_acc']:.3f} seen {result['seen_acc']:.3f} val(shipped) {shipped_val['acc']:.3f} "
                   f"selected {result['selected_epoch']} {result['train_s']:.0f} s", flush=True)
     _write(record, out, atomic_write_json, lodo, demo_holdout(paths, domains))
@@ -135,8 +146,8 @@ def main(argv=None) -> None:
 
 def _write(record, out, atomic_write_json, lodo, choose_without) -> None:
     aggregates = {}
-    for norm in sorted({c["input_norm"] for c in record["cells"]}):
-        cells = [c for c in record["cells"] if c["input_norm"] == norm]
+    for norm in sorted({c.get("variant", c["input_norm"]) for c in record["cells"]}):
+        cells = [c for c in record["cells"] if c.get("variant", c["input_norm"]) == norm]
         agg = lodo.aggregate(cells, choose_without=choose_without)
         for m, row in agg["table"].items():
             seeds = row["seeds"]
