@@ -15,6 +15,7 @@ import logging
 import torch
 from prefect import task
 
+from mdcore.data.decode import DEFAULT_RESIZE
 from mdcore.data.io import atomic_dir
 from mdcore.data.manifest import class_names, read_manifest
 from mdcore.eval import label_issues as li
@@ -59,8 +60,10 @@ def run(params: LabelIssuesParams, paths: Paths) -> StageResult:
 def _find(found, paths: Paths, params: LabelIssuesParams, domains, classes):
     """(issues, images, None), or (None, None, why) when the rows are too few to fold."""
     extractor, norm, size, source = found
+    # resized as the pretrain stage resized them (found implies its config.json)
+    resize = json.loads((paths.pretrained / "config.json").read_text()).get("resize", DEFAULT_RESIZE)
     data, rows = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), size, ("train",),
-                            synthetic=False, domains=domains, classes=classes)
+                            synthetic=False, domains=domains, classes=classes, resize=resize)
     if len(set(data.labels.tolist())) < 2 or len(data) < 2 * params.folds:
         return None, None, (f"{len(data)} real training rows of {len(set(data.labels.tolist()))} classes: "
                             f"too few for {params.folds} folds")
