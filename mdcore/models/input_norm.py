@@ -68,7 +68,8 @@ def as_norm(norm) -> InputNorm:
 
 
 def cfg_norm(cfg) -> dict | None:
-    """{"mean", "std", "input_size", "interpolation"} of a timm ``pretrained_cfg`` (dict or PretrainedCfg); None without mean/std."""
+    """{"mean", "std", "input_size", "interpolation"} of a timm ``pretrained_cfg`` (dict or PretrainedCfg);
+    None without mean/std."""
     if cfg is None:
         return None
     get = cfg.get if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
