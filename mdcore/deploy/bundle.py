@@ -3,9 +3,9 @@ ONNX metadata, so a user (or ``mdpipe predict``) needs nothing but the file to f
 
 Metadata keys (``mdpipe.*``, JSON values): ``classes`` and ``domains`` (index order; domain -1 = unknown,
 routed on features), ``image_size``, ``resize`` (the filter to that size), ``input`` (how pixels reach the
-graph), ``temperatures`` (per domain
-and ``unknown``, when calibration fitted them: probabilities = softmax(logits / T)), ``model_sha256``
-(of the safetensors weights it was exported from) and ``precision`` (fp32 or int8). With temperatures the
+graph), ``temperatures`` (per domain and ``unknown``, when calibration fitted them: probabilities =
+softmax(logits / T)), ``model_sha256`` (of the safetensors weights it was exported from) and ``precision``
+(fp32 or int8). With temperatures the
 graph also has a ``probabilities`` output (softmax(logits / T[domain]), computed in the graph).
 """
 from __future__ import annotations
