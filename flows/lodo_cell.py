@@ -9,12 +9,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from mdcore.data.decode import DEFAULT_RESIZE
 from mdcore.train import Callback
 
 _IMAGES: dict = {}  # decoded once per process: manifest path -> (frame, ImageSet of every row)
 
 
-def _all_images(manifest: str, image_root: str, size: int, resize: str = "bilinear"):
+def _all_images(manifest: str, image_root: str, size: int, resize: str = DEFAULT_RESIZE):
     import pandas as pd
 
     from mdcore.data.images import load_images
@@ -78,7 +79,7 @@ def train_cell(spec: dict) -> dict:
     # the cell's method replaces the file's: the file's per-domain parts are no request to a method without them
     p = without_unhosted_parts(FinetuneParams.model_validate(
         spec["finetune"] | {"method": spec["method"], "seed": int(spec["seed"])}))
-    resize = spec.get("resize", "bilinear")  # cells keyed before the filter was a choice: bilinear
+    resize = spec.get("resize", DEFAULT_RESIZE)  # cells keyed before the filter was a choice: bilinear
     frame, data = _all_images(spec["manifest"], spec["image_root"], int(spec["image_size"]), resize)
     rows = cell_rows(frame, spec["heldout"])
     domains = rows.training_domains

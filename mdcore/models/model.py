@@ -25,6 +25,7 @@ from mdcore.models.losses import load_balancing_loss
 from mdcore.models.moe import MoEHead
 from mdcore.models.packaged_weights import create_packaged_backbone, is_packaged
 from mdcore.models.packaged_weights import provenance as packaged_provenance
+from mdcore.data.decode import DEFAULT_RESIZE, resize_filter
 from mdcore.data.io import atomic_dir
 
 WEIGHTS = "model.safetensors"
@@ -40,7 +41,7 @@ class ModelConfig:
     domains: list[str]
     classes: list[str]
     image_size: int = 32
-    resize: str = "bilinear"  # PIL filter from the file to image_size: the starting weights' (timm interpolation)
+    resize: str = DEFAULT_RESIZE  # PIL filter from the file to image_size: the starting weights' (timm interpolation)
     adapters: bool = True
     adapter_dim: int = 64
     routing_temperature: float = 0.1
@@ -356,8 +357,6 @@ def no_weight_decay_param(module: nn.Module, name: str) -> bool:
 
 
 def _check_config(config: ModelConfig) -> None:
-    from mdcore.data.decode import resize_filter
-
     check_input_norm(config.input_norm, config.input_mean, config.input_std)
     resize_filter(config.resize, "model config resize")
     if config.head not in ("linear", "moe"):
