@@ -82,6 +82,7 @@ def main(argv=None) -> None:
 
     extra = parse_overrides(args.set, "finetune")["finetune"] if args.set else {}
     variant = "+".join([args.input_norm] + ([f"resize={args.resize}"] if args.resize != "bilinear" else [])
+                       + ([f"epochs={args.epochs}"] if args.epochs != 8 else [])
                        + sorted(f"{k}={v}" for k, v in extra.items()))
     finetune = load_params("finetune", paths.root / "params").model_dump() | extra | {
         "epochs": args.epochs, "batch_size": args.batch_size, "layer_decay": None, "gradual_unfreeze_every": 0,

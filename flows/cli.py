@@ -1,6 +1,6 @@
 """``mdpipe``: run the whole pipeline (a Prefect flow), one stage (what dvc.yaml calls), or show params.
 
-    mdpipe run [--data PATH|digits|glyphs] [--holdout DOMAIN ...] [-S finetune.epochs=3 ...] [--force]
+    mdpipe run [--data PATH|digits|glyphs] [--holdout DOMAIN ...] [--unlabelled PATH] [-S finetune.epochs=3 ...] [--force]
     mdpipe stage NAME [-S STAGE.KEY=VALUE ...]
     mdpipe params [STAGE | STAGE.KEY]
     mdpipe retrain [--tolerance 0.01] [--force] [--accept-domain DOMAIN ...] [--no-warm-start]
@@ -133,6 +133,9 @@ def cmd_run(args) -> int:
         overrides["ingest"] = merge_fields(overrides.get("ingest", {}), data_choice(args.data, paths.root))
     if args.holdout is not None:
         overrides.setdefault("ingest", {})["holdout_domains"] = args.holdout
+    if args.unlabelled:  # images without labels are only worth their copy if pretraining runs
+        overrides.setdefault("ingest", {})["unlabelled_root"] = str(Path(args.unlabelled).expanduser().resolve())
+        overrides.setdefault("pretrain", {})["enabled"] = True
     for stage, fields in overrides.items():
         current = params.stage(stage).model_dump()
         new = validate_params(stage, merge_fields(current, fields), f"override of params/{stage}.yaml")
@@ -370,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "when no folder has that name); '' = built-in digits")
     run.add_argument("--holdout", nargs="*", metavar="DOMAIN",
                      help="domains to hold out of training (ingest.holdout_domains; with --data PATH and no --holdout: none)")
+    run.add_argument("--unlabelled", metavar="PATH",
+                     help="images without labels, ROOT/DOMAIN/IMAGE: self-supervised pretraining also learns from "
+                          "them (sets ingest.unlabelled_root and pretrain.enabled: true); pays when labels are few")
     run.add_argument("-S", "--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                      help="override a parameter (also params/STAGE.yaml:KEY=VALUE); checked with the whole "
                           "run before anything is written, then written to params/STAGE.yaml so DVC sees it")

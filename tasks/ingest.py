@@ -10,6 +10,7 @@ from prefect import task
 from mdcore.data.builtin import BuiltinSpec, materialize
 from mdcore.data.io import atomic_dir, atomic_write_text
 from mdcore.data.manifest import DataLayoutError, build_manifest, dataset_version, manifest_csv, scan_tree, summary
+from mdcore.data.unlabelled import copy_unlabelled, scan_unlabelled, write_listing
 from tasks.params import StageParams, IngestParams
 from tasks.paths import Paths
 from tasks.stage import StageResult, execute
@@ -28,6 +29,8 @@ def copy_tree(source: Path, dest: Path) -> int:
 
 
 def run(params: IngestParams, paths: Paths) -> StageResult:
+    if params.unlabelled_root:  # a layout error stops the stage before it replaces anything
+        scan_unlabelled(_resolve(params.unlabelled_root, paths))
     with atomic_dir(paths.raw) as tmp:
         if params.data_root:
             source = Path(params.data_root).expanduser()
@@ -56,6 +59,7 @@ def run(params: IngestParams, paths: Paths) -> StageResult:
             holdout_domains=params.holdout_domains,
             seed=params.seed,
         )
+    unlabelled = _ingest_unlabelled(params, paths)
     atomic_write_text(paths.manifest, manifest_csv(frame))
     domains = sorted(frame["domain"].unique())
     metrics = {
@@ -66,8 +70,32 @@ def run(params: IngestParams, paths: Paths) -> StageResult:
         "holdout_domains": params.holdout_domains,
         "per_domain": summary(frame),
         "dataset_version": dataset_version(frame),
+        "unlabelled_images": len(unlabelled),
+        "unlabelled_per_domain": unlabelled["domain"].value_counts().sort_index().to_dict() if len(unlabelled) else {},
     }
     return StageResult({"raw": str(paths.raw), "manifest": str(paths.manifest)}, metrics)
+
+
+def _resolve(folder: str, paths: Paths) -> Path:
+    source = Path(folder).expanduser()
+    return source if source.is_absolute() else paths.root / source
+
+
+def _ingest_unlabelled(params: IngestParams, paths: Paths):
+    """Copy ``ingest.unlabelled_root`` (images without labels, for pretraining) into ``paths.unlabelled``;
+    without one the folder holds an empty listing, so it is always the same DVC output."""
+    import pandas as pd
+
+    from mdcore.data.unlabelled import COLUMNS
+
+    with atomic_dir(paths.unlabelled) as tmp:
+        if not params.unlabelled_root:
+            write_listing(tmp)
+            return pd.DataFrame(columns=COLUMNS)
+        source = _resolve(params.unlabelled_root, paths)
+        frame = copy_unlabelled(source, tmp)
+        log.info("copied %d unlabelled images from %s", len(frame), source)
+        return frame
 
 
 @task(name="ingest")

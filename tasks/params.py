@@ -30,6 +30,10 @@ class IngestParams(StageParams):
                                                                "(never trained on, selected on or reported as test)")
     seed: int = Field(0, description="Seed of the splits and of the built-in dataset")
     builtin_limit: int | None = Field(None, ge=40, description="Use only this many built-in digits (small runs)")
+    unlabelled_root: str | None = Field(
+        None, description="Folder of images without labels, laid out as ROOT/DOMAIN/IMAGE (deeper folders allowed): "
+                          "copied into the workspace and seen only by the pretrain stage's self-supervised "
+                          "pretraining (pretrain.enabled); empty = none")
 
 
 # The validate stage's expectations, by the name that params/validate.yaml's ``severity`` uses.

@@ -70,6 +70,29 @@ def check_data(ingest, pretrain, root: Path, warn: bool = True) -> list[str]:
         problems.append(f"ingest.holdout_domains: {ingest.holdout_domains} holds out every domain of {where}")
     if rows and warn:
         warn_large_images(source, [r[0] for r in rows], pretrain.image_size)
+    return problems + check_unlabelled(ingest, pretrain, root)
+
+
+def check_unlabelled(ingest, pretrain, root: Path) -> list[str]:
+    """``ingest.unlabelled_root``: a folder laid out as ROOT/DOMAIN/IMAGE, used only when pretraining runs,
+    and none of its domains held out unless pretraining may adapt to them."""
+    from mdcore.data.manifest import DataLayoutError
+    from mdcore.data.unlabelled import scan_unlabelled
+
+    if not ingest.unlabelled_root:
+        return []
+    try:
+        rows = scan_unlabelled(data_root_path(ingest.unlabelled_root, root))
+    except DataLayoutError as e:
+        return [str(e)]
+    problems = []
+    if not (pretrain.enabled and pretrain.epochs > 0):
+        problems.append("ingest.unlabelled_root: only self-supervised pretraining uses these images, and "
+                        "pretrain.enabled is false (or pretrain.epochs 0); set it true, or leave the folder out")
+    held = sorted({d for _, d in rows} & set(ingest.holdout_domains))
+    if held and not pretrain.include_holdout_unlabelled:
+        problems.append(f"ingest.unlabelled_root: has images of the held-out domain(s) {held}; move them out, or "
+                        "set pretrain.include_holdout_unlabelled: true for domain adaptation")
     return problems
 
 

@@ -1,5 +1,6 @@
 """pretrain: domain-adaptive self-supervised (SimCLR) pretraining of the shared timm backbone on the
-training images of all seen domains (labels unused; held-out images only with include_holdout_unlabelled).
+training images of all seen domains (labels unused; held-out images only with include_holdout_unlabelled),
+and the images without labels that ingest copied from ``ingest.unlabelled_root`` (``paths.unlabelled``).
 
 One of the view transforms is domain-aware: Fourier amplitude mixing with an image of another domain
 (``fourier_mix_prob``). With ``linear_probe`` on, the stage reports the per-domain accuracy of a logistic
@@ -22,7 +23,10 @@ from safetensors.torch import save_file
 
 from mdcore.models.accel import resolve_device
 from mdcore.models.input_norm import InputNorm, cfg_norm, input_size, recorded_norm, resize_for, resolve
+from mdcore.data.images import load_images
 from mdcore.data.io import atomic_dir
+from mdcore.data.manifest import read_manifest
+from mdcore.data.unlabelled import read_listing, usable_for_pretraining
 from mdcore.models.model import create_backbone, weights_kind, weights_provenance
 from mdcore.eval.probe import probe_backbone, probe_markdown
 from mdcore.train.contrastive import ContrastiveNet, contrastive_epoch
@@ -54,12 +58,16 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
     probe_data = _probe_data(paths, data, rows, image_size, resize) if params.linear_probe else None
     probe_before = _probe(backbone, probe_data, params.seed, norm, device) if probe_data else None
     history = []
+    ssl_images, ssl_domains, unlabelled = data.images, data.domains, {"images": 0, "dropped": 0}
     if params.enabled and params.epochs > 0:
+        extra, unlabelled = _unlabelled_images(params, paths, data.domain_names, image_size, resize)
+        if extra is not None:
+            ssl_images, ssl_domains = torch.cat([data.images, extra.images]), torch.cat([data.domains, extra.domains])
         net = ContrastiveNet(backbone, input_norm=norm).to(device)
         optimizer = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
         for epoch in range(params.epochs):
-            stats = contrastive_epoch(net, data.images, optimizer, batch_size=params.batch_size, epoch=epoch,
-                                      seed=params.seed, temperature=params.temperature, domains=data.domains,
+            stats = contrastive_epoch(net, ssl_images, optimizer, batch_size=params.batch_size, epoch=epoch,
+                                      seed=params.seed, temperature=params.temperature, domains=ssl_domains,
                                       fourier_mix_prob=params.fourier_mix_prob,
                                       fourier_mix_strength=params.fourier_mix_strength, device=device)
             history.append(stats)
@@ -76,12 +84,14 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
             "self_supervised_epochs": len(history),
             "input_norm": kind,
             "pretrained_cfg": _exported_norm(kind, mean, std, weights_norm, resize, trained=bool(history)),
-            "images": len(data), "history": history}, indent=2) + "\n")
+            "images": len(data), "unlabelled_images": unlabelled["images"], "history": history}, indent=2) + "\n")
         if probe_data:
             probe = {"before": probe_before, "after": probe_after, "kinds": probe_data["kinds"]}
             (tmp / "probe.json").write_text(json.dumps(probe, indent=2) + "\n")
             (tmp / "probe.md").write_text(probe_markdown(probe_before, probe_after, probe_data["kinds"]))
-    metrics = {"images": len(data), "epochs": params.epochs if params.enabled else 0, "device": str(device),
+    metrics = {"images": len(data), "unlabelled_images": unlabelled["images"],
+               "unlabelled_dropped_as_evaluation_copies": unlabelled["dropped"],
+               "epochs": params.epochs if params.enabled else 0, "device": str(device),
                "backbone_weights": params.backbone_weights, "weights_source": weights_source,
                "final_ssl_loss": history[-1]["ssl_loss"] if history else None, "backbone": params.backbone}
     if probe_data:
@@ -93,6 +103,30 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
         for d, row in metrics["linear_probe"]["per_domain"].items():
             log.info("linear probe %-10s (%s): %.3f -> %.3f", d, row["kind"], row["before"], row["after"])
     return StageResult({"pretrained": str(paths.pretrained)}, metrics)
+
+
+def _unlabelled_images(params: PretrainParams, paths: Paths, domain_names: list[str], image_size: int,
+                       resize: str):
+    """The images of ``paths.unlabelled`` pretraining may see, decoded like the training images; their
+    domains keep the training domains' indices, new ones come after. Copies of an image that validation,
+    test, the gate or a held-out domain scores are left out (logged and counted)."""
+    folder = paths.root / paths.entries["unlabelled"] if "unlabelled" in paths.entries else None
+    listing = read_listing(folder) if folder is not None else None
+    if listing is None or listing.empty:
+        return None, {"images": 0, "dropped": 0}
+    usable, dropped = usable_for_pretraining(listing, read_manifest(paths.train_manifest),
+                                             params.include_holdout_unlabelled)
+    if dropped:
+        log.warning("left %d unlabelled image(s) out of pretraining: the same content is a validation, test, "
+                    "gate or held-out image", dropped)
+    if usable.empty:
+        return None, {"images": 0, "dropped": dropped}
+    names = list(domain_names) + sorted(set(usable["domain"]) - set(domain_names))
+    rows = usable.assign(source="unlabelled", label="")  # labels are not used: one placeholder class
+    extra = load_images(rows, {"unlabelled": folder}, image_size, names, classes=[""], resize=resize)
+    log.info("pretraining also sees %d unlabelled images (%s)", len(extra),
+             ", ".join(f"{d} {n}" for d, n in usable["domain"].value_counts().sort_index().items()))
+    return extra, {"images": len(extra), "dropped": dropped}
 
 
 def _probe_data(paths: Paths, data, rows, image_size: int, resize: str) -> dict | None:

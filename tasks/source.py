@@ -27,22 +27,31 @@ def tree_listing(root: Path) -> list[str]:
     return rows
 
 
-def fingerprint(params: IngestParams, root: Path) -> dict:
-    if not params.data_root:
-        return {"kind": "builtin", "builtin": params.builtin}
-    source = Path(params.data_root).expanduser()
+def _listed(value: str, field: str, root: Path) -> tuple[Path, list[str], str]:
+    source = Path(value).expanduser()
     source = source if source.is_absolute() else root / source
     if not source.is_dir():
-        raise FileNotFoundError(f"ingest.data_root {source} is not a folder (params/ingest.yaml)")
+        raise FileNotFoundError(f"{field} {source} is not a folder (params/ingest.yaml)")
     rows = tree_listing(source)
-    digest = hashlib.sha256("\n".join(rows).encode()).hexdigest()
-    return {"kind": "tree", "data_root": str(source.resolve()), "files": len(rows), "listing_sha256": digest}
+    return source, rows, hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def fingerprint(params: IngestParams, root: Path) -> dict:
+    if not params.data_root:
+        info = {"kind": "builtin", "builtin": params.builtin}
+    else:
+        source, rows, digest = _listed(params.data_root, "ingest.data_root", root)
+        info = {"kind": "tree", "data_root": str(source.resolve()), "files": len(rows), "listing_sha256": digest}
+    if params.unlabelled_root:
+        source, rows, digest = _listed(params.unlabelled_root, "ingest.unlabelled_root", root)
+        info["unlabelled"] = {"root": str(source.resolve()), "files": len(rows), "listing_sha256": digest}
+    return info
 
 
 def run(params: IngestParams, paths: Paths) -> StageResult:
     info = fingerprint(params, paths.root)
     atomic_write_text(paths.source, json.dumps(info, indent=2, sort_keys=True) + "\n")
-    return StageResult(outputs={"source": str(paths.source)}, metrics={k: v for k, v in info.items()})
+    return StageResult(outputs={"source": str(paths.source)}, metrics=dict(info))
 
 
 def _source_task(root: str = ".") -> dict:
