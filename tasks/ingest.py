@@ -29,13 +29,11 @@ def copy_tree(source: Path, dest: Path) -> int:
 
 
 def run(params: IngestParams, paths: Paths) -> StageResult:
-    if params.unlabelled_root:  # a layout error stops the stage before it replaces anything
-        scan_unlabelled(_resolve(params.unlabelled_root, paths))
+    # a layout error stops the stage before it replaces anything
+    unlabelled_rows = scan_unlabelled(_resolve(params.unlabelled_root, paths)) if params.unlabelled_root else None
     with atomic_dir(paths.raw) as tmp:
         if params.data_root:
-            source = Path(params.data_root).expanduser()
-            if not source.is_absolute():
-                source = (paths.root / source)
+            source = _resolve(params.data_root, paths)
             if source.resolve() == paths.raw.resolve():
                 raise DataLayoutError(f"ingest.data_root {source} is the pipeline's own copy {paths.raw}")
             n = copy_tree(source, tmp)
@@ -59,7 +57,7 @@ def run(params: IngestParams, paths: Paths) -> StageResult:
             holdout_domains=params.holdout_domains,
             seed=params.seed,
         )
-    unlabelled = _ingest_unlabelled(params, paths)
+    unlabelled = _ingest_unlabelled(params, paths, unlabelled_rows)
     atomic_write_text(paths.manifest, manifest_csv(frame))
     domains = sorted(frame["domain"].unique())
     metrics = {
@@ -81,19 +79,14 @@ def _resolve(folder: str, paths: Paths) -> Path:
     return source if source.is_absolute() else paths.root / source
 
 
-def _ingest_unlabelled(params: IngestParams, paths: Paths):
+def _ingest_unlabelled(params: IngestParams, paths: Paths, scanned: list[tuple[str, str]] | None):
     """Copy ``ingest.unlabelled_root`` (images without labels, for pretraining) into ``paths.unlabelled``;
     without one the folder holds an empty listing, so it is always the same DVC output."""
-    import pandas as pd
-
-    from mdcore.data.unlabelled import COLUMNS
-
     with atomic_dir(paths.unlabelled) as tmp:
         if not params.unlabelled_root:
-            write_listing(tmp)
-            return pd.DataFrame(columns=COLUMNS)
+            return write_listing(tmp)
         source = _resolve(params.unlabelled_root, paths)
-        frame = copy_unlabelled(source, tmp)
+        frame = copy_unlabelled(source, tmp, scanned)
         log.info("copied %d unlabelled images from %s", len(frame), source)
         return frame
 

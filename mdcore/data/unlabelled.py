@@ -49,22 +49,24 @@ def scan_unlabelled(root: str | Path, field: str = "ingest.unlabelled_root") -> 
     return rows
 
 
-def copy_unlabelled(source: str | Path, dest: Path) -> pd.DataFrame:
-    """Copy the images of ``source`` into ``dest`` and write ``dest/listing.csv`` (path, domain, sha256)."""
+def copy_unlabelled(source: str | Path, dest: Path, scanned: list[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """Copy the images of ``source`` (``scanned``: its :func:`scan_unlabelled` rows, when already listed) into
+    ``dest`` and write ``dest/listing.csv`` (path, domain, sha256)."""
     rows = []
-    for rel, domain in scan_unlabelled(source):
+    for rel, domain in scanned if scanned is not None else scan_unlabelled(source):
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(source) / rel, target)
         rows.append((rel, domain, sha256_file(target)))
-    frame = pd.DataFrame(rows, columns=COLUMNS)
-    write_listing(dest, frame)
+    return write_listing(dest, pd.DataFrame(rows, columns=COLUMNS))
+
+
+def write_listing(dest: Path, frame: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Write (and return) the listing; written even when there are no images, so the folder is always a DVC
+    output."""
+    frame = frame if frame is not None else pd.DataFrame(columns=COLUMNS)
+    frame.to_csv(dest / LISTING, index=False)
     return frame
-
-
-def write_listing(dest: Path, frame: pd.DataFrame | None = None) -> None:
-    """The listing is written even when there are no images, so the folder is always a DVC output."""
-    (frame if frame is not None else pd.DataFrame(columns=COLUMNS)).to_csv(dest / LISTING, index=False)
 
 
 def read_listing(folder: str | Path) -> pd.DataFrame:
@@ -88,8 +90,7 @@ def usable_for_pretraining(listing: pd.DataFrame, manifest: pd.DataFrame, holdou
             f"{field} has images of the held-out domain(s) {leaking}: pretraining on them would adapt to the "
             "domain the run measures generalization on; move them out, or set "
             "pretrain.include_holdout_unlabelled: true for domain adaptation")
-    protected = manifest.loc[manifest["split"] != "train", "sha256"]
-    if holdout_allowed:
-        protected = manifest.loc[~manifest["split"].isin(["train", "holdout"]), "sha256"]
-    keep = ~listing["sha256"].isin(set(protected))
+    seen_splits = ["train", "holdout"] if holdout_allowed else ["train"]
+    protected = set(manifest.loc[~manifest["split"].isin(seen_splits), "sha256"])
+    keep = ~listing["sha256"].isin(protected)
     return listing[keep].reset_index(drop=True), int((~keep).sum())
