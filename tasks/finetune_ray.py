@@ -111,6 +111,7 @@ def train_worker(cfg: dict, worker) -> None:
     config: FitConfig = fit_config(p, train.domain_names)
     runtime = RayRuntime(worker, p, config)
     checkpoint = worker.checkpoint()
+    run_dir = str(Path(cfg["progress_file"]).parent) if cfg.get("progress_file") else None
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as folder:
         attempt = _attempt(folder)
         if folder:
@@ -120,7 +121,7 @@ def train_worker(cfg: dict, worker) -> None:
                          pin_memory=runtime.device.type == "cuda") as loader:
             fit(model, method, train, val_set, config, optimizer, scheduler, runtime=runtime, loader=loader,
                 resume_from=folder, callbacks=[
-                    InjectedFailure(cfg.get("kill_at_epoch"), attempt, worker.rank, worker.world),
+                    InjectedFailure(cfg.get("kill_at_epoch"), worker.rank, worker.world, run_dir),
                     ReportToRay(worker, model, attempt, p.epochs, cfg.get("progress_file"))])
 
 
@@ -190,20 +191,23 @@ class RayRuntime(Runtime):
 
 
 class InjectedFailure(Callback):
-    """Tests: SIGKILL the last worker before epoch ``kill_at_epoch`` of the first attempt (after rank 0
-    finished the previous epoch's checkpoint)."""
+    """Tests: SIGKILL the last worker after ``kill_at_epoch`` epochs (once rank 0 finished that epoch's
+    checkpoint), once per run and epoch: a marker in the run's folder keeps the restarted worker
+    group, or a retry of the run, from being killed at the same epoch again."""
 
-    def __init__(self, kill_at_epoch: int | None, attempt: int, rank: int, world: int):
-        self.kill_at_epoch, self.attempt, self.rank, self.world = kill_at_epoch, attempt, rank, world
+    def __init__(self, kill_at_epoch: int | None, rank: int, world: int, run_dir: str | None):
+        self.kill_at_epoch, self.rank, self.world = kill_at_epoch, rank, world
+        self.marker = Path(run_dir) / f"injected-failure-epoch-{kill_at_epoch}" if run_dir else None
 
     def on_epoch_start(self, epoch: int) -> None:
-        if self.kill_at_epoch != epoch or self.attempt != 0:
+        if self.kill_at_epoch != epoch or self.marker is None or self.marker.exists():
             return
         if self.world > 1:
             import torch.distributed as dist
 
             dist.barrier()  # let rank 0 finish its checkpoint first
         if self.rank == self.world - 1:
+            self.marker.touch()
             print(f"[finetune] rank {self.rank}: injected failure (SIGKILL) before epoch {epoch + 1}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -255,7 +259,7 @@ def init_ray() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     address = os.environ.get("RAY_ADDRESS")
-    runtime_env = {"worker_process_setup_hook": "tasks.finetune_ray.quiet_ray_logs"}
+    runtime_env = {"worker_process_setup_hook": "tasks.ray_setup.quiet_ray_logs"}
     # log_to_driver=False: Ray's own worker chatter (and transient warnings such as a resource request that
     # timed out on a busy machine) stays in Ray's log folder; progress comes from the progress file, and a
     # failed run's error carries the worker's traceback.
@@ -265,12 +269,6 @@ def init_ray() -> None:
     else:  # "local": always a Ray of its own, never a stray `ray start` cluster another run may stop
         ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=True,
                  logging_level=logging.WARNING, runtime_env=runtime_env)
-
-
-def quiet_ray_logs() -> None:
-    """Runs in every Ray worker process: without the dashboard (not needed locally) the placement-group
-    cleaner cannot reach the State API and logs a warning every second; nothing is wrong."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def run_name(params: FinetuneParams, paths: Paths, use_pretrained: bool) -> str:
