@@ -71,7 +71,7 @@ def starting_weights(paths: Paths, params: FinetuneParams) -> dict:
 
 
 def run(params: FinetuneParams, paths: Paths, kill_at_epoch: int | None = None) -> StageResult:
-    """``kill_at_epoch`` (tests only) SIGKILLs the last worker before that epoch, once per run."""
+    """``kill_at_epoch`` (tests only) SIGKILLs the last worker after that many epochs, once per run."""
     t0 = time.perf_counter()
     result = fit(params, paths, kill_at_epoch)
     if result.checkpoint is None:

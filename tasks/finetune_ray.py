@@ -111,7 +111,6 @@ def train_worker(cfg: dict, worker) -> None:
     config: FitConfig = fit_config(p, train.domain_names)
     runtime = RayRuntime(worker, p, config)
     checkpoint = worker.checkpoint()
-    run_dir = str(Path(cfg["progress_file"]).parent) if cfg.get("progress_file") else None
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as folder:
         attempt = _attempt(folder)
         if folder:
@@ -121,7 +120,7 @@ def train_worker(cfg: dict, worker) -> None:
                          pin_memory=runtime.device.type == "cuda") as loader:
             fit(model, method, train, val_set, config, optimizer, scheduler, runtime=runtime, loader=loader,
                 resume_from=folder, callbacks=[
-                    InjectedFailure(cfg.get("kill_at_epoch"), worker.rank, worker.world, run_dir),
+                    InjectedFailure(cfg.get("kill_at_epoch"), worker.rank, worker.world, cfg.get("progress_file")),
                     ReportToRay(worker, model, attempt, p.epochs, cfg.get("progress_file"))])
 
 
@@ -195,12 +194,13 @@ class InjectedFailure(Callback):
     checkpoint), once per run and epoch: a marker in the run's folder keeps the restarted worker
     group, or a retry of the run, from being killed at the same epoch again."""
 
-    def __init__(self, kill_at_epoch: int | None, rank: int, world: int, run_dir: str | None):
+    def __init__(self, kill_at_epoch: int | None, rank: int, world: int, progress_file: str | None):
         self.kill_at_epoch, self.rank, self.world = kill_at_epoch, rank, world
-        self.marker = Path(run_dir) / f"injected-failure-epoch-{kill_at_epoch}" if run_dir else None
+        self.marker = (Path(progress_file).parent / f"injected-failure-epoch-{kill_at_epoch}"
+                       if kill_at_epoch is not None and progress_file else None)
 
     def on_epoch_start(self, epoch: int) -> None:
-        if self.kill_at_epoch != epoch or self.marker is None or self.marker.exists():
+        if self.marker is None or self.kill_at_epoch != epoch or self.marker.exists():
             return
         if self.world > 1:
             import torch.distributed as dist
