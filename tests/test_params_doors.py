@@ -104,7 +104,7 @@ def test_quick_data_root_acts_like_dash_dash_data(tmp_path):
     (["run", "-S", "pretrain.backbone=resnet_nonexistent"], "'resnet_nonexistent' is not a timm model"),
     (["run", "-S", "pretrain.backbone_weights=/missing.safetensors"], "/missing.safetensors is not a file"),
     (["run", "--holdout", "nosuch"], "['nosuch'] not in the built-in digits"),
-    (["run", "-S", "pretrain.backbone=convnext_atto"], "cannot be hosted by backbone 'convnext_atto'"),
+    (["run", "-S", "pretrain.backbone=convnext_atto", "-S", "finetune.domain_bn=true"], "cannot be hosted by backbone 'convnext_atto'"),
     (["run", "--data", "TREE", "--holdout", "a", "b"], "holds out every domain"),
     (["stage", "pretrain", "-S", "backbone_weights=/missing.safetensors"], "/missing.safetensors is not a file"),
     (["stage", "finetune", "-S", "params/finetune.yaml:epochs=0"], "epochs"),
