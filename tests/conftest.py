@@ -1,6 +1,7 @@
 """Shared fixtures: tiny built-in datasets and throwaway workspaces (git + DVC + params)."""
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -19,6 +20,8 @@ for key, value in {
     os.environ.setdefault(key, value)
 # Tests never touch the user's Prefect state: their own database (a temporary PREFECT_HOME), no server of theirs.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="mdpipe-tests-prefect-")
+# registered before Prefect is imported, so it runs after Prefect's own exit hook stops the temporary server
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ.pop("PREFECT_API_URL", None)
 
 REPO = Path(__file__).resolve().parents[1]
