@@ -46,6 +46,9 @@ def main(argv=None) -> None:
     ap.add_argument("--input-norm", default="auto", help="finetune.input_norm of the cells (auto|image|pretrained|none)")
     ap.add_argument("--resize", default="bilinear", help="the cells' resize filter (bilinear: the filter of "
                                                           "the cells recorded before it was a choice)")
+    ap.add_argument("--recipe", default="full", help="transfer recipe of bench.bench_transfer (full, linear_probe, "
+                                                        "adapters_only, gradual_ld): its finetune fields, applied "
+                                                        "over the protocol's budget")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a finetune field for every cell (e.g. domain_bn=false); the cells form their own variant")
     ap.add_argument("--threads", type=int, default=1)
@@ -81,12 +84,19 @@ def main(argv=None) -> None:
     from tasks.params import parse_overrides
 
     extra = parse_overrides(args.set, "finetune")["finetune"] if args.set else {}
+    from bench.bench_transfer import RECIPES
+
+    if args.recipe not in RECIPES or args.recipe in ("default", "scratch"):
+        raise SystemExit(f"--recipe {args.recipe!r}: one of full, linear_probe, adapters_only, gradual_ld")
     variant = "+".join([args.input_norm] + ([f"resize={args.resize}"] if args.resize != "bilinear" else [])
                        + ([f"epochs={args.epochs}"] if args.epochs != 8 else [])
+                       + ([f"recipe={args.recipe}"] if args.recipe != "full" else [])
                        + sorted(f"{k}={v}" for k, v in extra.items()))
-    finetune = load_params("finetune", paths.root / "params").model_dump() | extra | {
+    # the protocol's budget, then the recipe's fields, then --set (the last word)
+    finetune = load_params("finetune", paths.root / "params").model_dump() | {
         "epochs": args.epochs, "batch_size": args.batch_size, "layer_decay": None, "gradual_unfreeze_every": 0,
-        "freeze_stages": 0, "adapters_only": False, "early_stopping_patience": 0, "input_norm": args.input_norm}
+        "freeze_stages": 0, "adapters_only": False, "early_stopping_patience": 0,
+        "input_norm": args.input_norm} | RECIPES[args.recipe] | extra
     method = args.method or finetune["method"]
     validate_params("finetune", finetune | {"method": method}, "lodo_imagenet budget")
     code = code_version()
@@ -131,7 +141,7 @@ def main(argv=None) -> None:
             model, val = captured["model"], captured["val"]
             shipped_val = evaluate_split(model, val, [val.domain_names[i] for i in val.domains])
             result |= {"cell_hash": cell_hash(spec), "code_version": code, "input_norm": args.input_norm,
-                       "variant": variant,
+                       "variant": variant, "recipe": args.recipe,
                        "model_input_norm": model.config.input_norm if hasattr(model, "config") else None,
                        "val_acc_shipped": shipped_val["acc"], "val_loss_shipped": shipped_val["loss"],
                        "val_per_domain_shipped": shipped_val["per_domain"], "started_utc": started,

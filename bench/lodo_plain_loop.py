@@ -3,9 +3,11 @@ manifest, same held-out domains, same budget and cores): a plain single-process 
 lines, no per-domain parts) and the same loop with RandConv (about ten lines more).
 
     python -m bench.lodo_plain_loop --data digits|glyphs|TREE --seeds 0 1 2 [--randconv] [--heldout D ...]
+        [--backbone tf_efficientnet_lite0 --weights imagenet --image-size 64] [--out FILE]
 
-Needs the protocol's data (``mdpipe experiment lodo --data NAME`` prepares it). Prints a markdown row per
-loop and writes bench/results/lodo_plain_<data>.json. The last epoch's model is scored, as a plain loop does.
+The data comes from the protocol's own data step (``flows.lodo.prepare_data``: the same manifest and splits
+as the cells). Prints a markdown row per loop and writes bench/results/lodo_plain_<data>[_<weights>].json
+(or ``--out``). The last epoch's model is scored, as a plain loop does.
 """
 from __future__ import annotations
 
@@ -87,9 +89,9 @@ def plain_loop(frame, root, heldout: list[str], seed, epochs, batch, use_randcon
             "seen": {d: acc(test[test["domain"] == d]) for d in sorted(test["domain"].unique())}}
 
 
-def plain_cell(frame, root, heldout, seed, epochs, batch, use_randconv) -> dict:
-    """One LODO cell: ``heldout`` alone held out."""
-    out = plain_loop(frame, root, [heldout], seed, epochs, batch, use_randconv)
+def plain_cell(frame, root, heldout, seed, epochs, batch, use_randconv, **start) -> dict:
+    """One LODO cell: ``heldout`` alone held out (``start``: backbone, weights, size of ``plain_loop``)."""
+    out = plain_loop(frame, root, [heldout], seed, epochs, batch, use_randconv, **start)
     return {"heldout_acc": out["heldout"][heldout], "seen_acc": float(np.mean(list(out["seen"].values())))}
 
 
@@ -102,32 +104,47 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--randconv", action="store_true")
     ap.add_argument("--heldout", nargs="+", help="hold out only these domains (default: each in turn)")
-    ap.add_argument("--root", default=".")
+    ap.add_argument("--backbone", default="resnet10t")
+    ap.add_argument("--weights", default=None, help="imagenet: the installed package's ImageNet weights")
+    ap.add_argument("--image-size", type=int, default=None, help="resize (bilinear) to this size")
+    ap.add_argument("--work", default="/tmp/lodo_plain", help="where the protocol's data step writes")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from flows.lodo import dataset_folder
-    from mdcore.eval.lodo import BUILTIN_DATASETS
-    from tasks.paths import load_paths
+    from flows.lodo import prepare_data
 
-    slug, folder = dataset_folder(load_paths(Path(args.root)), args.data)
-    frame = pd.read_csv(folder / "manifest.csv", dtype={"label": str, "domain": str}, keep_default_na=False)
-    root = folder / "raw" if args.data in BUILTIN_DATASETS else Path(args.data).expanduser().resolve()
-    domains = sorted(frame["domain"].unique())
+    info = prepare_data.fn(args.data, str(Path(args.work) / Path(args.data).name))
+    frame = pd.read_csv(info["manifest"], dtype={"label": str, "domain": str}, keep_default_na=False)
+    root = Path(info["image_root"])
+    domains = info["domains"]
     heldout = args.heldout or domains
+    start = {"backbone": args.backbone, "weights": args.weights, "size": args.image_size}
     name = "plain timm loop" + (" + RandConv" if args.randconv else "")
+    slug = Path(args.data).name + ("_randconv" if args.randconv else "") + (f"_{args.weights}" if args.weights else "")
+    out = Path(args.out) if args.out else Path("bench/results") / f"lodo_plain_{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     cells, t0 = [], time.perf_counter()
     for d in heldout:
         for s in args.seeds:
-            cells.append({"heldout": d, "seed": s, **plain_cell(frame, root, d, s, args.epochs, args.batch, args.randconv)})
+            t = time.perf_counter()
+            cells.append({"heldout": d, "seed": s, **plain_cell(frame, root, d, s, args.epochs, args.batch,
+                                                               args.randconv, **start),
+                          "train_s": time.perf_counter() - t})
             print(cells[-1], flush=True)
-    per_seed = [np.mean([c["heldout_acc"] for c in cells if c["seed"] == s]) for s in args.seeds]
-    seen = [np.mean([c["seen_acc"] for c in cells if c["seed"] == s]) for s in args.seeds]
-    row = " | ".join(percent_mean_sd([c["heldout_acc"] for c in cells if c["heldout"] == d]) for d in heldout)
-    print(f"| {name} | {row} | **{percent_mean_sd(per_seed)}** | {percent_mean_sd(seen)} |")
-    out = Path(args.root) / "bench/results" / f"lodo_plain_{slug}{'_randconv' if args.randconv else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"loop": name, "domains": domains, "heldout": heldout, "cells": cells, "wall_s": time.perf_counter() - t0,
-                               "epochs": args.epochs, "batch": args.batch, "threads": args.threads}, indent=2))
+            out.write_text(json.dumps({"loop": name, "domains": domains, "heldout": heldout, "cells": cells,
+                                       "wall_s": time.perf_counter() - t0, "dataset_version": info["dataset_version"],
+                                       "epochs": args.epochs, "batch": args.batch, "threads": args.threads,
+                                       "backbone": args.backbone, "weights": args.weights,
+                                       "image_size": args.image_size}, indent=2))
+    print(f"| {name} | {row(cells, heldout, args.seeds)}")
+
+
+def row(cells: list[dict], heldout: list[str], seeds: list[int]) -> str:
+    """The markdown row: held-out accuracy per domain, their average and the seen average (mean ± sd over seeds)."""
+    per_seed = [np.mean([c["heldout_acc"] for c in cells if c["seed"] == s]) for s in seeds]
+    seen = [np.mean([c["seen_acc"] for c in cells if c["seed"] == s]) for s in seeds]
+    cols = " | ".join(percent_mean_sd([c["heldout_acc"] for c in cells if c["heldout"] == d]) for d in heldout)
+    return f"{cols} | **{percent_mean_sd(per_seed)}** | {percent_mean_sd(seen)} |"
 
 
 if __name__ == "__main__":
