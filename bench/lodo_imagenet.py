@@ -5,7 +5,9 @@ file's other finetune fields, one lr for all layers, no pretraining stage) and t
 ``flows.lodo_cell.train_cell`` unchanged; only the starting weights (``--weights``, default ``imagenet``),
 backbone and input size differ from the scratch rows. Besides the cell's own result it records the shipped
 model's accuracy on the training domains' validation split (the only number a variant may be chosen on).
-Every finished cell is appended to ``--out`` at once; cells already there are skipped (resume).
+``--recipe`` (linear_probe, adapters_only, gradual_ld) lays ``bench.bench_transfer``'s recipe fields over
+that budget, and ``--set`` has the last word. Every finished cell is appended to ``--out`` at once; cells
+already there are skipped (resume).
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python -m bench.lodo_imagenet --data digits --seeds 0 1 2 \
         --out bench/results/lodo_imagenet_digits.json --work /tmp/lodo25 --stop-at 16:20
@@ -46,7 +48,7 @@ def main(argv=None) -> None:
     ap.add_argument("--input-norm", default="auto", help="finetune.input_norm of the cells (auto|image|pretrained|none)")
     ap.add_argument("--resize", default="bilinear", help="the cells' resize filter (bilinear: the filter of "
                                                           "the cells recorded before it was a choice)")
-    ap.add_argument("--recipe", default="full", help="transfer recipe of bench.bench_transfer (full, linear_probe, "
+    ap.add_argument("--recipe", default="full", choices=["full", "linear_probe", "adapters_only", "gradual_ld"], help="transfer recipe of bench.bench_transfer (full, linear_probe, "
                                                         "adapters_only, gradual_ld): its finetune fields, applied "
                                                         "over the protocol's budget")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -86,8 +88,6 @@ def main(argv=None) -> None:
     extra = parse_overrides(args.set, "finetune")["finetune"] if args.set else {}
     from bench.bench_transfer import RECIPES
 
-    if args.recipe not in RECIPES or args.recipe in ("default", "scratch"):
-        raise SystemExit(f"--recipe {args.recipe!r}: one of full, linear_probe, adapters_only, gradual_ld")
     variant = "+".join([args.input_norm] + ([f"resize={args.resize}"] if args.resize != "bilinear" else [])
                        + ([f"epochs={args.epochs}"] if args.epochs != 8 else [])
                        + ([f"recipe={args.recipe}"] if args.recipe != "full" else [])
