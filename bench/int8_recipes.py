@@ -3,7 +3,9 @@ the calibration size. For each recipe: the worst seen-domain accuracy drop again
 acceptance split (val + gate: what the compress stage accepts on, so what may choose), the same on the test
 split (reports only), and batch-64 throughput at 1 and 2 threads against the fp32 file in the same runtime.
 
-    python -m bench.int8_recipes --workspace WS [--recipes shipped no-depthwise ...] [--rounds 3]
+    python -m bench.int8_recipes --workspace WS [--recipes shipped conv-gemm ...] [--rounds 3]
+
+``shipped`` is the workspace's own compress defaults (format, op types, fp32 stem convolutions).
 
 WS: a workspace after `mdpipe run` (models/finetuned, models/compressed/variants/fp32.onnx). Writes
 bench/results/int8_recipes[_TAG].json.
@@ -23,20 +25,25 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 RECIPES = {  # name: (format, op types, fp32 first convs, fp32 depthwise convs, calibration images)
-    "shipped": ("qoperator", ["Conv", "Gemm"], 3, False, 512),
+    "conv-gemm": ("qoperator", ["Conv", "Gemm"], 3, False, 512),  # the default before 2026-12-07
     "qdq": ("qdq", ["Conv", "Gemm"], 3, False, 512),
     "no-depthwise": ("qoperator", ["Conv", "Gemm"], 3, True, 512),
     "no-depthwise-qdq": ("qdq", ["Conv", "Gemm"], 3, True, 512),
     "first-8": ("qoperator", ["Conv", "Gemm"], 8, False, 512),
     "conv-only": ("qoperator", ["Conv"], 3, False, 512),
     "calib-2048": ("qoperator", ["Conv", "Gemm"], 3, False, 2048),
+    # ReLU6 (Clip) in int8 too: it folds into the convolution's output range, so the tensors between two
+    # convolutions stay uint8 (no DequantizeLinear / QuantizeLinear pair around every activation)
+    "conv-gemm-clip": ("qoperator", ["Conv", "Gemm", "Clip"], 3, False, 512),
+    "conv-gemm-clip-qdq": ("qdq", ["Conv", "Gemm", "Clip"], 3, False, 512),
+    "conv-gemm-clip-add": ("qoperator", ["Conv", "Gemm", "Clip", "Add"], 3, False, 512),
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workspace", required=True, type=Path)
-    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--recipes", nargs="+", default=["shipped", *RECIPES], choices=["shipped", *RECIPES])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tag", default="")
@@ -56,6 +63,7 @@ def main() -> None:
     paths = load_paths(ws)
     teacher = load_model(paths.finetuned)
     p = CompressParams()
+    table = RECIPES | {"shipped": (p.quant_format, list(p.quant_ops), p.quant_fp32_convs, False, 512)}
     train, sets, _ = load_sets(paths, teacher.config, p)
     fp32 = paths.compressed / "variants" / "fp32.onnx"
     seen = sets.report.domains >= 0
@@ -65,14 +73,18 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="mdpipe-int8-")
     recipes = {}
     for name in args.recipes:
-        fmt, ops, first, no_dw, calib = RECIPES[name]
+        fmt, ops, first, no_dw, calib = table[name]
         feeds = calibration_feeds(train.images, train.domains, 64, limit=calib, seed=p.seed)
         exclude = first_convs(fp32, first) + (depthwise_convs(fp32) if no_dw else [])
         files[name] = quantize_int8(fp32, Path(tmp.name) / f"{name}.onnx", feeds, fmt=fmt, op_types=ops,
                                     exclude=sorted(set(exclude)))
         recipes[name] = {"format": fmt, "op_types": ops, "fp32_first_convs": first, "fp32_depthwise": no_dw,
                          "calibration_images": calib, "fp32_nodes": len(set(exclude))}
+    is_val = torch.tensor([sp == "val" for sp in sets.select_splits])
+    val = sets.select.subset(is_val)
+    val_names = [n for n, k in zip(sets.select_names, is_val.tolist()) if k]
     acc = {n: {"select": accuracy(f, sets.select.images, sets.select.domains, sets.select.labels, sets.select_names),
+               "val": accuracy(f, val.images, val.domains, val.labels, val_names),
                "test": accuracy(f, test.images, test.domains, test.labels, test_names),
                "file_bytes": f.stat().st_size} for n, f in files.items()}
     runs: dict = {}
@@ -87,14 +99,15 @@ def main() -> None:
     out = {"workspace": str(ws), "backbone": teacher.config.backbone, "image_size": teacher.config.image_size,
            "recipes": recipes, "results": {}}
     print(f"{teacher.config.backbone} at {teacher.config.image_size} px; drops in points against the fp32 ONNX file")
-    print("| recipe | worst drop, val + gate (chooses) | worst drop, test (reports) | "
+    print("| recipe | worst drop, val (chooses) | worst drop, val + gate (accepts) | worst drop, test (reports) | "
           + " | ".join(f"b64 img/s {t} thr (x fp32)" for t in args.threads) + " | MB |")
-    print("|---|---:|---:|" + "---:|" * len(args.threads) + "---:|")
+    print("|---|---:|---:|---:|" + "---:|" * len(args.threads) + "---:|")
     for n in files:
-        drop = {s: max(100 * (acc["fp32"][s][dom] - acc[n][s][dom]) for dom in acc["fp32"][s]) for s in ("select", "test")}
+        drop = {s: max(100 * (acc["fp32"][s][dom] - acc[n][s][dom]) for dom in acc["fp32"][s])
+                for s in ("val", "select", "test")}
         ips = {t: float(np.median(runs[(n, t)])) for t in args.threads}
         out["results"][n] = acc[n] | {"worst_drop_points": drop, "b64_images_per_s": ips}
-        print(f"| {n} | {drop['select']:.1f} | {drop['test']:.1f} | "
+        print(f"| {n} | {drop['val']:.1f} | {drop['select']:.1f} | {drop['test']:.1f} | "
               + " | ".join(f"{ips[t]:.0f} ({ips[t] / np.median(runs[('fp32', t)]):.2f}x)" for t in args.threads)
               + f" | {acc[n]['file_bytes'] / 1e6:.2f} |")
     dest = REPO / "bench" / "results" / f"int8_recipes{'_' + args.tag if args.tag else ''}.json"

@@ -76,6 +76,46 @@ def test_int8_is_a_real_integer_graph_smaller_and_close(tmp_path):
         calibration_feeds(x, torch.full((96,), -1))
 
 
+def test_tf_same_padding_is_static_in_the_file_and_relu6_stays_int8(tmp_path):
+    """tf_efficientnet_lite0's "same" padding becomes constants that ONNX Runtime folds into the convolutions
+    (no Pad left after its graph optimization), logits unchanged; with Clip quantized, int8 tensors flow from
+    one convolution to the next with no ReLU6 left in fp32."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)  # without domain batch-norm (the ImageNet default): batch-norm folds into the convs
+    m = MultiDomainModel(ModelConfig("tf_efficientnet_lite0", ["a", "b", "c"], [str(i) for i in range(4)],
+                                     domain_bn=False)).eval()
+    m.prototypes.data.normal_()
+    fp32 = export_onnx(m, tmp_path / "fp32.onnx")
+    assert "forward" not in vars(m.backbone.conv_stem)  # the caller's model keeps its own padding code
+    x, d = images(), torch.tensor([0, -1, 2] * 4)
+    with torch.no_grad():
+        ref = m(to_float(x), d)
+    assert (ort_logits(session(fp32), x, d) - ref).abs().max() < TOL
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(fp32), opts, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "Pad" not in optimized and "Conv" in optimized
+
+    xs, ds = images(96, seed=1), torch.arange(96) % 3
+    feeds = calibration_feeds(xs, ds, batch_size=32)
+    q = quantize_int8(fp32, tmp_path / "int8.onnx", feeds, fmt="qoperator", op_types=["Conv", "Gemm", "Clip"],
+                      exclude=first_convs(fp32, 3))
+    ops = [n.op_type for n in onnx.load(str(q)).graph.node]
+    fp32_ops = [n.op_type for n in onnx.load(str(fp32)).graph.node]
+    assert ops.count("QLinearConv") == fp32_ops.count("Conv") - 3  # all but the stem's 3
+    # the ReLU6 after every int8 convolution is folded into it: only the few around the fp32 stem remain
+    assert fp32_ops.count("Clip") >= 30 and ops.count("Clip") <= 4
+    unfolded = quantize_int8(fp32, tmp_path / "conv_gemm.onnx", feeds, fmt="qoperator", op_types=["Conv", "Gemm"],
+                             exclude=first_convs(fp32, 3))
+    unfolded_ops = [n.op_type for n in onnx.load(str(unfolded)).graph.node]
+    assert ops.count("DequantizeLinear") < 0.6 * unfolded_ops.count("DequantizeLinear")
+    agree = (ort_logits(session(q), xs, ds).argmax(1) == ort_logits(session(fp32), xs, ds).argmax(1)).float().mean()
+    assert agree >= 0.85
+
+
 @pytest.mark.parametrize("backbone", ["test_resnet", "tf_efficientnet_lite0"])  # depthwise/pointwise blocks too
 def test_channel_pruning_removes_channels_and_still_exports(tmp_path, backbone):
     m = model(backbone=backbone)

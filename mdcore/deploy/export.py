@@ -12,6 +12,7 @@ those features to each domain's prototype, exactly as ``MultiDomainModel.forward
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -58,19 +59,77 @@ class ExportNet(nn.Module):
         return m.head(z, weights) if isinstance(m.head, MoEHead) else m.head(z)
 
 
+def static_same_padding(net: nn.Module, images: torch.Tensor, domain: torch.Tensor) -> int:
+    """Fix the padding of timm's TF-style "same" convolutions (``Conv2dSame``, as in ``tf_efficientnet_*``)
+    for the input size of ``images``, in place; returns how many were fixed.
+
+    ``Conv2dSame`` computes its padding from the input's height and width at run time, which the exporter
+    writes as a shape-arithmetic subgraph and a data-dependent Pad per strided convolution. The file's
+    spatial size is fixed, so the padding is a constant: written as one, ONNX Runtime folds it into the
+    convolution's own padding (its PadFusion pass), so no tensor is copied to be padded, fp32 and int8 alike.
+    """
+    from timm.layers.padding import get_same_padding
+
+    same = [m for m in net.modules() if type(m).__name__ == "Conv2dSame"]
+    if not same:
+        return 0
+    sizes: dict[nn.Module, tuple[int, int]] = {}
+
+    def record(mod, args):  # returns None: the input goes on unchanged
+        sizes[mod] = tuple(args[0].shape[-2:])
+
+    hooks = [m.register_forward_pre_hook(record) for m in same]
+    try:
+        with torch.no_grad():
+            net(images, domain)
+    finally:
+        for h in hooks:
+            h.remove()
+    for m in same:
+        ih, iw = sizes[m]
+        (kh, kw), (sh, sw), (dh, dw) = m.weight.shape[-2:], m.stride, m.dilation
+        ph, pw = get_same_padding(ih, kh, sh, dh), get_same_padding(iw, kw, sw, dw)
+        pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+
+        def forward(x, conv=m, pads=pads):
+            return F.conv2d(F.pad(x, pads), conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+        m.forward = forward
+    return len(same)
+
+
 def export_onnx(model: MultiDomainModel, path: str | Path, opset: int = OPSET) -> Path:
-    """Write ``model`` as one ONNX file (weights inside) with a dynamic batch axis; returns the path."""
+    """Write ``model`` as one ONNX file (weights inside) with a dynamic batch axis and the model's fixed
+    image size; returns the path. ``model`` itself is not changed."""
     path = Path(path)
-    net = ExportNet(model).eval()
     size = model.config.image_size
     images = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8)
     domain = torch.tensor([0, -1, len(model.config.domains) - 1])
+    net = ExportNet(copy.deepcopy(model)).eval()
+    static_same_padding(net, images, domain)
     axes = {"images": {0: "batch"}, "domain": {0: "batch"}, OUTPUT: {0: "batch"}}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(net, (images, domain), str(path), input_names=list(INPUTS), output_names=[OUTPUT],
                           dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+    drop_empty_optional_inputs(path)
     return path
+
+
+def drop_empty_optional_inputs(path: Path) -> None:
+    """Remove the trailing empty ("") inputs the exporter writes for omitted optional inputs (Pad's
+    ``constant_value``). Same graph; ONNX Runtime's PadFusion refuses a Pad that has one, so without this
+    the constant padding stays a separate copy of the tensor before its convolution."""
+    import onnx
+
+    model = onnx.load(str(path))
+    changed = False
+    for node in model.graph.node:
+        while node.input and node.input[-1] == "":
+            node.input.pop()
+            changed = True
+    if changed:
+        onnx.save(model, str(path))
 
 
 def session(path: str | Path, threads: int = 1):

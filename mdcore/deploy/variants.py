@@ -27,7 +27,7 @@ class BuildConfig:
 
     quantize: bool = True
     quant_format: str = "qoperator"
-    quant_ops: list[str] = field(default_factory=lambda: ["Conv", "Gemm"])
+    quant_ops: list[str] = field(default_factory=lambda: ["Conv", "Gemm", "Clip"])
     quant_fp32_convs: int = 3
     calibration_images: int = 512
     prune_ratio: float = 0.0
