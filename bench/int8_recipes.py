@@ -37,6 +37,7 @@ RECIPES = {  # name: (format, op types, fp32 first convs, fp32 depthwise convs, 
     "conv-gemm-clip": ("qoperator", ["Conv", "Gemm", "Clip"], 3, False, 512),
     "conv-gemm-clip-qdq": ("qdq", ["Conv", "Gemm", "Clip"], 3, False, 512),
     "conv-gemm-clip-add": ("qoperator", ["Conv", "Gemm", "Clip", "Add"], 3, False, 512),
+    "conv-gemm-clip-stem-int8": ("qoperator", ["Conv", "Gemm", "Clip"], 0, False, 512),
 }
 
 

@@ -334,7 +334,7 @@ class CompressParams(StageParams):
                     "variants lose accuracy on held-out domains (BENCHMARKS.md), which the seen-domain acceptance "
                     "rule does not see, so they ship only when listed here")
     threads: int = Field(2, ge=1, description="Threads of every latency measurement (torch and ONNX Runtime)")
-    latency_repeats: int = Field(30, ge=3, description="Timed calls at batch 1 (a third of them at batch 64), after warm-up")
+    latency_repeats: int = Field(30, ge=3, description="Timed calls at batch 1 (a third of them at batch 64), after warm-up, split over 3 rounds that take the variants in turn")
     corruption_images: int = Field(200, ge=1, description="Seen test images scored under the 15 corruptions (seeded draw)")
     batch_size: int = Field(256, ge=1, description="Images per scoring batch")
     device: Literal["auto", "cpu", "cuda"] = Field(

@@ -162,6 +162,30 @@ def test_corruptions_are_deterministic_and_grow_with_severity():
         corrupt(x, "fog", 1)
 
 
+def test_latencies_of_the_variants_are_taken_in_turn_over_rounds():
+    """A slow-down during the stage must not land on one variant only: each round times every runner."""
+    import time
+
+    from mdcore.deploy.scoring import measure_latencies
+
+    calls = []
+
+    def runner(name, seconds):
+        def run(images, domains):
+            calls.append(name)
+            time.sleep(seconds)
+        return run
+
+    data = ImageSet(images(4), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), ["a"], ["0"])
+    out = measure_latencies({"fast": runner("fast", 0.0), "slow": runner("slow", 0.004)}, data, threads=1,
+                            batch_sizes=(1,), repeats=9, rounds=3)
+    starts = [i for i, (a, b) in enumerate(zip(["-"] + calls, calls)) if a != b]
+    assert [calls[i] for i in starts] == ["fast", "slow"] * 3  # three rounds, each taking both in turn
+    assert out["fast"]["b1"]["rounds"] == 3 and out["slow"]["b1"]["calls"] == 9
+    assert out["slow"]["b1"]["median_ms"] > out["fast"]["b1"]["median_ms"] + 2
+    assert out["slow"]["b1"]["images_per_s"] < out["fast"]["b1"]["images_per_s"]
+
+
 def test_acceptance_rejects_a_worse_domain_or_a_slower_variant():
     ref = {"select_acc": {"a": 0.9, "b": 0.8}, "latency": {"b1": {"median_ms": 2.0}}}
     ok = {"select_acc": {"a": 0.9, "b": 0.795}, "latency": {"b1": {"median_ms": 1.0}}}

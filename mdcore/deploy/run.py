@@ -15,7 +15,7 @@ from mdcore.deploy.export import session
 from mdcore.deploy.measure import count_macs, count_params, eager_runner, ort_runner
 from mdcore.deploy.report import model_card, plot_variants, variants_table
 from mdcore.deploy.scoring import (EvalSets, accuracy_per_domain, corruption_accuracy, decide, eager_predict,
-                                   measure_latency, ort_predict)
+                                   measure_latencies, ort_predict)
 from mdcore.deploy.variants import BuildConfig, build_variants
 from mdcore.data.images import ImageSet
 from mdcore.models.model import MultiDomainModel
@@ -65,7 +65,7 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def _score(name, runtime, predict, run, sets: EvalSets, sc: ScoreConfig, kinds: dict, extra: dict) -> dict:
+def _score(name, runtime, predict, sets: EvalSets, sc: ScoreConfig, kinds: dict, extra: dict) -> dict:
     row = {"name": name, "runtime": runtime, "threads": sc.threads, "kinds": kinds, **extra}
     row["select_acc"] = accuracy_per_domain(predict, sets.select, sets.select_names)
     if sets.select_splits is not None:  # the validation split alone: what may choose a recipe (the gate may not)
@@ -75,7 +75,6 @@ def _score(name, runtime, predict, run, sets: EvalSets, sc: ScoreConfig, kinds: 
     row["report_acc"] = accuracy_per_domain(predict, sets.report, sets.report_names)
     row["report_acc_unknown_domain"] = accuracy_per_domain(predict, sets.report, sets.report_names, use_domain=False)
     row["corruption_acc"] = corruption_accuracy(predict, sets.corruption, sc.seed)
-    row["latency"] = measure_latency(run, sets.select, sc.threads, repeats=sc.latency_repeats)
     return row
 
 
@@ -86,20 +85,24 @@ def compress(teacher: MultiDomainModel, train: ImageSet, sets: EvalSets, build: 
     Returns the rows and the shipped variant's name. Raises if no variant is accepted."""
     kinds = {d: ("seen" if d in teacher.config.domains else "held-out") for d in sets.report_names}
     variants = build_variants(teacher, train, out_dir / "variants", build, source)
-    reference = _score("fp32-eager", "torch eager", eager_predict(teacher), eager_runner(teacher), sets, sc, kinds,
+    reference = _score("fp32-eager", "torch eager", eager_predict(teacher), sets, sc, kinds,
                        {"params": count_params(teacher), "macs": count_macs(teacher, teacher.config.image_size),
                         "file_bytes": teacher_bytes})
     reference.update(accepted=False, reason="reference (PyTorch training model, not a deployable file)",
                      worst_select_drop=0.0)
-    rows = [reference]
+    rows, runs = [reference], {reference["name"]: eager_runner(teacher)}
     for v in variants:
         sess = session(v.onnx, sc.threads)
-        row = _score(v.name, "onnxruntime", ort_predict(sess), ort_runner(sess), sets, sc, kinds,
-                     {"params": v.params, "macs": v.macs, "file_bytes": v.onnx.stat().st_size,
-                      "onnx": str(v.onnx.relative_to(out_dir)), "recipe": v.recipe})
+        rows.append(_score(v.name, "onnxruntime", ort_predict(sess), sets, sc, kinds,
+                           {"params": v.params, "macs": v.macs, "file_bytes": v.onnx.stat().st_size,
+                            "onnx": str(v.onnx.relative_to(out_dir)), "recipe": v.recipe}))
+        runs[v.name] = ort_runner(sess)
+    latencies = measure_latencies(runs, sets.select, sc.threads, repeats=sc.latency_repeats)
+    for row in rows:
+        row["latency"] = latencies[row["name"]]
+    for row in rows[1:]:
         row["accepted"], row["reason"] = decide(reference, row, sc.max_drop)
-        log.info("%-14s %s", v.name, ("accepted: " if row["accepted"] else "rejected: ") + row["reason"])
-        rows.append(row)
+        log.info("%-14s %s", row["name"], ("accepted: " if row["accepted"] else "rejected: ") + row["reason"])
     shipped = pick_shipped(rows[1:], sc.ship_by, sc.ship_from)
     shipped["shipped"] = True
     info = machine()

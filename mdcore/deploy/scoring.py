@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy
 
@@ -83,6 +84,27 @@ def measure_latency(run: Callable, data: ImageSet, threads: int, batch_sizes=(1,
             idx = torch.arange(b) % len(data)
             out[f"b{b}"] = latency(run, data.images[idx], data.domains[idx].clamp(min=0), warmup=min(warmup, repeats),
                                    repeats=repeats if b == 1 else max(3, repeats // 3))
+    return out
+
+
+def measure_latencies(runs: dict[str, Callable], data: ImageSet, threads: int, batch_sizes=(1, 64),
+                      repeats: int = 30, rounds: int = 3) -> dict[str, dict]:
+    """:func:`measure_latency` of several runners taken in turn, ``rounds`` times over (each round a share
+    of ``repeats``), so a machine that speeds up or slows down during the stage favours none of them: the
+    ratios between variants are what users read. Per runner and batch size: the median over rounds of
+    each round's median and p95, the calls summed."""
+    per: dict[str, list[dict]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            per[name].append(measure_latency(run, data, threads, batch_sizes, repeats=max(3, repeats // rounds)))
+    out = {}
+    for name, results in per.items():
+        out[name] = {}
+        for b in results[0]:
+            median = float(np.median([r[b]["median_ms"] for r in results]))
+            out[name][b] = {"median_ms": median, "p95_ms": float(np.median([r[b]["p95_ms"] for r in results])),
+                            "calls": sum(r[b]["calls"] for r in results), "rounds": rounds,
+                            "images_per_s": int(b[1:]) / (median / 1e3)}
     return out
 
 
