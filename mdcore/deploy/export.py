@@ -68,9 +68,11 @@ def static_same_padding(net: nn.Module, images: torch.Tensor, domain: torch.Tens
     spatial size is fixed, so the padding is a constant: written as one, ONNX Runtime folds it into the
     convolution's own padding (its PadFusion pass), so no tensor is copied to be padded, fp32 and int8 alike.
     """
+    from timm.layers import Conv2dSame
     from timm.layers.padding import get_same_padding
 
-    same = [m for m in net.modules() if type(m).__name__ == "Conv2dSame"]
+    # exact type: subclasses (StdConv2dSame, ...) transform their weights in forward, which this would skip
+    same = [m for m in net.modules() if type(m) is Conv2dSame]
     if not same:
         return 0
     sizes: dict[nn.Module, tuple[int, int]] = {}
@@ -85,6 +87,7 @@ def static_same_padding(net: nn.Module, images: torch.Tensor, domain: torch.Tens
     finally:
         for h in hooks:
             h.remove()
+    same = [m for m in same if m in sizes]  # a module the forward never reaches keeps its own code
     for m in same:
         ih, iw = sizes[m]
         (kh, kw), (sh, sw), (dh, dw) = m.weight.shape[-2:], m.stride, m.dilation
