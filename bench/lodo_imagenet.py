@@ -35,6 +35,8 @@ def _past(stop_at: str | None) -> bool:
 
 
 def main(argv=None) -> None:
+    from bench.bench_transfer import RECIPES  # one definition of the recipes for both benches
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="digits")
     ap.add_argument("--heldout", nargs="*", default=None, help="held-out domains (default: every domain)")
@@ -48,9 +50,8 @@ def main(argv=None) -> None:
     ap.add_argument("--input-norm", default="auto", help="finetune.input_norm of the cells (auto|image|pretrained|none)")
     ap.add_argument("--resize", default="bilinear", help="the cells' resize filter (bilinear: the filter of "
                                                           "the cells recorded before it was a choice)")
-    ap.add_argument("--recipe", default="full", choices=["full", "linear_probe", "adapters_only", "gradual_ld"], help="transfer recipe of bench.bench_transfer (full, linear_probe, "
-                                                        "adapters_only, gradual_ld): its finetune fields, applied "
-                                                        "over the protocol's budget")
+    ap.add_argument("--recipe", default="full", choices=[r for r in RECIPES if r not in ("default", "scratch")],
+                    help="transfer recipe of bench.bench_transfer: its finetune fields, applied over the protocol's budget")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a finetune field for every cell (e.g. domain_bn=false); the cells form their own variant")
     ap.add_argument("--threads", type=int, default=1)
@@ -86,8 +87,6 @@ def main(argv=None) -> None:
     from tasks.params import parse_overrides
 
     extra = parse_overrides(args.set, "finetune")["finetune"] if args.set else {}
-    from bench.bench_transfer import RECIPES
-
     variant = "+".join([args.input_norm] + ([f"resize={args.resize}"] if args.resize != "bilinear" else [])
                        + ([f"epochs={args.epochs}"] if args.epochs != 8 else [])
                        + ([f"recipe={args.recipe}"] if args.recipe != "full" else [])

@@ -13,6 +13,7 @@ those features to each domain's prototype, exactly as ``MultiDomainModel.forward
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 from pathlib import Path
 
@@ -111,28 +112,26 @@ def export_onnx(model: MultiDomainModel, path: str | Path, opset: int = OPSET) -
     net = ExportNet(copy.deepcopy(model)).eval()
     static_same_padding(net, images, domain)
     axes = {"images": {0: "batch"}, "domain": {0: "batch"}, OUTPUT: {0: "batch"}}
+    import onnx
+
+    buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-        torch.onnx.export(net, (images, domain), str(path), input_names=list(INPUTS), output_names=[OUTPUT],
+        torch.onnx.export(net, (images, domain), buffer, input_names=list(INPUTS), output_names=[OUTPUT],
                           dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
-    drop_empty_optional_inputs(path)
+    graph = onnx.load_model_from_string(buffer.getvalue())
+    drop_empty_optional_inputs(graph)
+    onnx.save(graph, str(path))
     return path
 
 
-def drop_empty_optional_inputs(path: Path) -> None:
-    """Remove the trailing empty ("") inputs the exporter writes for omitted optional inputs (Pad's
-    ``constant_value``). Same graph; ONNX Runtime's PadFusion refuses a Pad that has one, so without this
-    the constant padding stays a separate copy of the tensor before its convolution."""
-    import onnx
-
-    model = onnx.load(str(path))
-    changed = False
+def drop_empty_optional_inputs(model) -> None:
+    """Remove, in place, the trailing empty ("") inputs the exporter writes for omitted optional inputs
+    (Pad's ``constant_value``). Same graph; ONNX Runtime's PadFusion refuses a Pad that has one, so without
+    this the constant padding stays a separate copy of the tensor before its convolution."""
     for node in model.graph.node:
         while node.input and node.input[-1] == "":
             node.input.pop()
-            changed = True
-    if changed:
-        onnx.save(model, str(path))
 
 
 def session(path: str | Path, threads: int = 1):

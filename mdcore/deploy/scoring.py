@@ -100,11 +100,12 @@ def measure_latencies(runs: dict[str, Callable], data: ImageSet, threads: int, b
     out = {}
     for name, results in per.items():
         out[name] = {}
-        for b in results[0]:
-            median = float(np.median([r[b]["median_ms"] for r in results]))
-            out[name][b] = {"median_ms": median, "p95_ms": float(np.median([r[b]["p95_ms"] for r in results])),
-                            "calls": sum(r[b]["calls"] for r in results), "rounds": rounds,
-                            "images_per_s": int(b[1:]) / (median / 1e3)}
+        for b in batch_sizes:
+            key = f"b{b}"
+            median = float(np.median([r[key]["median_ms"] for r in results]))
+            out[name][key] = {"median_ms": median, "p95_ms": float(np.median([r[key]["p95_ms"] for r in results])),
+                              "calls": sum(r[key]["calls"] for r in results), "rounds": rounds,
+                              "images_per_s": b / (median / 1e3)}
     return out
 
 
