@@ -6,7 +6,10 @@ file's other finetune fields, one lr for all layers, no pretraining stage) and t
 backbone and input size differ from the scratch rows. Besides the cell's own result it records the shipped
 model's accuracy on the training domains' validation split (the only number a variant may be chosen on).
 ``--recipe`` (linear_probe, adapters_only, gradual_ld) lays ``bench.bench_transfer``'s recipe fields over
-that budget, and ``--set`` has the last word. Every finished cell is appended to ``--out`` at once; cells
+that budget, and ``--set`` has the last word. ``--ssl-epochs N`` first continues pretraining the starting
+weights in each cell: N epochs of the pretrain stage's SimCLR loop (``mdcore.train.contrastive.self_supervised``,
+``params/pretrain.yaml``'s settings, the cell's seed) on the cell's training images without their labels (never
+the held-out domain's), then the cell fine-tunes from the result. Every finished cell is appended to ``--out`` at once; cells
 already there are skipped (resume).
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python -m bench.lodo_imagenet --data digits --seeds 0 1 2 \
@@ -54,6 +57,8 @@ def main(argv=None) -> None:
                     help="transfer recipe of bench.bench_transfer: its finetune fields, applied over the protocol's budget")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a finetune field for every cell (e.g. domain_bn=false); the cells form their own variant")
+    ap.add_argument("--ssl-epochs", type=int, default=0,
+                    help="continued self-supervised pretraining of the starting weights in each cell, on its training images")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default="/tmp/lodo25")
     ap.add_argument("--out", required=True)
@@ -90,6 +95,7 @@ def main(argv=None) -> None:
     variant = "+".join([args.input_norm] + ([f"resize={args.resize}"] if args.resize != "bilinear" else [])
                        + ([f"epochs={args.epochs}"] if args.epochs != 8 else [])
                        + ([f"recipe={args.recipe}"] if args.recipe != "full" else [])
+                       + ([f"ssl={args.ssl_epochs}"] if args.ssl_epochs else [])
                        + sorted(f"{k}={v}" for k, v in extra.items()))
     # the protocol's budget, then the recipe's fields, then --set (the last word)
     finetune = load_params("finetune", paths.root / "params").model_dump() | {
@@ -136,7 +142,10 @@ def main(argv=None) -> None:
             spec = base | {"method": method, "heldout": d, "seed": int(seed)}
             started = _now_utc().strftime("%H:%M:%S")
             captured.clear()
-            result = lodo_cell.train_cell(spec)
+            ssl = {}
+            if args.ssl_epochs:
+                spec["backbone_weights"], ssl = continue_pretraining(spec, args.ssl_epochs, folder / "ssl", paths)
+            result = lodo_cell.train_cell(spec) | ssl
             model, val = captured["model"], captured["val"]
             shipped_val = evaluate_split(model, val, [val.domain_names[i] for i in val.domains])
             result |= {"cell_hash": cell_hash(spec), "code_version": code, "input_norm": args.input_norm,
@@ -150,8 +159,52 @@ def main(argv=None) -> None:
             _write(record, out, atomic_write_json, lodo, demo_holdout(paths, domains))
             print(f"{started} {method} {variant} held out {d} seed {seed}: held-out "
                   f"{result['heldout_acc']:.3f} seen {result['seen_acc']:.3f} val(shipped) {shipped_val['acc']:.3f} "
-                  f"selected {result['selected_epoch']} {result['train_s']:.0f} s", flush=True)
+                  f"selected {result['selected_epoch']} {result['train_s']:.0f} s"
+                  + (f" (+ {ssl['ssl_s']:.0f} s continued pretraining)" if ssl else ""), flush=True)
     _write(record, out, atomic_write_json, lodo, demo_holdout(paths, domains))
+
+
+def continue_pretraining(spec: dict, epochs: int, folder: Path, paths) -> tuple[str, dict]:
+    """The cell's starting weights after ``epochs`` of SimCLR on its training images (decoded as the cell
+    decodes them), saved as the pretrain stage saves them (safetensors + the pretrained_cfg they expect).
+    Returns (the file, what to record)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from flows.lodo_cell import _all_images, _subset
+    from mdcore.data.decode import DEFAULT_RESIZE
+    from mdcore.eval.lodo import cell_rows
+    from mdcore.models.input_norm import InputNorm, cfg_norm, resolve
+    from mdcore.models.model import create_backbone
+    from mdcore.train.contrastive import self_supervised
+    from tasks.params import load_params
+    from tasks.pretrain import _exported_norm
+
+    pre = load_params("pretrain", paths.root / "params")
+    resize = spec.get("resize", DEFAULT_RESIZE)
+    frame, data = _all_images(spec["manifest"], spec["image_root"], int(spec["image_size"]), resize)
+    rows = cell_rows(frame, spec["heldout"])
+    train = _subset(frame, data, rows.train, rows.training_domains)
+    assert spec["heldout"] not in set(rows.train["domain"])
+    t0 = time.perf_counter()
+    torch.manual_seed(int(spec["seed"]))
+    backbone = create_backbone(spec["backbone"], weights=spec.get("backbone_weights"))
+    weights_norm = cfg_norm(getattr(backbone, "pretrained_cfg", None))
+    kind, mean, std = resolve(pre.input_norm, weights_norm, "image", spec["backbone"], "pretrain.input_norm")
+    history = self_supervised(backbone, train.images, input_norm=InputNorm(kind, mean, std), epochs=epochs,
+                              batch_size=pre.batch_size, lr=pre.lr, weight_decay=pre.weight_decay,
+                              seed=int(spec["seed"]), temperature=pre.temperature, domains=train.domains,
+                              fourier_mix_prob=pre.fourier_mix_prob, fourier_mix_strength=pre.fourier_mix_strength)
+    out = folder / f"{spec['heldout']}_seed{spec['seed']}"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in backbone.state_dict().items()}, str(out / "backbone.safetensors"))
+    (out / "config.json").write_text(json.dumps({
+        "pretrained_cfg": _exported_norm(kind, mean, std, weights_norm, resize, trained=True)}) + "\n")
+    return str(out / "backbone.safetensors"), {
+        "ssl_epochs": epochs, "ssl_images": len(train), "ssl_s": round(time.perf_counter() - t0, 1),
+        "ssl_loss": [round(h["ssl_loss"], 4) for h in history]}
 
 
 def _write(record, out, atomic_write_json, lodo, choose_without) -> None:

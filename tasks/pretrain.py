@@ -29,7 +29,7 @@ from mdcore.data.manifest import read_manifest
 from mdcore.data.unlabelled import read_listing, usable_for_pretraining
 from mdcore.models.model import create_backbone, weights_kind, weights_provenance
 from mdcore.eval.probe import probe_backbone, probe_markdown
-from mdcore.train.contrastive import ContrastiveNet, contrastive_epoch
+from mdcore.train.contrastive import self_supervised
 from tasks.data import guard_holdout, image_roots, load_split
 from tasks.params import StageParams, PretrainParams
 from tasks.paths import Paths
@@ -63,15 +63,13 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
         extra, unlabelled = _unlabelled_images(params, paths, data.domain_names, image_size, resize)
         if extra is not None:
             ssl_images, ssl_domains = torch.cat([data.images, extra.images]), torch.cat([data.domains, extra.domains])
-        net = ContrastiveNet(backbone, input_norm=norm).to(device)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-        for epoch in range(params.epochs):
-            stats = contrastive_epoch(net, ssl_images, optimizer, batch_size=params.batch_size, epoch=epoch,
-                                      seed=params.seed, temperature=params.temperature, domains=ssl_domains,
-                                      fourier_mix_prob=params.fourier_mix_prob,
-                                      fourier_mix_strength=params.fourier_mix_strength, device=device)
-            history.append(stats)
-            log.info("pretrain epoch %d/%d: ssl_loss %.4f", epoch + 1, params.epochs, stats["ssl_loss"])
+        history = self_supervised(
+            backbone, ssl_images, input_norm=norm, epochs=params.epochs, batch_size=params.batch_size,
+            lr=params.lr, weight_decay=params.weight_decay, seed=params.seed, temperature=params.temperature,
+            domains=ssl_domains, fourier_mix_prob=params.fourier_mix_prob,
+            fourier_mix_strength=params.fourier_mix_strength, device=device,
+            on_epoch=lambda e, stats: log.info("pretrain epoch %d/%d: ssl_loss %.4f", e + 1, params.epochs,
+                                               stats["ssl_loss"]))
     probe_after = _probe(backbone, probe_data, params.seed, norm, device) if probe_data else None
     with atomic_dir(paths.pretrained) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}

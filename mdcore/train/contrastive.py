@@ -65,3 +65,24 @@ def contrastive_epoch(
         total += float(loss.detach())
         steps += 1
     return {"ssl_loss": total / max(steps, 1)}
+
+
+def self_supervised(backbone: nn.Module, images: torch.Tensor, *, input_norm, epochs: int, batch_size: int,
+                    lr: float, weight_decay: float, seed: int, temperature: float,
+                    domains: torch.Tensor | None = None, fourier_mix_prob: float = 0.0,
+                    fourier_mix_strength: float = 1.0, device: torch.device | str = "cpu",
+                    on_epoch=None) -> list[dict[str, float]]:
+    """``epochs`` of SimCLR on ``images`` (labels unused), training ``backbone`` in place through a fresh
+    projector; the projector is dropped. The pretrain stage and the benches that continue pretraining call
+    this one loop. ``on_epoch(epoch, stats)`` is called after each epoch (logging). Returns each epoch's stats."""
+    net = ContrastiveNet(backbone, input_norm=input_norm).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    history = []
+    for epoch in range(epochs):
+        stats = contrastive_epoch(net, images, optimizer, batch_size=batch_size, epoch=epoch, seed=seed,
+                                  temperature=temperature, domains=domains, fourier_mix_prob=fourier_mix_prob,
+                                  fourier_mix_strength=fourier_mix_strength, device=device)
+        history.append(stats)
+        if on_epoch is not None:
+            on_epoch(epoch, stats)
+    return history
