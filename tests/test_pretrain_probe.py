@@ -10,7 +10,7 @@ from PIL import Image
 from mdcore.synth.augment import fourier_domain_mix
 from mdcore.models.model import create_backbone
 from mdcore.eval.probe import linear_probe
-from mdcore.train.contrastive import ContrastiveNet, contrastive_epoch
+from mdcore.train.contrastive import ContrastiveNet, contrastive_epoch, self_supervised
 from tasks import pretrain
 from tasks.params import PretrainParams
 from tasks.paths import Paths
@@ -47,6 +47,28 @@ def test_contrastive_epoch_with_domain_mixing():
     chance = math.log(2 * 8 - 1)
     # seed 0: 2.65 -> 1.74 (chance 2.71); over seeds 0-11 the trained loss stayed <= 2.45 and fell by >= 0.48
     assert after < first - 0.25 and after < chance - 0.15, (first, after, chance, losses)
+
+
+def test_self_supervised_trains_the_given_backbone_in_place():
+    """The loop the stage and the LODO bench share: the caller's backbone object is the one trained (the
+    projector is dropped), every epoch is reported, and the same seed gives the same weights."""
+    def run(seed_weights):
+        torch.manual_seed(seed_weights)
+        backbone = create_backbone("test_resnet")
+        before = {k: v.clone() for k, v in backbone.state_dict().items()}
+        seen = []
+        history = self_supervised(backbone, images, input_norm="image", epochs=2, batch_size=8, lr=1e-3,
+                                  weight_decay=0.0, seed=0, temperature=0.2, domains=torch.tensor([0, 1] * 8),
+                                  fourier_mix_prob=0.5, on_epoch=lambda e, stats: seen.append(e))
+        return backbone, before, history, seen
+
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    backbone, before, history, seen = run(0)
+    assert seen == [0, 1] and len(history) == 2 and all(np.isfinite(h["ssl_loss"]) for h in history)
+    changed = [k for k, v in backbone.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert changed, "no weight of the given backbone changed"
+    again, _, _, _ = run(0)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in backbone.state_dict().items())
 
 
 def test_linear_probe_per_domain():
