@@ -8,7 +8,7 @@ model's accuracy on the training domains' validation split (the only number a va
 ``--recipe`` (linear_probe, adapters_only, gradual_ld) lays ``bench.bench_transfer``'s recipe fields over
 that budget, and ``--set`` has the last word. ``--ssl-epochs N`` first continues pretraining the starting
 weights in each cell: N epochs of the pretrain stage's SimCLR loop (``mdcore.train.contrastive.self_supervised``,
-``params/pretrain.yaml``'s settings, the cell's seed) on the cell's training images without their labels (never
+``params/pretrain.yaml``'s settings, the cell's seed and input normalization) on the cell's training images without their labels (never
 the held-out domain's), then the cell fine-tunes from the result. Every finished cell is appended to ``--out`` at once; cells
 already there are skipped (resume).
 
@@ -192,7 +192,8 @@ def continue_pretraining(spec: dict, epochs: int, folder: Path, paths) -> tuple[
     torch.manual_seed(int(spec["seed"]))
     backbone = create_backbone(spec["backbone"], weights=spec.get("backbone_weights"))
     weights_norm = cfg_norm(getattr(backbone, "pretrained_cfg", None))
-    kind, mean, std = resolve(pre.input_norm, weights_norm, "image", spec["backbone"], "pretrain.input_norm")
+    # the input path the cell's model will have (auto: the weights' mean/std, as the pretrain stage's auto)
+    kind, mean, std = resolve(spec["finetune"]["input_norm"], weights_norm, "image", spec["backbone"], "input_norm")
     history = self_supervised(backbone, train.images, input_norm=InputNorm(kind, mean, std), epochs=epochs,
                               batch_size=pre.batch_size, lr=pre.lr, weight_decay=pre.weight_decay,
                               seed=int(spec["seed"]), temperature=pre.temperature, domains=train.domains,
