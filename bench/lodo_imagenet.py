@@ -7,9 +7,10 @@ backbone and input size differ from the scratch rows. Besides the cell's own res
 model's accuracy on the training domains' validation split (the only number a variant may be chosen on).
 ``--recipe`` (linear_probe, adapters_only, gradual_ld) lays ``bench.bench_transfer``'s recipe fields over
 that budget, and ``--set`` has the last word. ``--ssl-epochs N`` first continues pretraining the starting
-weights in each cell: N epochs of the pretrain stage's SimCLR loop (``mdcore.train.contrastive.self_supervised``,
-``params/pretrain.yaml``'s settings, the cell's seed and input normalization) on the cell's training images without their labels (never
-the held-out domain's), then the cell fine-tunes from the result. Every finished cell is appended to ``--out`` at once; cells
+weights in each cell: N epochs of the pretrain stage's SimCLR loop
+(``mdcore.train.contrastive.self_supervised``, ``params/pretrain.yaml``'s settings, the cell's seed and
+input normalization) on the cell's training images without their labels (never the held-out domain's),
+then the cell fine-tunes from the result. Every finished cell is appended to ``--out`` at once; cells
 already there are skipped (resume).
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python -m bench.lodo_imagenet --data digits --seeds 0 1 2 \
