@@ -100,7 +100,7 @@ def part_pretrain(ws: str, device: str, epochs: int = 3) -> dict:
 
     from mdcore.models.input_norm import InputNorm
     from mdcore.models.model import create_backbone
-    from mdcore.train.contrastive import ContrastiveNet, contrastive_epoch
+    from mdcore.train.contrastive import self_supervised
     from tasks.data import image_roots, load_split
     from tasks.params import load_params
 
@@ -109,15 +109,14 @@ def part_pretrain(ws: str, device: str, epochs: int = 3) -> dict:
     torch.manual_seed(p.seed)
     data, _ = load_split(paths.train_manifest, image_roots(paths.raw, paths.synthetic), pre["image_size"], ("train",))
     device = torch.device(device)
-    net = ContrastiveNet(create_backbone(p.backbone), input_norm=InputNorm("image")).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    history, t0 = [], time.perf_counter()
-    for epoch in range(epochs):
-        history.append(contrastive_epoch(net, data.images, optimizer, batch_size=p.batch_size, epoch=epoch,
-                                         seed=p.seed, temperature=p.temperature, domains=data.domains,
-                                         fourier_mix_prob=p.fourier_mix_prob,
-                                         fourier_mix_strength=p.fourier_mix_strength, device=device)["ssl_loss"])
-    res = {"epochs": epochs, "ssl_loss": [round(x, 4) for x in history], "wall_s": round(time.perf_counter() - t0, 1)}
+    t0 = time.perf_counter()
+    history = self_supervised(create_backbone(p.backbone).to(device), data.images, input_norm=InputNorm("image"),
+                              epochs=epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
+                              seed=p.seed, temperature=p.temperature, domains=data.domains,
+                              fourier_mix_prob=p.fourier_mix_prob, fourier_mix_strength=p.fourier_mix_strength,
+                              device=device)
+    res = {"epochs": epochs, "ssl_loss": [round(h["ssl_loss"], 4) for h in history],
+           "wall_s": round(time.perf_counter() - t0, 1)}
     print(f"[gpu_check] pretrain: {res}", flush=True)
     return res
 

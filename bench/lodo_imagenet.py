@@ -169,10 +169,7 @@ def continue_pretraining(spec: dict, epochs: int, folder: Path, paths) -> tuple[
     """The cell's starting weights after ``epochs`` of SimCLR on its training images (decoded as the cell
     decodes them), saved as the pretrain stage saves them (safetensors + the pretrained_cfg they expect).
     Returns (the file, what to record)."""
-    import json
-
     import torch
-    from safetensors.torch import save_file
 
     from flows.lodo_cell import _all_images, _subset
     from mdcore.data.decode import DEFAULT_RESIZE
@@ -181,7 +178,7 @@ def continue_pretraining(spec: dict, epochs: int, folder: Path, paths) -> tuple[
     from mdcore.models.model import create_backbone
     from mdcore.train.contrastive import self_supervised
     from tasks.params import load_params
-    from tasks.pretrain import _exported_norm
+    from tasks.pretrain import _exported_norm, save_backbone
 
     pre = load_params("pretrain", paths.root / "params")
     resize = spec.get("resize", DEFAULT_RESIZE)
@@ -201,10 +198,9 @@ def continue_pretraining(spec: dict, epochs: int, folder: Path, paths) -> tuple[
                               fourier_mix_prob=pre.fourier_mix_prob, fourier_mix_strength=pre.fourier_mix_strength)
     out = folder / f"{spec['heldout']}_seed{spec['seed']}"
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in backbone.state_dict().items()}, str(out / "backbone.safetensors"))
-    (out / "config.json").write_text(json.dumps({
-        "pretrained_cfg": _exported_norm(kind, mean, std, weights_norm, resize, trained=True)}) + "\n")
-    return str(out / "backbone.safetensors"), {
+    weights = save_backbone(out, backbone, spec["backbone"], {
+        "pretrained_cfg": _exported_norm(kind, mean, std, weights_norm, resize, trained=True)})
+    return str(weights), {
         "ssl_epochs": epochs, "ssl_images": len(train), "ssl_s": round(time.perf_counter() - t0, 1),
         "ssl_loss": [round(h["ssl_loss"], 4) for h in history]}
 

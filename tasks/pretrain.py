@@ -72,17 +72,14 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
                                                stats["ssl_loss"]))
     probe_after = _probe(backbone, probe_data, params.seed, norm, device) if probe_data else None
     with atomic_dir(paths.pretrained) as tmp:
-        state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-        # a timm-loadable file: other runs pass it as pretrain.backbone_weights
-        save_file(state, str(tmp / BACKBONE_WEIGHTS), metadata={"format": "pt", "architecture": params.backbone})
-        (tmp / "config.json").write_text(json.dumps({
+        save_backbone(tmp, backbone, params.backbone, {
             "backbone": params.backbone, "image_size": image_size, "resize": resize,
             "pretrained": bool(params.enabled and params.epochs > 0) or bool(params.backbone_weights),
             "backbone_weights": params.backbone_weights, "weights_source": weights_source,
             "self_supervised_epochs": len(history),
             "input_norm": kind,
             "pretrained_cfg": _exported_norm(kind, mean, std, weights_norm, resize, trained=bool(history)),
-            "images": len(data), "unlabelled_images": unlabelled["images"], "history": history}, indent=2) + "\n")
+            "images": len(data), "unlabelled_images": unlabelled["images"], "history": history})
         if probe_data:
             probe = {"before": probe_before, "after": probe_after, "kinds": probe_data["kinds"]}
             (tmp / "probe.json").write_text(json.dumps(probe, indent=2) + "\n")
@@ -101,6 +98,16 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
         for d, row in metrics["linear_probe"]["per_domain"].items():
             log.info("linear probe %-10s (%s): %.3f -> %.3f", d, row["kind"], row["before"], row["after"])
     return StageResult({"pretrained": str(paths.pretrained)}, metrics)
+
+
+def save_backbone(folder: Path, backbone, architecture: str, config: dict) -> Path:
+    """Write ``backbone`` as a timm-loadable safetensors file (other runs pass it as
+    ``pretrain.backbone_weights``) and ``config`` beside it; its ``pretrained_cfg`` is what
+    ``mdcore.models.input_norm.recorded_norm`` reads back. Returns the weights file."""
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    save_file(state, str(folder / BACKBONE_WEIGHTS), metadata={"format": "pt", "architecture": architecture})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder / BACKBONE_WEIGHTS
 
 
 def _unlabelled_images(params: PretrainParams, paths: Paths, domain_names: list[str], image_size: int,
