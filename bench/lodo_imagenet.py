@@ -178,7 +178,7 @@ def continue_pretraining(spec: dict, epochs: int, folder: Path, paths) -> tuple[
     from mdcore.models.model import create_backbone
     from mdcore.train.contrastive import self_supervised
     from tasks.params import load_params
-    from tasks.pretrain import _exported_norm, save_backbone
+    from tasks.pretrain import exported_norm, save_backbone
 
     pre = load_params("pretrain", paths.root / "params")
     resize = spec.get("resize", DEFAULT_RESIZE)
@@ -199,7 +199,7 @@ def continue_pretraining(spec: dict, epochs: int, folder: Path, paths) -> tuple[
     out = folder / f"{spec['heldout']}_seed{spec['seed']}"
     out.mkdir(parents=True, exist_ok=True)
     weights = save_backbone(out, backbone, spec["backbone"], {
-        "pretrained_cfg": _exported_norm(kind, mean, std, weights_norm, resize, trained=True)})
+        "pretrained_cfg": exported_norm(kind, mean, std, weights_norm, resize, trained=True)})
     return str(weights), {
         "ssl_epochs": epochs, "ssl_images": len(train), "ssl_s": round(time.perf_counter() - t0, 1),
         "ssl_loss": [round(h["ssl_loss"], 4) for h in history]}

@@ -78,7 +78,7 @@ def run(params: PretrainParams, paths: Paths) -> StageResult:
             "backbone_weights": params.backbone_weights, "weights_source": weights_source,
             "self_supervised_epochs": len(history),
             "input_norm": kind,
-            "pretrained_cfg": _exported_norm(kind, mean, std, weights_norm, resize, trained=bool(history)),
+            "pretrained_cfg": exported_norm(kind, mean, std, weights_norm, resize, trained=bool(history)),
             "images": len(data), "unlabelled_images": unlabelled["images"], "history": history})
         if probe_data:
             probe = {"before": probe_before, "after": probe_after, "kinds": probe_data["kinds"]}
@@ -158,7 +158,7 @@ def _weights_norm(weights: str | None, backbone) -> dict | None:
     return cfg_norm(getattr(backbone, "pretrained_cfg", None))
 
 
-def _exported_norm(kind: str, mean, std, weights_norm: dict | None, resize: str, trained: bool) -> dict | None:
+def exported_norm(kind: str, mean, std, weights_norm: dict | None, resize: str, trained: bool) -> dict | None:
     """The normalization the exported weights expect: the one SimCLR used if it ran with pretrained mean/std;
     the starting weights' own if nothing trained them; None (per-image standardization or none) otherwise.
     Its interpolation is the resize filter this run used, which another run's ``resize: auto`` then takes."""

@@ -86,15 +86,15 @@ def test_auto_follows_the_weights_recorded_pretrained_cfg(tmp_path):
 
 
 def test_pretrain_records_what_the_exported_weights_expect():
-    from tasks.pretrain import _exported_norm
+    from tasks.pretrain import exported_norm
 
     tag = {"mean": MEAN, "std": STD, "input_size": [3, 224, 224], "interpolation": "bicubic"}
     # the interpolation recorded is the resize filter this run used (another run's `resize: auto` takes it)
-    assert _exported_norm("pretrained", MEAN, STD, tag, "bicubic", trained=True) == tag  # SimCLR ran with that norm
-    assert _exported_norm("pretrained", MEAN, STD, tag, "bilinear", trained=True) == tag | {"interpolation": "bilinear"}
-    assert _exported_norm("image", None, None, tag, "bicubic", trained=False) == tag  # untouched weights keep theirs
-    assert _exported_norm("image", None, None, tag, "bicubic", trained=True) is None  # retrained on standardized images
-    assert _exported_norm("image", None, None, None, "bilinear", trained=False) is None  # random weights: nothing
+    assert exported_norm("pretrained", MEAN, STD, tag, "bicubic", trained=True) == tag  # SimCLR ran with that norm
+    assert exported_norm("pretrained", MEAN, STD, tag, "bilinear", trained=True) == tag | {"interpolation": "bilinear"}
+    assert exported_norm("image", None, None, tag, "bicubic", trained=False) == tag  # untouched weights keep theirs
+    assert exported_norm("image", None, None, tag, "bicubic", trained=True) is None  # retrained on standardized images
+    assert exported_norm("image", None, None, None, "bilinear", trained=False) is None  # random weights: nothing
 
 
 def test_a_bad_input_norm_names_the_file_and_field(tmp_path):
