@@ -52,7 +52,15 @@ def write_live(history: list[dict], folder: Path) -> None:
     """Per-epoch curves through dvclive (``dvc plots show`` draws them); no DVC experiment is saved."""
     from dvclive import Live
 
-    with Live(dir=str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    class CurvesOnly(Live):
+        """dvclive's metric files without its DVC and Git lookup: the stage saves no experiment and writes
+        no dvc.yaml (the project's declares the plots), and the lookup fails in a Git repository with no
+        commit yet (``git init``, then a first run: dvclive 3.49 asks Git for HEAD before it checks)."""
+
+        def _init_dvc(self):
+            pass
+
+    with CurvesOnly(dir=str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
         for row in history:
             for key, value in row.items():
                 if key != "epoch" and isinstance(value, (int, float)):
@@ -79,13 +87,13 @@ def run(params: FinetuneParams, paths: Paths, kill_at_epoch: int | None = None) 
     with result.checkpoint.as_directory() as folder:
         folder = Path(folder)
         history = json.loads((folder / "history.json").read_text())
+        with atomic_dir(paths.finetune_live) as tmp:  # first: a failure here leaves the last model in place
+            write_live(history, tmp)
         with atomic_dir(paths.finetuned) as tmp:
             for name in (WEIGHTS, CONFIG):
                 shutil.copyfile(folder / "model" / name, tmp / name)
             (tmp / "history.json").write_text(json.dumps(history, indent=2) + "\n")
             (tmp / STARTING_WEIGHTS).write_text(json.dumps(starting_weights(paths, params), indent=2) + "\n")
-    with atomic_dir(paths.finetune_live) as tmp:
-        write_live(history, tmp)
     last = history[-1]
     metrics = {
         "epochs": len(history),

@@ -209,3 +209,23 @@ def test_the_ray_job_imports_without_prefect():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_finetune_curves_are_written_in_a_git_repository_without_commits(tmp_path, monkeypatch):
+    """``git init`` and a first run: the curves (and so the stage) must not need a commit."""
+    import csv
+    import json
+
+    from dulwich.repo import Repo
+    from tasks.finetune import write_live
+
+    Repo.init(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    history = [{"epoch": 1, "train_loss": 1.5, "val_acc": 0.5, "method": "erm"},
+               {"epoch": 2, "train_loss": 0.5, "val_acc": 0.75, "method": "erm"}]
+    write_live(history, tmp_path / "live")
+    with open(tmp_path / "live" / "plots" / "metrics" / "val_acc.tsv") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert [(int(r["step"]), float(r["val_acc"])) for r in rows] == [(0, 0.5), (1, 0.75)]
+    assert json.loads((tmp_path / "live" / "metrics.json").read_text())["train_loss"] == 0.5
+    assert not (tmp_path / ".dvc").exists()  # the curves never initialise DVC in the user's repository
