@@ -71,7 +71,7 @@ def cmd_stage(args) -> int:
     whole = PipelineParams.from_files(params_dir)
     for stage, value in changed.items():
         setattr(whole, "validate_" if stage == "validate" else stage, value)
-    check_run(whole, paths.root)
+    check_run(whole, paths.root, pipeline=False)
     with params_kept_on_failure(params_dir, log=logging.getLogger("mdpipe").warning):
         for stage, value in changed.items():
             write_params(stage, value, params_dir)  # where DVC sees what ran

@@ -1,9 +1,9 @@
 """Checks a run makes before its first stage (and before any params file is written), so a typo in a path,
 a domain or a model name fails in seconds with every problem named, and the params files stay as they were.
 
-What is checked: the data folder exists and has images; the held-out domains exist in it and leave a domain
-to train on; the timm backbone exists; the starting weights exist (a file, or an installed package); the
-backbone can host the per-domain parts fine-tuning asks for (built on the meta device: no memory, no time).
+What is checked: the workspace is in a Git repository (DVC's); the data folder exists and has images; the
+held-out domains exist in it and leave a domain to train on; the timm backbone exists; the starting weights
+exist (a file, or an installed package); the backbone can host the per-domain parts fine-tuning asks for (built on the meta device: no memory, no time).
 """
 from __future__ import annotations
 
@@ -154,10 +154,26 @@ def check_model(pretrain, finetune) -> list[str]:
     return problems
 
 
-def check_run(params, root: Path, warn: bool = True) -> None:
+def check_workspace(root: Path) -> list[str]:
+    """DVC records every stage in the workspace's Git repository (``dvc.lock``, ``.gitignore``): without one
+    the first stage would fail inside DVC with a traceback."""
+    from dulwich.errors import NotGitRepository
+    from dulwich.repo import Repo
+
+    try:
+        Repo.discover(str(root)).close()
+    except NotGitRepository:
+        return [f"workspace {root}: not in a Git repository, where DVC records each stage (clone the project, "
+                f"or run `git init` in {root})"]
+    return []
+
+
+def check_run(params, root: Path, warn: bool = True, pipeline: bool = True) -> None:
     """Every check above on a whole run's params (a ``PipelineParams``); raises one ParamsError naming them all.
-    ``warn``: also log warnings (the image size) that do not stop the run."""
-    problems = check_data(params.ingest, params.pretrain, root, warn) + check_model(params.pretrain, params.finetune)
+    ``warn``: also log warnings (the image size) that do not stop the run; ``pipeline``: the run goes through
+    DVC (``mdpipe run``, the flow), not one stage alone."""
+    problems = ((check_workspace(root) if pipeline else []) + check_data(params.ingest, params.pretrain, root, warn)
+                + check_model(params.pretrain, params.finetune))
     domain_mix = params.finetune.domain_mix
     if not isinstance(domain_mix, str) and params.ingest.data_root is None:
         unknown = sorted(set(domain_mix) - set(builtin_domains(params.ingest.builtin)))

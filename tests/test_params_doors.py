@@ -108,6 +108,7 @@ def test_quick_data_root_acts_like_dash_dash_data(tmp_path):
     (["run", "--data", "TREE", "--holdout", "a", "b"], "holds out every domain"),
     (["stage", "pretrain", "-S", "backbone_weights=/missing.safetensors"], "/missing.safetensors is not a file"),
     (["stage", "finetune", "-S", "params/finetune.yaml:epochs=0"], "epochs"),
+    (["run"], "not in a Git repository, where DVC records each stage"),
 ])
 def test_a_run_that_fails_its_checks_leaves_every_params_file_byte_identical(tmp_path, capsys, argv, message):
     from flows.cli import main
