@@ -38,7 +38,10 @@ RECIPES = {  # name: (format, op types, fp32 first convs, fp32 depthwise convs, 
     "conv-gemm-clip-qdq": ("qdq", ["Conv", "Gemm", "Clip"], 3, False, 512),
     "conv-gemm-clip-add": ("qoperator", ["Conv", "Gemm", "Clip", "Add"], 3, False, 512),
     "conv-gemm-clip-stem-int8": ("qoperator", ["Conv", "Gemm", "Clip"], 0, False, 512),
+    # the shipped recipe with full-range (8-bit) weights: exact on CPUs with VNNI, saturating without it
+    "full-range": ("qoperator", ["Conv", "Gemm", "Clip"], 3, False, 512),
 }
+FULL_RANGE = {"full-range"}  # every other recipe quantizes weights to 7 bits (compress.quant_reduce_range)
 
 
 def main() -> None:
@@ -77,10 +80,11 @@ def main() -> None:
         fmt, ops, first, no_dw, calib = table[name]
         feeds = calibration_feeds(train.images, train.domains, 64, limit=calib, seed=p.seed)
         exclude = first_convs(fp32, first) + (depthwise_convs(fp32) if no_dw else [])
+        reduce_range = p.quant_reduce_range if name == "shipped" else name not in FULL_RANGE
         files[name] = quantize_int8(fp32, Path(tmp.name) / f"{name}.onnx", feeds, fmt=fmt, op_types=ops,
-                                    exclude=sorted(set(exclude)))
+                                    exclude=sorted(set(exclude)), reduce_range=reduce_range)
         recipes[name] = {"format": fmt, "op_types": ops, "fp32_first_convs": first, "fp32_depthwise": no_dw,
-                         "calibration_images": calib, "fp32_nodes": len(set(exclude))}
+                         "calibration_images": calib, "fp32_nodes": len(set(exclude)), "reduce_range": reduce_range}
     is_val = torch.tensor([sp == "val" for sp in sets.select_splits])
     val = sets.select.subset(is_val)
     val_names = [n for n, k in zip(sets.select_names, is_val.tolist()) if k]
@@ -97,7 +101,10 @@ def main() -> None:
                 with with_threads(t):
                     r = latency(run, x, d, warmup=3, repeats=10)
                 runs.setdefault((n, t), []).append(r["images_per_s"])
+    cpu_flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), []) if Path("/proc/cpuinfo").exists() else []
     out = {"workspace": str(ws), "backbone": teacher.config.backbone, "image_size": teacher.config.image_size,
+           "cpu_vnni": sorted(f for f in cpu_flags if "vnni" in f), "cpu_avx512": any(f.startswith("avx512") for f in cpu_flags),
            "recipes": recipes, "results": {}}
     print(f"{teacher.config.backbone} at {teacher.config.image_size} px; drops in points against the fp32 ONNX file")
     print("| recipe | worst drop, val (chooses) | worst drop, val + gate (accepts) | worst drop, test (reports) | "

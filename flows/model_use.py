@@ -87,7 +87,8 @@ def deployable_onnx(paths: Paths, model_dir: Path, precision: str = "fp32") -> P
 
             cp = load_params("compress", paths.root / "params")
             feeds = calibration_feeds(paths, model_dir, cp.calibration_images)
-            recipe = {"fmt": cp.quant_format, "op_types": cp.quant_ops, "fp32_convs": cp.quant_fp32_convs}
+            recipe = {"fmt": cp.quant_format, "op_types": cp.quant_ops, "fp32_convs": cp.quant_fp32_convs,
+                      "reduce_range": cp.quant_reduce_range}
         export_deployable(model_dir, cached, precision, feeds, temps, recipe)
     return cached
 

@@ -36,7 +36,8 @@ def build_config(p: CompressParams) -> BuildConfig:
     distill = dict(batch_size=p.distill_batch_size, lr=p.distill_lr, kd_weight=p.kd_weight,
                    kd_temperature=p.kd_temperature, seed=p.seed)
     return BuildConfig(quantize=p.quantize == "int8", quant_format=p.quant_format, quant_ops=list(p.quant_ops),
-                       quant_fp32_convs=p.quant_fp32_convs, calibration_images=p.calibration_images,
+                       quant_fp32_convs=p.quant_fp32_convs, quant_reduce_range=p.quant_reduce_range,
+                       calibration_images=p.calibration_images,
                        prune_ratio=p.prune_ratio,
                        recovery=DistillConfig(epochs=p.recovery_epochs, **distill),
                        student_backbone=p.student_backbone or None,

@@ -74,7 +74,7 @@ def export_deployable(model_dir: str | Path, out_path: str | Path, precision: st
     """The model saved in ``model_dir`` (safetensors + config.json) as one self-describing ONNX file at
     ``out_path`` (written atomically): fp32, or int8 (static, calibrated on ``calibration`` feeds:
     ``mdcore.deploy.quantize.calibration_feeds`` of seen-domain training images) with the compress stage's
-    recipe: ``quantization`` = {fmt, op_types, fp32_convs}. (Quantizing every op type instead crashed
+    recipe: ``quantization`` = {fmt, op_types, fp32_convs, reduce_range}. (Quantizing every op type instead crashed
     ONNX Runtime 1.32 on batches of known domains, whose routing pass is empty.)"""
     from mdcore.data.io import sha256_file
     from mdcore.deploy.export import export_onnx
@@ -96,7 +96,8 @@ def export_deployable(model_dir: str | Path, out_path: str | Path, precision: st
             q = quantization or {}
             made = quantize_int8(fp32, Path(tmp) / "int8.onnx", calibration, fmt=q.get("fmt", "qoperator"),
                                  op_types=q.get("op_types", ["Conv", "Gemm"]),
-                                 exclude=first_convs(fp32, q.get("fp32_convs", 0)))
+                                 exclude=first_convs(fp32, q.get("fp32_convs", 0)),
+                                 reduce_range=q.get("reduce_range", True))
         describe(made, model, sha256_file(model_dir / "model.safetensors"), precision, temperatures)
         os.replace(made, out_path)
     return out_path

@@ -29,6 +29,7 @@ class BuildConfig:
     quant_format: str = "qoperator"
     quant_ops: list[str] = field(default_factory=lambda: ["Conv", "Gemm", "Clip"])
     quant_fp32_convs: int = 3
+    quant_reduce_range: bool = True
     calibration_images: int = 512
     prune_ratio: float = 0.0
     recovery: DistillConfig = field(default_factory=lambda: DistillConfig(epochs=10))
@@ -58,10 +59,11 @@ def _variant(name: str, model: MultiDomainModel, folder: Path, recipe: dict) -> 
 def _int8(base: Variant, folder: Path, calib: list, cfg: BuildConfig) -> Variant:
     path = quantize_int8(base.onnx, folder / f"{base.name}+int8.onnx" if base.name != "fp32" else folder / "int8.onnx",
                          calib, fmt=cfg.quant_format, op_types=cfg.quant_ops,
-                         exclude=first_convs(base.onnx, cfg.quant_fp32_convs))
+                         exclude=first_convs(base.onnx, cfg.quant_fp32_convs), reduce_range=cfg.quant_reduce_range)
     recipe = base.recipe | {"int8": {"tool": "onnxruntime.quantization.quantize_static", "format": cfg.quant_format,
                                      "per_channel": True, "weights": "int8 symmetric", "activations": "uint8",
                                      "op_types": cfg.quant_ops, "fp32_first_convs": cfg.quant_fp32_convs,
+                                     "reduce_range": cfg.quant_reduce_range,
                                      "calibration": {"method": "minmax", "images": cfg.calibration_images,
                                          "from": "train split of the seen domains, each batch with and without its domain id",
                                          "seed": cfg.seed}}}
