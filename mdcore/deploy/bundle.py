@@ -97,7 +97,7 @@ def export_deployable(model_dir: str | Path, out_path: str | Path, precision: st
             made = quantize_int8(fp32, Path(tmp) / "int8.onnx", calibration, fmt=q.get("fmt", "qoperator"),
                                  op_types=q.get("op_types", ["Conv", "Gemm"]),
                                  exclude=first_convs(fp32, q.get("fp32_convs", 0)),
-                                 reduce_range=q.get("reduce_range", True))
+                                 reduce_range=q.get("reduce_range", False))
         describe(made, model, sha256_file(model_dir / "model.safetensors"), precision, temperatures)
         os.replace(made, out_path)
     return out_path

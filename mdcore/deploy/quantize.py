@@ -61,7 +61,7 @@ def depthwise_convs(path: str | Path) -> list[str]:
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, feeds: list[dict[str, np.ndarray]],
                   fmt: str = "qdq", per_channel: bool = True, op_types: list[str] | None = None,
-                  calibrate_method: str = "minmax", exclude: list[str] | None = None, reduce_range: bool = True) -> Path:
+                  calibrate_method: str = "minmax", exclude: list[str] | None = None, reduce_range: bool = False) -> Path:
     """Static int8 quantization of ``fp32_path`` into ``out_path`` (u8 activations, s8 weights, per-channel
     weights when asked), after ONNX Runtime's pre-processing (shape inference, graph optimization).
 
@@ -69,7 +69,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, feeds: list[dict[
     (QLinearConv etc. written out). ``op_types``: the op types to quantize (None = the quantizer's default).
     ``exclude``: names of nodes that stay fp32. ``reduce_range``: 7-bit weights, so the file computes the same on
     every x86 CPU: without VNNI (AVX2, AVX-512F) ONNX Runtime's u8 x s8 kernels (VPMADDUBSW) saturate 16-bit
-    sums of full-range weights, which changed a quarter of a model's predictions on an AVX2-only machine.
+    sums of full-range weights (a fifth of a random model's predictions changed on an AVX2-only machine;
+    trained models lost nothing measurable there, BENCHMARKS.md "Int8 on CPUs without VNNI").
     """
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)

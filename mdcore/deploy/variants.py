@@ -29,7 +29,7 @@ class BuildConfig:
     quant_format: str = "qoperator"
     quant_ops: list[str] = field(default_factory=lambda: ["Conv", "Gemm", "Clip"])
     quant_fp32_convs: int = 3
-    quant_reduce_range: bool = True
+    quant_reduce_range: bool = False
     calibration_images: int = 512
     prune_ratio: float = 0.0
     recovery: DistillConfig = field(default_factory=lambda: DistillConfig(epochs=10))
