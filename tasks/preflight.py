@@ -3,7 +3,8 @@ a domain or a model name fails in seconds with every problem named, and the para
 
 What is checked: the workspace is in a Git repository (DVC's); the data folder exists and has images; the
 held-out domains exist in it and leave a domain to train on; the timm backbone exists; the starting weights
-exist (a file, or an installed package); the backbone can host the per-domain parts fine-tuning asks for (built on the meta device: no memory, no time).
+exist (a file, or an installed package); the backbone can host the per-domain parts fine-tuning asks for
+(built on the meta device: no memory, no time).
 """
 from __future__ import annotations
 

@@ -68,14 +68,18 @@ def test_int8_is_a_real_integer_graph_smaller_and_close(tmp_path):
     assert sum(n.op_type == "QLinearConv" for n in graph.node) >= 10
     assert sum(n.op_type == "Conv" for n in graph.node) == len(stem)  # the excluded ones stay fp32
     assert any(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer)
-    weights = [onnx.numpy_helper.to_array(i) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
-    assert max(int(abs(w.astype(int)).max()) for w in weights) == 127  # full-range weights by default
+    assert largest_int8_weight(graph) == 127  # full-range weights by default
     assert q.stat().st_size < 0.35 * fp32.stat().st_size
     ref = ort_logits(session(fp32), x, d).argmax(1)
     agree = (ort_logits(session(q), x, d).argmax(1) == ref).float().mean()
     assert agree >= 0.85
     with pytest.raises(ValueError, match="seen domains"):
         calibration_feeds(x, torch.full((96,), -1))
+
+
+def largest_int8_weight(graph) -> int:
+    return max(int(np.abs(onnx.numpy_helper.to_array(i).astype(int)).max()) for i in graph.initializer
+               if i.data_type == onnx.TensorProto.INT8)
 
 
 def test_tf_same_padding_is_static_in_the_file_and_relu6_stays_int8(tmp_path):
@@ -107,10 +111,9 @@ def test_tf_same_padding_is_static_in_the_file_and_relu6_stays_int8(tmp_path):
     # with full-range weights the saturation of CPUs without VNNI flipped a fifth of them (AVX2-only machine)
     q = quantize_int8(fp32, tmp_path / "int8.onnx", feeds, fmt="qoperator", op_types=["Conv", "Gemm", "Clip"],
                       exclude=first_convs(fp32, 3), reduce_range=True)
-    weights = [onnx.numpy_helper.to_array(i) for i in onnx.load(str(q)).graph.initializer
-               if i.data_type == onnx.TensorProto.INT8]
-    assert max(int(abs(w.astype(int)).max()) for w in weights) == 64
-    ops = [n.op_type for n in onnx.load(str(q)).graph.node]
+    graph = onnx.load(str(q)).graph
+    assert largest_int8_weight(graph) == 64
+    ops = [n.op_type for n in graph.node]
     fp32_ops = [n.op_type for n in onnx.load(str(fp32)).graph.node]
     assert ops.count("QLinearConv") == fp32_ops.count("Conv") - 3  # all but the stem's 3
     # the ReLU6 after every int8 convolution is folded into it: only the few around the fp32 stem remain
