@@ -317,7 +317,7 @@ class CompressParams(StageParams):
     quant_format: Literal["qoperator", "qdq"] = Field("qoperator", description="ONNX Runtime quantized format (qoperator measured faster here, BENCHMARKS.md)")
     quant_ops: list[str] = Field(default_factory=lambda: ["Conv", "Gemm", "Clip"], description="ONNX op types to quantize (others stay fp32; MatMul would quantize domain batch-norm's statistics tables; Clip is ReLU6, which folds into the convolution before it)")
     quant_fp32_convs: int = Field(3, ge=0, description="Keep the first N convolutions (the stem) in fp32: the largest int8 error on this data")
-    quant_reduce_range: bool = Field(False, description="7-bit int8 weights: the file then computes the same on every x86 CPU (without VNNI, such as AVX2-only ones, full-range weights saturate ONNX Runtime's int8 kernels); off: trained models lost nothing measurable to it on validation (BENCHMARKS.md)")
+    quant_reduce_range: bool = Field(False, description="7-bit int8 weights, ONNX Runtime's documented remedy for x86 CPUs without VNNI (on them, such as AVX2-only ones, full-range weights saturate ONNX Runtime's int8 kernels); off: trained models lost nothing measurable to it on validation (BENCHMARKS.md)")
     calibration_images: int = Field(512, ge=1, description="Seen-domain training images for int8 calibration (balanced over domains)")
     prune_ratio: float = Field(0.3, ge=0, lt=1, description="Structured pruning: share of channels removed from every prunable group (Torch-Pruning); 0 = no pruned variant")
     recovery_epochs: int = Field(15, ge=0, description="Distilled recovery fine-tune of the pruned model (epochs)")

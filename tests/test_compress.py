@@ -107,7 +107,7 @@ def test_tf_same_padding_is_static_in_the_file_and_relu6_stays_int8(tmp_path):
 
     xs, ds = images(96, seed=1), torch.arange(96) % 3
     feeds = calibration_feeds(xs, ds, batch_size=32)
-    # 7-bit weights: a file that computes the same on every CPU. This random model's logits are nearly tied, and
+    # 7-bit weights, so the check below does not depend on the CPU's VNNI. This random model's logits are nearly tied, and
     # with full-range weights the saturation of CPUs without VNNI flipped a fifth of them (AVX2-only machine)
     q = quantize_int8(fp32, tmp_path / "int8.onnx", feeds, fmt="qoperator", op_types=["Conv", "Gemm", "Clip"],
                       exclude=first_convs(fp32, 3), reduce_range=True)

@@ -67,10 +67,10 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, feeds: list[dict[
 
     ``fmt``: "qdq" (QuantizeLinear/DequantizeLinear pairs that ORT fuses into int8 kernels) or "qoperator"
     (QLinearConv etc. written out). ``op_types``: the op types to quantize (None = the quantizer's default).
-    ``exclude``: names of nodes that stay fp32. ``reduce_range``: 7-bit weights, so the file computes the same on
-    every x86 CPU: without VNNI (AVX2, AVX-512F) ONNX Runtime's u8 x s8 kernels (VPMADDUBSW) saturate 16-bit
-    sums of full-range weights (a fifth of a random model's predictions changed on an AVX2-only machine;
-    trained models lost nothing measurable there, BENCHMARKS.md "Int8 on CPUs without VNNI").
+    ``exclude``: names of nodes that stay fp32. ``reduce_range``: 7-bit weights, ONNX Runtime's documented remedy
+    for x86 CPUs without VNNI (AVX2, AVX-512F), whose u8 x s8 kernels (VPMADDUBSW) saturate 16-bit sums of
+    full-range weights (a fifth of a random model's predictions changed on an AVX2-only machine; trained
+    models lost nothing measurable there, BENCHMARKS.md "Int8 on CPUs without VNNI").
     """
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
